@@ -1,0 +1,449 @@
+"""Advantage estimation, KL penalties and the PPO policy loss (stage 3 of the RL loop).
+
+Given one scalar score per response (from reward.py), a response mask and, optionally, per-token
+log-probs, this module computes per-token advantages with one of five estimators, the KL penalty to a
+frozen reference, and the clipped PPO loss aggregated so that gradient accumulation and data parallelism
+give exactly the big-batch gradient. It also holds the two sample-selection rules (DAPO's dynamic
+sampling, VL-Rethinker's Selective Sample Replay).
+
+Conventions: B responses, a group's n responses adjacent (B = prompts x n); mask (B, T) marks response
+tokens (1 = valid, right padding); masked positions of every (B, T) output are exactly 0.
+
+Simplifications: no value model (no GAE/PPO critic); advantages are computed on the full gathered batch
+(train.py does this on rank 0), so whitening statistics are global without any all-reduce here.
+
+Run alone (prints per-response, and with --lengths per-token, advantages):
+    python advantage.py --scores 1,0,0,1,1,1 --group-size 3 --advantage.estimator grpo
+    python advantage.py --scores 1,0,0.5,1 --group-size 2 --lengths 3,2,4,1 --advantage.estimator reinforce_pp
+    python advantage.py --help
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
+
+import torch
+
+Estimator = Literal["reinforce_pp", "reinforce_pp_baseline", "grpo", "dr_grpo", "rloo"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+GROUP_ESTIMATORS = ("reinforce_pp_baseline", "grpo", "dr_grpo", "rloo")
+K3_LOG_RATIO_CLAMP = 20.0  # verl clamps (ref - logp) to +-20 before exp ...
+K3_VALUE_CLAMP = 10.0  # ... and the k3 value to +-10 (kl_penalty, "low_var_kl")
+PPO_LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to +-20 so exp() cannot overflow
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    estimator: Estimator = "reinforce_pp"
+    """Advantage estimator: reinforce_pp (MAYE), reinforce_pp_baseline, grpo, dr_grpo or rloo."""
+    gamma: float = 1.0
+    """Discount for the REINFORCE++ returns (1.0 = every token gets the sequence score)."""
+    kl_coef: float = 0.001
+    """KL coefficient beta (0 = no KL, no reference model needed)."""
+    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator: k1 = log-ratio, k2 = half squared log-ratio, k3 = low-variance (verl low_var_kl)."""
+    kl_in_loss: bool = True
+    """Put beta*KL in the loss (MAYE: k3 at 0.001); off = put -beta*KL_t in the token reward (REINFORCE++ only)."""
+    shift_mean: bool = False
+    """Add the batch mean back after whitening, as MAYE's code does (verl calls this shift_mean=False)."""
+    std_unbiased: bool = True
+    """Unbiased (n-1) std/variance for grpo's group std and for whitening (verl and MAYE use unbiased)."""
+    eps: float = 1e-6
+    """epsilon in grpo's (s - mean) / (std + eps)."""
+    whiten_eps: float = 1e-8
+    """epsilon in whitening (x - mean) * rsqrt(var + eps)."""
+    clip_low: float = 0.2
+    """PPO lower clip: ratio >= 1 - clip_low."""
+    clip_high: float = 0.2
+    """PPO upper clip: ratio <= 1 + clip_high (clip-higher, DAPO / EasyR1 use 0.28 / 0.3)."""
+    dual_clip: float = 0.0
+    """Dual-clip constant c > 1 bounding the loss of negative advantages at -c*A (0 = off; 3.0 is usual)."""
+    loss_agg: LossAgg = "token-mean"
+    """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr.GRPO)."""
+    norm_len: int = 0
+    """Constant L of seq-mean-token-sum-norm (0 = the padded length T of the batch passed in)."""
+    dynamic_sampling: bool = False
+    """Drop groups whose scores are all equal (DAPO dynamic sampling)."""
+    ssr: bool = False
+    """Selective Sample Replay (VL-Rethinker): draw non-zero-advantage responses with p ~ |A|^alpha."""
+    ssr_alpha: float = 1.0
+    """Exponent alpha of SSR's sampling weights |A|^alpha."""
+
+    def __post_init__(self):
+        def check(ok: bool, field: str, why: str):
+            if not ok:
+                raise ValueError(f"AdvantageConfig.{field}={getattr(self, field)!r}: {why}")
+
+        check(self.estimator in Estimator.__args__, "estimator", f"must be one of {Estimator.__args__}")
+        check(self.kl_type in ("k1", "k2", "k3"), "kl_type", "must be k1, k2 or k3")
+        check(self.loss_agg in LossAgg.__args__, "loss_agg", f"must be one of {LossAgg.__args__}")
+        check(0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]")
+        check(self.kl_coef >= 0.0, "kl_coef", "must be >= 0")
+        check(self.eps > 0.0, "eps", "must be > 0")
+        check(self.whiten_eps > 0.0, "whiten_eps", "must be > 0")
+        check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
+        check(self.clip_high >= 0.0, "clip_high", "must be >= 0")
+        check(self.dual_clip == 0.0 or self.dual_clip > 1.0, "dual_clip", "must be 0 (off) or > 1")
+        check(self.norm_len >= 0, "norm_len", "must be >= 0")
+        check(self.ssr_alpha >= 0.0, "ssr_alpha", "must be >= 0")
+        # Group estimators give one number per response: a per-token reward KL has nowhere to go.
+        check(self.kl_in_loss or self.kl_coef == 0.0 or self.estimator in ("reinforce_pp", "reinforce_pp_baseline"),
+              "kl_in_loss", f"KL in the reward (kl_in_loss=False, kl_coef>0) needs a REINFORCE++ estimator, "
+              f"not {self.estimator!r}; use --advantage.kl-in-loss or --advantage.kl-coef 0")
+
+
+# ----------------------------------------------------------------------------- validation helpers
+def _check_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """Return mask as bool (B, T); raise naming `mask` if its shape or values are wrong."""
+    if mask.dim() != 2 or mask.shape[0] != batch:
+        raise ValueError(f"mask: expected shape ({batch}, T), got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("mask: values must be 0 or 1")
+        mask = mask.bool()
+    return mask
+
+
+def _check_groups(scores: torch.Tensor, group_size: int, need_group: bool) -> None:
+    if scores.dim() != 1:
+        raise ValueError(f"scores: expected shape (B,), got {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
+        raise ValueError(f"scores: non-finite values at indices {bad[:10]}")
+    if group_size < 1 or scores.numel() % group_size != 0:
+        raise ValueError(f"group_size={group_size}: must be >= 1 and divide B={scores.numel()}")
+    if need_group and group_size < 2:
+        raise ValueError(f"group_size={group_size}: group estimators need >= 2 responses per prompt")
+
+
+# ----------------------------------------------------------------------------- estimators
+def group_centred(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """s_i - mean_G(s) for each response, with its groups viewed as (B/n, n).
+
+    Returns (centred (B,), constant (B,) bool). Groups whose scores are all equal get exactly 0 (a float
+    mean of n equal values can differ from them by one ulp, which std-normalisation would amplify).
+    """
+    g = scores.view(-1, group_size)  # (P, n)
+    constant = (g.amax(1, keepdim=True) == g.amin(1, keepdim=True)).expand_as(g)  # (P, n)
+    centred = torch.where(constant, torch.zeros_like(g), g - g.mean(1, keepdim=True))
+    return centred.reshape(-1), constant.reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1}, G_T = 0 (REINFORCE++, Hu 2025 / OpenRLHF get_cumulative_returns).
+
+    rewards: (B, T) with zeros at padded positions, so right padding does not change valid returns.
+    gamma = 1 is a reversed cumulative sum; otherwise a loop over T (a closed form with gamma^-t overflows).
+    """
+    if gamma == 1.0:
+        return rewards.flip(1).cumsum(1).flip(1)
+    out = torch.empty_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        running = rewards[:, t] + gamma * running
+        out[:, t] = running
+    return out
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, eps: float = 1e-8,
+                  shift_mean: bool = False) -> torch.Tensor:
+    """(x - mu) * rsqrt(var + eps) over the valid tokens of the whole batch (verl masked_whiten).
+
+    mu = sum(x m)/N, var = sum((x - mu)^2 m)/(N - 1) (unbiased) or /N. shift_mean=True adds mu back
+    (MAYE's released code; verl's shift_mean=False). If all valid values are equal the result is exactly 0
+    (+ mu), never amplified rounding noise. Masked positions are returned as 0.
+    """
+    n = int(mask.sum())
+    if n < (2 if unbiased else 1):
+        raise ValueError(f"mask: whitening needs at least {2 if unbiased else 1} valid tokens in the batch, got {n}")
+    x = torch.where(mask, values, torch.zeros_like(values))
+    mean = x.sum() / n
+    var = (torch.where(mask, values - mean, torch.zeros_like(values)) ** 2).sum() / (n - 1 if unbiased else n)
+    valid = values[mask]
+    if valid.max() == valid.min():
+        out = torch.zeros_like(values)
+    else:
+        out = (values - mean) * torch.rsqrt(var + eps)
+    if shift_mean:
+        out = out + mean
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int,
+                       cfg: AdvantageConfig = AdvantageConfig(), kl: torch.Tensor | None = None,
+                       **overrides) -> torch.Tensor:
+    """Per-token advantages (B, T) from per-response scores (B,); masked positions are exactly 0.
+
+    Keyword overrides replace cfg fields (compute_advantages(s, m, 3, estimator="grpo")). Let
+    s_i be the score, G the group of n adjacent responses of response i, m the mask:
+      reinforce_pp (REINFORCE++, Hu 2025; MAYE): r_t = -beta*KL_t (only when kl_in_loss=False and beta>0)
+          + s_i on the last valid token; A = whiten(G_t = r_t + gamma G_{t+1}) over all valid batch tokens.
+      reinforce_pp_baseline (OpenRLHF reinforce_baseline): as reinforce_pp with s_i - mean_G(s) in place of
+          s_i; with gamma=1 and no reward KL that is (s_i - mean_G) on every token, then whitened. Whitening
+          re-centres, so a constant group ends at -mu/sigma, not 0 (as in OpenRLHF).
+      grpo (Shao 2024; verl): (s_i - mean_G) / (std_G + eps), std unbiased (n-1) unless std_unbiased=False.
+      dr_grpo (Liu 2025): s_i - mean_G.
+      rloo (Ahmadian 2024): s_i - sum_{j!=i} s_j / (n-1) = n/(n-1) (s_i - mean_G).
+    Group-level advantages broadcast over the valid tokens; a group of equal scores gives exactly 0 for
+    grpo / dr_grpo / rloo. `kl` (B, T) is the per-token KL (kl_penalty) used only for the reward KL of the
+    REINFORCE++ estimators; the config refuses reward KL for group estimators (their KL goes in the loss).
+    Whitening uses this batch's statistics: call it on the full gathered batch (train.py: rank 0).
+    Computed in float64 and returned as float32 (float64 if scores are float64).
+    """
+    cfg = replace(cfg, **overrides) if overrides else cfg
+    est = cfg.estimator
+    out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    _check_groups(scores, group_size, need_group=est in GROUP_ESTIMATORS)
+    mask = _check_mask(mask, scores.numel())
+    s = scores.to(torch.float64)  # (B,)
+    n = group_size
+
+    if est in ("grpo", "dr_grpo", "rloo"):
+        centred, constant = group_centred(s, n)  # (B,)
+        if est == "grpo":
+            std = s.view(-1, n).std(1, correction=1 if cfg.std_unbiased else 0)  # (P,)
+            adv = centred / (std.repeat_interleave(n) + cfg.eps)
+        elif est == "dr_grpo":
+            adv = centred
+        else:
+            adv = centred * n / (n - 1)
+        adv = torch.where(constant, torch.zeros_like(adv), adv)
+        return torch.where(mask, adv[:, None], torch.zeros((), dtype=adv.dtype)).to(out_dtype)
+
+    # REINFORCE++ family: token rewards -> discounted returns -> batch whitening.
+    seq = group_centred(s, n)[0] if est == "reinforce_pp_baseline" else s  # (B,)
+    B, T = mask.shape
+    rewards = torch.zeros(B, T, dtype=torch.float64, device=mask.device)
+    if not cfg.kl_in_loss and cfg.kl_coef > 0:
+        if kl is None:
+            raise ValueError("kl: required (B, T) per-token KL when kl_in_loss=False and kl_coef > 0")
+        if kl.shape != mask.shape:
+            raise ValueError(f"kl: expected shape {tuple(mask.shape)}, got {tuple(kl.shape)}")
+        kl = kl.detach().to(torch.float64)
+        if not torch.isfinite(kl[mask]).all():
+            raise ValueError("kl: non-finite values on valid tokens")
+        rewards = torch.where(mask, -cfg.kl_coef * kl, rewards)  # padding may hold garbage: where, not *
+    has_token = mask.any(1)  # (B,) a row with no valid token has no place for its score (and no loss)
+    last = torch.where(mask, torch.arange(T, device=mask.device).expand(B, T), -1).amax(1).clamp(min=0)  # (B,) last valid index
+    rewards[torch.arange(B, device=mask.device), last] += torch.where(has_token, seq, torch.zeros_like(seq))
+    returns = discounted_returns(rewards, cfg.gamma)  # (B, T)
+    adv = masked_whiten(returns, mask, cfg.std_unbiased, cfg.whiten_eps, cfg.shift_mean)
+    return adv.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- KL
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token KL estimate of KL(pi || pi_ref) from sampled-token log-probs, delta = logp - ref_logp.
+
+    k1 = delta;  k2 = delta^2 / 2;  k3 = exp(-delta) + delta - 1 (Schulman 2020, "Approximating KL
+    divergence"; verl kl_penalty "kl"/"mse"/"low_var_kl"). As in verl, k3 clamps -delta to [-20, 20] and
+    the result to [-10, 10]. Elementwise (B, T), no mask: the caller masks (padding may hold anything).
+    """
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} != logp shape {tuple(logp.shape)}")
+    delta = logp - ref_logp
+    if kind == "k1":
+        return delta
+    if kind == "k2":
+        return 0.5 * delta.square()
+    if kind == "k3":
+        neg = (-delta).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)  # log(pi_ref / pi)
+        return (neg.exp() - neg - 1).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)
+    raise ValueError(f"kind={kind!r}: must be k1, k2 or k3")
+
+
+# ----------------------------------------------------------------------------- policy loss
+def loss_normalizer(mask: torch.Tensor, cfg: AdvantageConfig = AdvantageConfig()) -> float:
+    """This batch's share of the aggregation denominator: valid tokens (token-mean) or sequences with at
+    least one valid token (seq-mean-*). Sum it over the micro-batches of a mini-batch and all-reduce-SUM it
+    over ranks to get the `normalizer` that policy_loss needs for exact accumulation."""
+    mask = _check_mask(mask, mask.shape[0])
+    return float(mask.sum()) if cfg.loss_agg == "token-mean" else float(mask.any(1).sum())
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str, normalizer: float | None = None,
+              norm_len: int = 0) -> torch.Tensor:
+    """Sum-able aggregation of per-token values l (B, T) (verl agg_loss; Dr.GRPO for the -norm mode).
+
+    token-mean:              sum_{i,t} l m / N        N = valid tokens of the global mini-batch
+    seq-mean-token-mean:     sum_i (sum_t l m / |o_i|) / S   S = sequences (with >= 1 valid token)
+    seq-mean-token-sum:      sum_i (sum_t l m) / S
+    seq-mean-token-sum-norm: sum_i (sum_t l m / L) / S       L = norm_len or T (Dr.GRPO's oat code; verl
+                             divides by L only, a scale that then grows with the batch size)
+    normalizer = N or S of the *global* mini-batch (None = this batch's own, loss_normalizer).
+    """
+    if normalizer is None:
+        normalizer = float(mask.sum()) if loss_agg == "token-mean" else float(mask.any(1).sum())
+    if normalizer <= 0:
+        raise ValueError(f"normalizer={normalizer}: must be > 0 (no valid tokens in the mini-batch?)")
+    lm = torch.where(mask, values, torch.zeros((), dtype=values.dtype))  # garbage (even NaN) at padding -> 0
+    if loss_agg == "token-mean":
+        return lm.sum() / normalizer
+    per_seq = lm.sum(1)  # (B,)
+    if loss_agg == "seq-mean-token-mean":
+        per_seq = per_seq / mask.sum(1).clamp(min=1)
+    elif loss_agg == "seq-mean-token-sum-norm":
+        per_seq = per_seq / (norm_len or mask.shape[1])
+    elif loss_agg != "seq-mean-token-sum":
+        raise ValueError(f"loss_agg={loss_agg!r}: must be one of {LossAgg.__args__}")
+    return per_seq.sum() / normalizer
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cfg: AdvantageConfig = AdvantageConfig(), normalizer: float | None = None,
+                ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped PPO surrogate (+ beta * KL) for one micro-batch, aggregated per cfg.loss_agg.
+
+    Per token (Schulman 2017; clip-higher from DAPO; dual clip from Ye 2020 / verl):
+        rho = exp(logp - old_logp) (log-ratio clamped to +-20 as in verl)
+        l = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high));  if dual_clip = c > 0 and A < 0: min(l, -c A)
+    loss = aggregate(l) + kl_coef * aggregate(kl_penalty(logp, ref_logp, kl_type)) when kl_in_loss, kl_coef>0
+    and ref_logp is given (MAYE: k3, 0.001).
+
+    Exact accumulation: the loss is sum(per-unit) / normalizer, so with `normalizer` = the GLOBAL count
+    (loss_normalizer summed over all micro-batches and ranks) the SUM of the micro-batch losses is the
+    big-batch loss, and backward() on each micro-batch accumulates exactly the big-batch gradient. FSDP2 /
+    DDP AVERAGE gradients over the W ranks, so multiply each loss by W before backward() (equivalently pass
+    normalizer / W). With normalizer=None the local count is used (right for a single un-split batch only).
+
+    Metrics (python floats, detached): loss/policy_loss and loss/kl_loss (un-scaled by beta) are sum-able
+    like the loss; training/clipfrac (tokens where the clip is active), training/dual_clipfrac,
+    training/approx_kl (mean of (logp - old_logp)^2 / 2, k2 of the policy change) and training/ratio_mean are
+    means over this micro-batch's valid tokens, and training/n_tokens lets the caller average them exactly
+    (weight by n_tokens).
+    """
+    mask = _check_mask(mask, logp.shape[0])
+    for name, x in (("old_logp", old_logp), ("advantages", advantages)) + (
+            (("ref_logp", ref_logp),) if ref_logp is not None else ()):
+        if x.shape != logp.shape:
+            raise ValueError(f"{name}: shape {tuple(x.shape)} != logp shape {tuple(logp.shape)}")
+    if mask.shape != logp.shape:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} != logp shape {tuple(logp.shape)}")
+    use_kl = cfg.kl_in_loss and cfg.kl_coef > 0 and ref_logp is not None
+    inputs = (logp, old_logp, advantages) + ((ref_logp,) if use_kl else ())
+    if not all(torch.isfinite(x.detach()[mask]).all() for x in inputs):
+        raise ValueError("logp/old_logp/advantages/ref_logp: non-finite values on valid tokens")
+
+    adv = advantages.detach()
+    log_ratio = (logp - old_logp.detach()).clamp(-PPO_LOG_RATIO_CLAMP, PPO_LOG_RATIO_CLAMP)  # (B, T)
+    ratio = log_ratio.exp()
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
+    pg = torch.maximum(pg1, pg2)  # (B, T) pessimistic bound
+    dual = torch.zeros_like(mask)
+    if cfg.dual_clip > 0:
+        pg3 = -adv * cfg.dual_clip
+        dual = (adv < 0) & (pg3 < pg) & mask
+        pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
+    pg_loss = aggregate(pg, mask, cfg.loss_agg, normalizer, cfg.norm_len)
+
+    kl_loss = torch.zeros((), dtype=pg_loss.dtype, device=pg_loss.device)
+    if use_kl:
+        kl = kl_penalty(logp, ref_logp.detach(), cfg.kl_type)
+        kl_loss = aggregate(kl, mask, cfg.loss_agg, normalizer, cfg.norm_len)
+    loss = pg_loss + cfg.kl_coef * kl_loss if use_kl else pg_loss
+
+    with torch.no_grad():
+        n_tok = max(int(mask.sum()), 1)
+        lr = torch.where(mask, log_ratio, 0.0)
+        metrics = {
+            "loss/policy_loss": float(pg_loss),
+            "loss/kl_loss": float(kl_loss),
+            "training/clipfrac": float(((pg2 > pg1) & mask).sum()) / n_tok,
+            "training/dual_clipfrac": float(dual.sum()) / n_tok,
+            "training/approx_kl": float((0.5 * lr.square()).sum()) / n_tok,
+            "training/ratio_mean": float(torch.where(mask, ratio, 0.0).sum()) / n_tok,
+            "training/n_tokens": float(mask.sum()),
+        }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- sample selection
+def dynamic_sampling_mask(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Keep (B,) bool: True for responses whose group's scores are not all equal (DAPO dynamic sampling).
+
+    A constant group has zero group-relative advantage, so it only dilutes the batch; DAPO / EasyR1 drop
+    it and generate more prompts (EasyR1 tests 0.01 < mean < 0.99, which assumes 0/1 scores; the equality
+    test here works for any scores).
+    """
+    _check_groups(scores, group_size, need_group=True)
+    g = scores.view(-1, group_size)  # (P, n)
+    return (g.amax(1) != g.amin(1)).repeat_interleave(group_size)
+
+
+def ssr_sample(advantages_seq: torch.Tensor, k: int, alpha: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Selective Sample Replay (VL-Rethinker, Wang 2025): k indices (sorted) of responses with A_i != 0,
+    drawn without replacement with p_i = |A_i|^alpha / sum_j |A_j|^alpha.
+
+    advantages_seq: (B,) one advantage per response (e.g. advantages[:, 0] for group estimators).
+    Deterministic for a given generator. Raises if fewer than k responses have a non-zero advantage.
+    """
+    if advantages_seq.dim() != 1:
+        raise ValueError(f"advantages_seq: expected shape (B,), got {tuple(advantages_seq.shape)}")
+    if not torch.isfinite(advantages_seq).all():
+        raise ValueError("advantages_seq: non-finite values")
+    if alpha < 0:
+        raise ValueError(f"alpha={alpha}: must be >= 0")
+    nonzero = torch.nonzero(advantages_seq != 0).flatten()  # (K,)
+    if k < 0 or k > nonzero.numel():
+        raise ValueError(f"k={k}: must be in [0, {nonzero.numel()}] (responses with non-zero advantage)")
+    if k == 0:
+        return nonzero[:0]
+    weights = advantages_seq[nonzero].abs().to(torch.float64) ** alpha  # (K,) > 0
+    picked = torch.multinomial(weights, k, replacement=False, generator=generator)  # (k,) positions in nonzero
+    return nonzero[picked].sort().values
+
+
+# ----------------------------------------------------------------------------- CLI
+@dataclass(frozen=True)
+class Args:
+    scores: str = "1,0,0,1,1,1"
+    """Comma-separated per-response scores (a group's responses adjacent)."""
+    group_size: int = 3
+    """Responses per prompt n."""
+    lengths: str = ""
+    """Comma-separated response lengths (one per score): also print per-token advantages."""
+    advantage: AdvantageConfig = AdvantageConfig()
+
+
+def _parse_floats(text: str, field: str, cast: Callable = float) -> list:
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise SystemExit(f"--{field}: cannot parse {text!r} as comma-separated numbers ({e})")
+
+
+def main(args: Args) -> torch.Tensor:
+    from rich.console import Console
+    from rich.table import Table
+
+    scores = torch.tensor(_parse_floats(args.scores, "scores"), dtype=torch.float64)
+    lengths = _parse_floats(args.lengths, "lengths", int) if args.lengths else [1] * scores.numel()
+    if len(lengths) != scores.numel() or min(lengths) < 0:
+        raise SystemExit(f"--lengths: need {scores.numel()} non-negative lengths, got {lengths}")
+    T = max(max(lengths), 1)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+    cfg = args.advantage
+    if not cfg.kl_in_loss and cfg.kl_coef > 0:  # no log-probs on the command line: show it without KL
+        cfg = replace(cfg, kl_coef=0.0)
+    adv = compute_advantages(scores, mask, args.group_size, cfg)
+    table = Table(title=f"{cfg.estimator} advantages (group size {args.group_size})")
+    for col in ("response", "group", "score") + (("length", "per-token advantages") if args.lengths else ("advantage",)):
+        table.add_column(col, justify="right")
+    for i in range(scores.numel()):
+        row = [str(i), str(i // args.group_size), f"{scores[i].item():g}"]
+        if args.lengths:
+            row += [str(lengths[i]), " ".join(f"{a:+.4f}" for a in adv[i, : lengths[i]].tolist())]
+        else:
+            row += [f"{adv[i, 0].item():+.4f}"]
+        table.add_row(*row)
+    Console().print(table)
+    return adv
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))
