@@ -80,8 +80,8 @@ class AdvantageConfig:
         check(self.loss_agg in LossAgg.__args__, "loss_agg", f"must be one of {LossAgg.__args__}")
         check(0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]")
         check(self.kl_coef >= 0.0, "kl_coef", "must be >= 0")
-        check(self.eps > 0.0, "eps", "must be > 0")
-        check(self.whiten_eps > 0.0, "whiten_eps", "must be > 0")
+        check(self.eps >= 0.0, "eps", "must be >= 0")  # 0 is safe: constant groups are zeroed before dividing
+        check(self.whiten_eps >= 0.0, "whiten_eps", "must be >= 0")
         check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
         check(self.clip_high >= 0.0, "clip_high", "must be >= 0")
         check(self.dual_clip == 0.0 or self.dual_clip > 1.0, "dual_clip", "must be 0 (off) or > 1")

@@ -1,0 +1,428 @@
+"""Tests for advantage.py: hand-worked numbers (arithmetic in comments), naive float64 loops written
+independently of the vectorised code, invariances, masks, KL values/gradients vs autograd, aggregation
+modes vs direct formulas, and exact gradient accumulation (4 micro-batches == 1 big batch; 2 simulated
+data-parallel ranks with gradient averaging)."""
+
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from advantage import (AdvantageConfig, Args, aggregate, compute_advantages, dynamic_sampling_mask,  # noqa: E402
+                       kl_penalty, loss_normalizer, main, policy_loss, ssr_sample)
+
+ESTIMATORS = ["reinforce_pp", "reinforce_pp_baseline", "grpo", "dr_grpo", "rloo"]
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def length_mask(lengths, T=None):
+    T = T or max(lengths)
+    return torch.tensor([[1 if t < L else 0 for t in range(T)] for L in lengths], dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------- naive float64 references
+def naive_group_adv(scores, n, estimator, unbiased=True, eps=1e-6):
+    """Per-response advantage with plain Python floats, one group at a time."""
+    out = []
+    for g0 in range(0, len(scores), n):
+        g = scores[g0:g0 + n]
+        mean = sum(g) / n
+        for i, s in enumerate(g):
+            if estimator == "grpo":
+                var = sum((x - mean) ** 2 for x in g) / (n - 1 if unbiased else n)
+                out.append((s - mean) / (math.sqrt(var) + eps) if max(g) != min(g) else 0.0)
+            elif estimator == "dr_grpo":
+                out.append(s - mean)
+            elif estimator == "rloo":
+                others = [x for j, x in enumerate(g) if j != i]
+                out.append(s - sum(others) / len(others))
+            elif estimator == "reinforce_pp_baseline":
+                out.append(s - mean)
+            else:
+                out.append(s)
+    return out
+
+
+def naive_reinforce(seq_scores, lengths, T, gamma, kl=None, beta=0.0, unbiased=True, eps=1e-8, shift=False):
+    """Token rewards -> returns by an explicit backward loop -> whitening over valid tokens."""
+    B = len(seq_scores)
+    ret = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        G = 0.0
+        for t in range(T - 1, -1, -1):
+            r = 0.0
+            if t < lengths[i]:
+                r -= beta * (kl[i][t] if kl is not None else 0.0)
+                if t == lengths[i] - 1:
+                    r += seq_scores[i]
+            G = r + gamma * G
+            ret[i][t] = G
+    vals = [ret[i][t] for i in range(B) for t in range(lengths[i])]
+    N = len(vals)
+    mu = sum(vals) / N
+    var = sum((v - mu) ** 2 for v in vals) / (N - 1 if unbiased else N)
+    out = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        for t in range(lengths[i]):
+            out[i][t] = (ret[i][t] - mu) / math.sqrt(var + eps) + (mu if shift else 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------- estimators: by hand
+def test_grpo_by_hand():
+    # group 0 = [1, 0, 0]: mean 1/3; deviations 2/3, -1/3, -1/3; unbiased var = (4/9 + 1/9 + 1/9) / 2 = 1/3,
+    # std = 0.577350; A = (2/3)/0.577350 = 1.154701, (-1/3)/0.577350 = -0.577350. group 1 = [1,1,1]: 0.
+    adv = compute_advantages(torch.tensor([1., 0, 0, 1, 1, 1]), torch.ones(6, 2), 3, estimator="grpo", eps=0.0)
+    assert torch.allclose(adv[:, 0], torch.tensor([1.154701, -0.577350, -0.577350, 0, 0, 0]), atol=1e-6)
+    assert torch.equal(adv[:, 0], adv[:, 1])
+    # biased: var = (6/9)/3 = 2/9, std = 0.471405; A = 0.666667/0.471405 = 1.414214, -0.707107
+    adv = compute_advantages(torch.tensor([1., 0, 0]), torch.ones(3, 1), 3, estimator="grpo", eps=0.0,
+                             std_unbiased=False)
+    assert torch.allclose(adv[:, 0], torch.tensor([1.414214, -0.707107, -0.707107]), atol=1e-6)
+    # eps matters: 1/(std + 0.1) with group [2, 0]: mean 1, unbiased std = sqrt((1 + 1)/1) = 1.414214
+    # A = 1/(1.414214 + 0.1) = 0.660413
+    adv = compute_advantages(torch.tensor([2., 0]), torch.ones(2, 1), 2, estimator="grpo", eps=0.1)
+    assert torch.allclose(adv[:, 0], torch.tensor([0.660413, -0.660413]), atol=1e-6)
+
+
+def test_dr_grpo_and_rloo_by_hand():
+    s, m = torch.tensor([1., 0, 0, 0.5, 1, 0]), torch.ones(6, 1)
+    # dr_grpo: group 0 mean 1/3 -> [2/3, -1/3, -1/3]; group 1 mean 0.5 -> [0, 0.5, -0.5]
+    assert torch.allclose(compute_advantages(s, m, 3, estimator="dr_grpo")[:, 0],
+                          torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0.5, -0.5]), atol=1e-7)
+    # rloo: 1 - (0+0)/2 = 1; 0 - (1+0)/2 = -0.5; group 1: 0.5 - (1+0)/2 = 0; 1 - 0.25 = 0.75; 0 - 0.75 = -0.75
+    assert torch.allclose(compute_advantages(s, m, 3, estimator="rloo")[:, 0],
+                          torch.tensor([1, -0.5, -0.5, 0, 0.75, -0.75]), atol=1e-7)
+
+
+def test_reinforce_pp_by_hand():
+    # scores [1, 0], lengths [2, 3], gamma 1: returns [[1, 1, pad], [0, 0, 0]].
+    # valid values 1,1,0,0,0: mean 0.4; unbiased var = (2*0.36 + 3*0.16)/4 = 0.3; rsqrt(0.3) = 1.825742
+    # whitened: 0.6*1.825742 = 1.095445; -0.4*1.825742 = -0.730297
+    adv = compute_advantages(torch.tensor([1., 0]), length_mask([2, 3]), 1, AdvantageConfig(whiten_eps=0.0))
+    exp = torch.tensor([[1.095445, 1.095445, 0], [-0.730297, -0.730297, -0.730297]])
+    assert torch.allclose(adv, exp, atol=1e-6) and adv[0, 2] == 0
+    # shift_mean adds mu = 0.4 back: 1.495445, -0.330297
+    adv = compute_advantages(torch.tensor([1., 0]), length_mask([2, 3]), 1,
+                             AdvantageConfig(whiten_eps=0.0, shift_mean=True))
+    assert torch.allclose(adv[1], torch.tensor([-0.330297] * 3), atol=1e-6) and adv[0, 2] == 0
+
+
+def test_reinforce_pp_gamma_and_reward_kl_by_hand():
+    # one response of 3 tokens (plus a second to make whitening defined), gamma 0.5, beta 0.1, kl = [1, 2, 3]
+    # row 0 rewards: [-0.1, -0.2, -0.3 + 1] = [-0.1, -0.2, 0.7]
+    #   G2 = 0.7; G1 = -0.2 + 0.5*0.7 = 0.15; G0 = -0.1 + 0.5*0.15 = -0.025
+    # row 1 (score 0, length 1, kl 4): G0 = -0.4
+    # values -0.025, 0.15, 0.7, -0.4: mean = 0.425/4 = 0.10625
+    # dev: -0.13125, 0.04375, 0.59375, -0.50625; sq: 0.017227, 0.001914, 0.352539, 0.256289 -> sum 0.627969
+    # var = 0.627969/3 = 0.209323, std = 0.457518
+    cfg = AdvantageConfig(gamma=0.5, kl_coef=0.1, kl_in_loss=False, whiten_eps=0.0)
+    kl = torch.tensor([[1., 2, 3], [4, float("nan"), float("nan")]])  # NaN on padding must be ignored
+    adv = compute_advantages(torch.tensor([1., 0]), length_mask([3, 1]), 1, cfg, kl=kl)
+    exp = torch.tensor([[-0.13125, 0.04375, 0.59375], [-0.50625, 0, 0]]) / 0.457518
+    exp[1, 1:] = 0
+    assert torch.allclose(adv, exp, atol=1e-5)
+    with pytest.raises(ValueError, match="kl"):
+        compute_advantages(torch.tensor([1., 0]), length_mask([3, 1]), 1, cfg)  # kl missing
+
+
+def test_reinforce_pp_baseline_by_hand():
+    # scores [1, 0 | 0, 0], n = 2, lengths [1, 2, 1, 1] -> centred [0.5, -0.5, 0, 0] on every token:
+    # values 0.5, -0.5, -0.5, 0, 0: mean -0.1; dev 0.6, -0.4, -0.4, 0.1, 0.1; sq sum 0.36+0.16+0.16+0.01+0.01 = 0.7
+    # var = 0.7/4 = 0.175, std = 0.418330 -> 1.434274, -0.956183, 0.239046 (constant group ends at +0.239, not 0)
+    adv = compute_advantages(torch.tensor([1., 0, 0, 0]), length_mask([1, 2, 1, 1]), 2,
+                             estimator="reinforce_pp_baseline", whiten_eps=0.0)
+    exp = torch.tensor([[1.434274, 0], [-0.956183, -0.956183], [0.239046, 0], [0.239046, 0]])
+    assert torch.allclose(adv, exp, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- estimators: vs naive loops
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_estimators_match_naive_loop(estimator, unbiased):
+    rng = random.Random(hash((estimator, unbiased)) % 1000)
+    n, P, T = 4, 5, 7
+    scores = [rng.choice([0.0, 1.0, -0.1, 0.5, rng.gauss(0, 1)]) for _ in range(n * P)]
+    scores[:n] = [1.0] * n  # one constant group
+    lengths = [rng.randint(1, T) for _ in range(n * P)]
+    adv = compute_advantages(torch.tensor(scores), length_mask(lengths, T), n, estimator=estimator,
+                             std_unbiased=unbiased, kl_coef=0.0)
+    seq = naive_group_adv(scores, n, estimator, unbiased)
+    if estimator.startswith("reinforce"):
+        exp = naive_reinforce(seq, lengths, T, 1.0, unbiased=unbiased)
+    else:
+        exp = [[seq[i] if t < lengths[i] else 0.0 for t in range(T)] for i in range(n * P)]
+    assert adv.dtype == torch.float32
+    assert torch.allclose(adv.double(), torch.tensor(exp, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+@pytest.mark.parametrize("shift", [False, True])
+def test_reinforce_pp_with_reward_kl_matches_naive_loop(gamma, shift):
+    g = torch.Generator().manual_seed(3)
+    B, T = 6, 9
+    scores = torch.randint(0, 2, (B,), generator=g).double()
+    lengths = torch.randint(1, T + 1, (B,), generator=g).tolist()
+    kl = torch.rand(B, T, generator=g, dtype=torch.float64)
+    cfg = AdvantageConfig(gamma=gamma, kl_coef=0.05, kl_in_loss=False, shift_mean=shift)
+    adv = compute_advantages(scores, length_mask(lengths, T), 1, cfg, kl=kl)
+    exp = naive_reinforce(scores.tolist(), lengths, T, gamma, kl.tolist(), 0.05, shift=shift)
+    assert adv.dtype == torch.float64
+    assert torch.allclose(adv, torch.tensor(exp, dtype=torch.float64), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- invariances, masks, errors
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_group_shift_invariance_and_grpo_scale_invariance(estimator):
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(12, generator=g, dtype=torch.float64)
+    m = torch.ones(12, 3)
+    base = compute_advantages(s, m, 4, estimator=estimator)
+    shift = torch.tensor([3.0, -7.0, 0.25], dtype=torch.float64).repeat_interleave(4)  # per-group constants
+    assert torch.allclose(compute_advantages(s + shift, m, 4, estimator=estimator), base, atol=1e-9)
+    if estimator == "grpo":  # eps is tiny vs std, so scaling by 5 changes A by ~eps only
+        assert torch.allclose(compute_advantages(5 * s, m, 4, estimator=estimator), base, atol=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_masks_respected_and_constant_groups_zero(estimator):
+    mask = length_mask([3, 1, 2, 2], 4)
+    mask[0, 1] = False  # a hole inside a response
+    s = torch.tensor([0.3, 0.3, 1.0, 0.0])  # group 0 constant (0.3 is not exact in binary)
+    adv = compute_advantages(s, mask, 2, estimator=estimator, kl_coef=0.0)
+    assert torch.isfinite(adv).all() and (adv[~mask] == 0).all()
+    if estimator in ("grpo", "dr_grpo", "rloo"):
+        assert (adv[:2] == 0).all()  # exactly zero, not rounding noise
+    all_equal = compute_advantages(torch.full((4,), 0.1), mask, 2, estimator=estimator, kl_coef=0.0)
+    assert (all_equal == 0).all()  # whitening of identical values is 0, never NaN / amplified noise
+
+
+def test_bad_inputs_raise_naming_the_field():
+    m = torch.ones(6, 2)
+    for est in ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]:
+        with pytest.raises(ValueError, match="group_size"):
+            compute_advantages(torch.ones(6), m, 1, estimator=est)
+    with pytest.raises(ValueError, match="group_size"):
+        compute_advantages(torch.ones(6), m, 4, estimator="grpo")  # 4 does not divide 6
+    with pytest.raises(ValueError, match="scores"):
+        compute_advantages(torch.tensor([1., float("nan"), 0, 0, 1, 0]), m, 3, estimator="grpo")
+    with pytest.raises(ValueError, match="mask"):
+        compute_advantages(torch.ones(6), torch.ones(5, 2), 3, estimator="grpo")
+    with pytest.raises(ValueError, match="mask"):
+        compute_advantages(torch.ones(6), torch.full((6, 2), 0.5), 3, estimator="grpo")
+    with pytest.raises(ValueError, match="mask"):  # whitening over a single token is undefined
+        compute_advantages(torch.ones(2), length_mask([1, 0], 2), 1)
+    with pytest.raises(ValueError, match="kl_in_loss"):
+        AdvantageConfig(estimator="grpo", kl_in_loss=False)
+    with pytest.raises(ValueError, match="dual_clip"):
+        AdvantageConfig(dual_clip=0.5)
+    with pytest.raises(ValueError, match="estimator"):
+        AdvantageConfig(estimator="ppo")
+
+
+# ----------------------------------------------------------------------------- KL
+def test_kl_values_by_hand():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0])
+    # delta = 0.5, 0: k1 = 0.5; k2 = 0.125; k3 = e^-0.5 + 0.5 - 1 = 0.606531 - 0.5 = 0.106531
+    assert torch.allclose(kl_penalty(logp, ref, "k1"), torch.tensor([0.5, 0.0]))
+    assert torch.allclose(kl_penalty(logp, ref, "k2"), torch.tensor([0.125, 0.0]))
+    assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.tensor([0.106531, 0.0]), atol=1e-6)
+    # verl clamps: delta = -30 -> -delta clamped to 20: e^20 - 20 - 1 > 10 -> 10;  delta = 30 -> e^-20 + 19 -> 10
+    assert torch.equal(kl_penalty(torch.tensor([-30.0, 30.0]), torch.zeros(2), "k3"), torch.tensor([10.0, 10.0]))
+    with pytest.raises(ValueError, match="kind"):
+        kl_penalty(logp, ref, "k4")
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_kl_gradient_matches_autograd_of_direct_formula(kind):
+    g = torch.Generator().manual_seed(1)
+    logp = (-torch.rand(3, 5, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    ref = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 3
+    direct = {"k1": lambda a, b: a - b, "k2": lambda a, b: (a - b) ** 2 / 2,
+              "k3": lambda a, b: torch.exp(b - a) - (b - a) - 1}[kind]
+    w = torch.rand(3, 5, generator=g, dtype=torch.float64)
+    (gx,) = torch.autograd.grad((kl_penalty(logp, ref, kind) * w).sum(), logp)
+    (gd,) = torch.autograd.grad((direct(logp, ref) * w).sum(), logp)
+    assert torch.allclose(kl_penalty(logp, ref, kind), direct(logp, ref), atol=1e-12)
+    assert torch.allclose(gx, gd, atol=1e-12)
+    # hand gradients: d k1 = 1; d k2 = delta; d k3 = 1 - exp(-delta)
+    delta = (logp - ref).detach()
+    hand = {"k1": torch.ones_like(delta), "k2": delta, "k3": 1 - torch.exp(-delta)}[kind]
+    assert torch.allclose(gx, hand * w, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- policy loss
+def test_ppo_per_token_by_hand():
+    # one sequence, 4 tokens, token-mean; eps_low = eps_high = 0.2
+    # t0: A=+1, rho=1.5 -> max(-1.5, -1.2) = -1.2 (clipped)
+    # t1: A=+1, rho=0.5 -> max(-0.5, -0.8) = -0.5 (not clipped: pessimistic side)
+    # t2: A=-1, rho=1.5 -> max(1.5, 1.2) = 1.5 (unclipped branch); with dual clip c=1.2: min(1.5, 1.2) = 1.2
+    # t3: A=-2, rho=0.5 -> max(1.0, 1.6) = 1.6 (clipped)
+    rho = torch.tensor([[1.5, 0.5, 1.5, 0.5]])
+    old = torch.zeros(1, 4)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -2.0]])
+    m = torch.ones(1, 4, dtype=torch.bool)
+    loss, met = policy_loss(rho.log(), old, adv, m, AdvantageConfig(kl_coef=0.0))
+    assert abs(loss.item() - (-1.2 - 0.5 + 1.5 + 1.6) / 4) < 1e-6  # 1.4/4 = 0.35
+    assert met["training/clipfrac"] == 0.5 and met["training/n_tokens"] == 4
+    assert abs(met["training/ratio_mean"] - 1.0) < 1e-6  # (1.5+0.5+1.5+0.5)/4
+    assert abs(met["training/approx_kl"] - 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2) < 1e-6
+    loss, met = policy_loss(rho.log(), old, adv, m, AdvantageConfig(kl_coef=0.0, dual_clip=1.2))
+    # dual clip, c=1.2 (>1 required; small to make it bite): t2 -> 1.2; t3: min(1.6, 2.4) = 1.6
+    assert abs(loss.item() - (-1.2 - 0.5 + 1.2 + 1.6) / 4) < 1e-6 and met["training/dual_clipfrac"] == 0.25
+    # clip-higher: eps_high = 0.6 -> t0 max(-1.5, -1.5) = -1.5
+    loss, _ = policy_loss(rho.log(), old, adv, m, AdvantageConfig(kl_coef=0.0, clip_high=0.6))
+    assert abs(loss.item() - (-1.5 - 0.5 + 1.5 + 1.6) / 4) < 1e-6
+
+
+def test_ppo_gradient_by_hand():
+    # d/dlogp of -A*rho is -A*rho when unclipped and 0 when the clipped branch wins.
+    rho = torch.tensor([[1.5, 0.5, 1.5, 0.5]], dtype=torch.float64)
+    logp = rho.log().requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, -1.0, -2.0]], dtype=torch.float64)
+    loss, _ = policy_loss(logp, torch.zeros(1, 4), adv, torch.ones(1, 4), AdvantageConfig(kl_coef=0.0))
+    loss.backward()
+    # t0 clipped -> 0; t1 -> -1*0.5/4 = -0.125; t2 -> +1*1.5/4 = 0.375; t3 clipped -> 0
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, -0.125, 0.375, 0.0]], dtype=torch.float64))
+
+
+def direct_agg(l, m, mode, L):
+    """Direct formulas, one loop per sequence."""
+    seq = []
+    for i in range(l.shape[0]):
+        toks = [l[i, t] for t in range(l.shape[1]) if m[i, t]]
+        if not toks:
+            continue
+        if mode == "token-mean":
+            seq.append(toks)
+        elif mode == "seq-mean-token-mean":
+            seq.append(sum(toks) / len(toks))
+        elif mode == "seq-mean-token-sum":
+            seq.append(sum(toks))
+        else:
+            seq.append(sum(toks) / L)
+    if mode == "token-mean":
+        flat = [x for s in seq for x in s]
+        return sum(flat) / len(flat)
+    return sum(seq) / len(seq)
+
+
+def random_batch(B=8, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g).tolist()
+    lengths[2] = 0  # an empty response: counts for nothing
+    m = length_mask(lengths, T)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    old = logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64) * m
+    old[~m] = float("nan")  # garbage on padding must not leak into loss or gradient
+    return logp, old, ref, adv, m
+
+
+@pytest.mark.parametrize("mode", AGGS)
+def test_aggregation_modes_against_direct_formula(mode):
+    logp, old, ref, adv, m = random_batch()
+    cfg = AdvantageConfig(loss_agg=mode, kl_coef=0.0, dual_clip=3.0)
+    loss, met = policy_loss(logp, old, adv, m, cfg)
+    rho = (logp - old).exp()
+    per_tok = torch.maximum(-adv * rho, -adv * rho.clamp(0.8, 1.2))
+    per_tok = torch.where(adv < 0, torch.minimum(per_tok, -3.0 * adv), per_tok)
+    assert abs(loss.item() - direct_agg(per_tok, m, mode, m.shape[1])) < 1e-12
+    assert loss.item() == met["loss/policy_loss"] and met["loss/kl_loss"] == 0
+    # KL in the loss: + beta * the same aggregation of k3
+    cfg = AdvantageConfig(loss_agg=mode, kl_coef=0.1, dual_clip=3.0, norm_len=10)
+    loss2, met2 = policy_loss(logp, old, adv, m, cfg, ref_logp=ref)
+    k3 = torch.exp(ref - logp) - (ref - logp) - 1
+    exp_kl = direct_agg(k3, m, mode, 10)
+    assert abs(met2["loss/kl_loss"] - exp_kl) < 1e-12
+    assert abs(loss2.item() - direct_agg(per_tok, m, mode, 10) - 0.1 * exp_kl) < 1e-12
+
+
+@pytest.mark.parametrize("mode", AGGS)
+def test_four_micro_batches_equal_one_big_batch(mode):
+    logp, old, ref, adv, m = random_batch(B=12, T=7, seed=5)
+    cfg = AdvantageConfig(loss_agg=mode, kl_coef=0.01, norm_len=7, clip_high=0.28)
+    big = logp.clone().requires_grad_()
+    loss_big, _ = policy_loss(big, old, adv, m, cfg, ref_logp=ref)
+    loss_big.backward()
+    acc = logp.clone().requires_grad_()
+    chunks = [slice(0, 2), slice(2, 5), slice(5, 9), slice(9, 12)]  # unequal micro-batches
+    norm = sum(loss_normalizer(m[c], cfg) for c in chunks)
+    total = 0.0
+    for c in chunks:
+        loss_c, _ = policy_loss(acc[c], old[c], adv[c], m[c], cfg, normalizer=norm, ref_logp=ref[c])
+        loss_c.backward()
+        total += loss_c.item()
+    assert torch.isfinite(acc.grad).all() and acc.grad.abs().sum() > 0
+    assert abs(total - loss_big.item()) < 1e-6
+    assert torch.allclose(acc.grad, big.grad, atol=1e-6, rtol=0)
+    # Two data-parallel ranks, 2 micro-batches each, gradients AVERAGED (FSDP2): loss * world_size.
+    W, ranks = 2, [[slice(0, 2), slice(2, 5)], [slice(5, 9), slice(9, 12)]]
+    grads = []
+    for rank_chunks in ranks:
+        x = logp.clone().requires_grad_()
+        for c in rank_chunks:
+            loss_c, _ = policy_loss(x[c], old[c], adv[c], m[c], cfg, normalizer=norm, ref_logp=ref[c])
+            (W * loss_c).backward()
+        grads.append(x.grad)
+    assert torch.allclose(sum(grads) / W, big.grad, atol=1e-6, rtol=0)
+
+
+def test_policy_loss_rejects_bad_inputs():
+    logp, old, ref, adv, m = random_batch()
+    with pytest.raises(ValueError, match="advantages"):
+        policy_loss(logp, old, adv[:, :3], m)
+    bad = logp.clone()
+    bad[0, 0] = float("nan")  # a valid token
+    with pytest.raises(ValueError, match="non-finite"):
+        policy_loss(bad, old, adv, m)
+    with pytest.raises(ValueError, match="normalizer"):
+        policy_loss(logp, old, adv, torch.zeros_like(m))
+    with pytest.raises(ValueError, match="normalizer"):
+        aggregate(logp, m, "token-mean", normalizer=0.0)
+
+
+# ----------------------------------------------------------------------------- sample selection
+def test_dynamic_sampling_mask():
+    keep = dynamic_sampling_mask(torch.tensor([1., 1, 1, 0, 1, 0, 0.3, 0.3, 0.3]), 3)
+    assert keep.tolist() == [False] * 3 + [True] * 3 + [False] * 3
+    with pytest.raises(ValueError, match="group_size"):
+        dynamic_sampling_mask(torch.ones(4), 1)
+
+
+def test_ssr_sample():
+    adv = torch.tensor([0.0, 2.0, -1.0, 0.0, 1.0, -4.0])
+    a = ssr_sample(adv, 3, 1.0, torch.Generator().manual_seed(7))
+    b = ssr_sample(adv, 3, 1.0, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and a.tolist() == sorted(set(a.tolist()))  # deterministic, distinct, sorted
+    assert set(a.tolist()) <= {1, 2, 4, 5}
+    assert sorted(ssr_sample(adv, 4, 1.0, torch.Generator().manual_seed(0)).tolist()) == [1, 2, 4, 5]
+    # k = 1: P(i) = |A_i| / 8 -> index 5 has p = 0.5, index 2 p = 0.125. 4000 draws, std of freq ~ 0.008.
+    g = torch.Generator().manual_seed(1)
+    counts = torch.bincount(torch.cat([ssr_sample(adv, 1, 1.0, g) for _ in range(4000)]), minlength=6)
+    freq = counts.double() / 4000
+    assert counts[0] == counts[3] == 0
+    assert torch.allclose(freq[[1, 2, 4, 5]], torch.tensor([0.25, 0.125, 0.125, 0.5], dtype=torch.float64),
+                          atol=0.04)
+    # alpha = 2: p = [4, 1, 1, 16] / 22 -> index 5: 0.727
+    counts = torch.bincount(torch.cat([ssr_sample(adv, 1, 2.0, g) for _ in range(2000)]), minlength=6)
+    assert abs(counts[5].item() / 2000 - 16 / 22) < 0.05
+    with pytest.raises(ValueError, match="k=5"):
+        ssr_sample(adv, 5, 1.0, g)
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_main_prints_table(capsys):
+    import tyro
+    args = tyro.cli(Args, args=["--scores", "1,0,0,1,1,1", "--group-size", "3", "--advantage.estimator", "grpo"])
+    adv = main(args)
+    out = capsys.readouterr().out
+    assert "+1.1547" in out and "-0.5773" in out and "+0.0000" in out
+    assert torch.allclose(adv[:3, 0], torch.tensor([1.1547, -0.5773, -0.5773], dtype=adv.dtype), atol=1e-4)
+    main(Args(scores="1,0", group_size=1, lengths="2,3"))
+    assert "+1.0954" in capsys.readouterr().out  # the hand-worked reinforce_pp case above
