@@ -154,17 +154,15 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = Tru
     (MAYE's released code; verl's shift_mean=False). If all valid values are equal the result is exactly 0
     (+ mu), never amplified rounding noise. Masked positions are returned as 0.
     """
-    n = int(mask.sum())
+    valid = values[mask]  # (N,) valid tokens of the whole batch
+    n = valid.numel()
     if n < (2 if unbiased else 1):
         raise ValueError(f"mask: whitening needs at least {2 if unbiased else 1} valid tokens in the batch, got {n}")
-    x = torch.where(mask, values, torch.zeros_like(values))
-    mean = x.sum() / n
-    var = (torch.where(mask, values - mean, torch.zeros_like(values)) ** 2).sum() / (n - 1 if unbiased else n)
-    valid = values[mask]
+    mean = valid.mean()
     if valid.max() == valid.min():
         out = torch.zeros_like(values)
     else:
-        out = (values - mean) * torch.rsqrt(var + eps)
+        out = (values - mean) * torch.rsqrt(valid.var(correction=1 if unbiased else 0) + eps)
     if shift_mean:
         out = out + mean
     return torch.where(mask, out, torch.zeros_like(out))
@@ -189,6 +187,7 @@ def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int
     grpo / dr_grpo / rloo. `kl` (B, T) is the per-token KL (kl_penalty) used only for the reward KL of the
     REINFORCE++ estimators; the config refuses reward KL for group estimators (their KL goes in the loss).
     Whitening uses this batch's statistics: call it on the full gathered batch (train.py: rank 0).
+    A response with no valid token gets no advantage (and no loss); in a group it still counts in the mean.
     Computed in float64 and returned as float32 (float64 if scores are float64).
     """
     cfg = replace(cfg, **overrides) if overrides else cfg

@@ -5,6 +5,7 @@ data-parallel ranks with gradient averaging)."""
 
 import math
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -199,6 +200,11 @@ def test_masks_respected_and_constant_groups_zero(estimator):
         assert (adv[:2] == 0).all()  # exactly zero, not rounding noise
     all_equal = compute_advantages(torch.full((4,), 0.1), mask, 2, estimator=estimator, kl_coef=0.0)
     assert (all_equal == 0).all()  # whitening of identical values is 0, never NaN / amplified noise
+    # 3 tokens of 0.7: the float64 mean is off by 1 ulp (1.1e-16); without the equal-values guard, whitening
+    # with eps 0 would blow that up to O(1) advantages.
+    seven = compute_advantages(torch.full((2,), 0.7, dtype=torch.float64), length_mask([2, 1]), 1,
+                               estimator="reinforce_pp", kl_coef=0.0, whiten_eps=0.0)
+    assert (seven == 0).all()
 
 
 def test_bad_inputs_raise_naming_the_field():
@@ -235,6 +241,22 @@ def test_kl_values_by_hand():
     assert torch.equal(kl_penalty(torch.tensor([-30.0, 30.0]), torch.zeros(2), "k3"), torch.tensor([10.0, 10.0]))
     with pytest.raises(ValueError, match="kind"):
         kl_penalty(logp, ref, "k4")
+
+
+def test_k3_and_ppo_extremes_give_finite_values_and_gradients():
+    # float32, delta = -100: exp(100) overflows; the verl clamps keep value 10 and gradient 0, not inf/NaN.
+    x = torch.tensor([-100.0, -15.0, 100.0], requires_grad=True)
+    kl = kl_penalty(x, torch.zeros(3), "k3")
+    kl.sum().backward()
+    assert torch.equal(kl.detach(), torch.tensor([10.0, 10.0, 10.0]))  # e^15 - 15 - 1 > 10 is clamped too
+    assert torch.equal(x.grad, torch.zeros(3))
+    logp = torch.tensor([[100.0, -100.0]], requires_grad=True)  # log-ratios far outside +-20
+    loss, met = policy_loss(logp, torch.zeros(1, 2), torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2),
+                            AdvantageConfig(kl_coef=0.0, dual_clip=3.0))
+    loss.backward()
+    # t0: A=-1, rho=e^20 -> min(max(e^20, 1.2), 3) = 3; t1: A=1, rho=e^-20 -> max(-e^-20, -0.8) ~ 0
+    assert abs(loss.item() - 3.0 / 2) < 1e-6 and torch.isfinite(logp.grad).all()
+    assert math.isfinite(met["training/ratio_mean"])
 
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
@@ -426,3 +448,13 @@ def test_cli_main_prints_table(capsys):
     assert torch.allclose(adv[:3, 0], torch.tensor([1.1547, -0.5773, -0.5773], dtype=adv.dtype), atol=1e-4)
     main(Args(scores="1,0", group_size=1, lengths="2,3"))
     assert "+1.0954" in capsys.readouterr().out  # the hand-worked reinforce_pp case above
+
+
+def test_script_runs_alone():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "advantage.py"), "--scores", "1,0,0.5,1", "--group-size", "2",
+                          "--lengths", "3,2,4,1", "--advantage.estimator", "rloo"],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    # rloo: [1 - 0, 0 - 1, 0.5 - 1, 1 - 0.5] = [+1, -1, -0.5, +0.5] on every valid token
+    assert out.returncode == 0, out.stderr
+    assert "+1.0000 +1.0000 +1.0000" in out.stdout and "-0.5000 -0.5000 -0.5000 -0.5000" in out.stdout
