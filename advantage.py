@@ -62,7 +62,7 @@ class AdvantageConfig:
     loss_agg: LossAgg = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr.GRPO)."""
     norm_len: int = 0
-    """Constant L of seq-mean-token-sum-norm (0 = the padded length T of the batch passed in)."""
+    """Constant L of seq-mean-token-sum-norm (0 = padded T of each batch passed in: set it if micro-batch T varies)."""
     dynamic_sampling: bool = False
     """Drop groups whose scores are all equal (DAPO dynamic sampling)."""
     ssr: bool = False
@@ -297,8 +297,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     Per token (Schulman 2017; clip-higher from DAPO; dual clip from Ye 2020 / verl):
         rho = exp(logp - old_logp) (log-ratio clamped to +-20 as in verl)
         l = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high));  if dual_clip = c > 0 and A < 0: min(l, -c A)
-    loss = aggregate(l) + kl_coef * aggregate(kl_penalty(logp, ref_logp, kl_type)) when kl_in_loss, kl_coef>0
-    and ref_logp is given (MAYE: k3, 0.001).
+    loss = aggregate(l) + kl_coef * aggregate(kl_penalty(logp, ref_logp, kl_type)) when kl_in_loss and
+    kl_coef > 0 (MAYE: k3, 0.001); ref_logp is then required (a ValueError, not a silently KL-free loss).
 
     Exact accumulation: the loss is sum(per-unit) / normalizer, so with `normalizer` = the GLOBAL count
     (loss_normalizer summed over all micro-batches and ranks) the SUM of the micro-batch losses is the
@@ -312,14 +312,14 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     means over this micro-batch's valid tokens, and training/n_tokens lets the caller average them exactly
     (weight by n_tokens).
     """
-    mask = _check_mask(mask, logp.shape[0])
-    for name, x in (("old_logp", old_logp), ("advantages", advantages)) + (
-            (("ref_logp", ref_logp),) if ref_logp is not None else ()):
-        if x.shape != logp.shape:
+    others = {"old_logp": old_logp, "advantages": advantages, "mask": mask, "ref_logp": ref_logp}
+    for name, x in others.items():
+        if x is not None and x.shape != logp.shape:
             raise ValueError(f"{name}: shape {tuple(x.shape)} != logp shape {tuple(logp.shape)}")
-    if mask.shape != logp.shape:
-        raise ValueError(f"mask: shape {tuple(mask.shape)} != logp shape {tuple(logp.shape)}")
-    use_kl = cfg.kl_in_loss and cfg.kl_coef > 0 and ref_logp is not None
+    mask = _check_mask(mask, logp.shape[0])
+    use_kl = cfg.kl_in_loss and cfg.kl_coef > 0
+    if use_kl and ref_logp is None:  # never train silently without the KL the config asks for
+        raise ValueError("ref_logp: required when kl_in_loss and kl_coef > 0 (set kl_coef=0 to train without KL)")
     inputs = (logp, old_logp, advantages) + ((ref_logp,) if use_kl else ())
     if not all(torch.isfinite(x.detach()[mask]).all() for x in inputs):
         raise ValueError("logp/old_logp/advantages/ref_logp: non-finite values on valid tokens")
@@ -424,11 +424,11 @@ def main(args: Args) -> torch.Tensor:
         raise SystemExit(f"--lengths: need {scores.numel()} non-negative lengths, got {lengths}")
     T = max(max(lengths), 1)
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
-    cfg = args.advantage
-    if not cfg.kl_in_loss and cfg.kl_coef > 0:  # no log-probs on the command line: show it without KL
-        cfg = replace(cfg, kl_coef=0.0)
+    cfg, note = args.advantage, ""
+    if not cfg.kl_in_loss and cfg.kl_coef > 0:  # reward KL needs log-probs, which a command line has not got
+        cfg, note = replace(cfg, kl_coef=0.0), ", reward KL not shown (needs log-probs)"
     adv = compute_advantages(scores, mask, args.group_size, cfg)
-    table = Table(title=f"{cfg.estimator} advantages (group size {args.group_size})")
+    table = Table(title=f"{cfg.estimator} advantages (group size {args.group_size}{note})")
     for col in ("response", "group", "score") + (("length", "per-token advantages") if args.lengths else ("advantage",)):
         table.add_column(col, justify="right")
     for i in range(scores.numel()):

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from advantage import (AdvantageConfig, Args, aggregate, compute_advantages, dynamic_sampling_mask,  # noqa: E402
+from advantage import (AdvantageConfig, Args, aggregate, compute_advantages, dynamic_sampling_mask,
                        kl_penalty, loss_normalizer, main, policy_loss, ssr_sample)
 
 ESTIMATORS = ["reinforce_pp", "reinforce_pp_baseline", "grpo", "dr_grpo", "rloo"]
@@ -397,14 +396,17 @@ def test_four_micro_batches_equal_one_big_batch(mode):
 
 def test_policy_loss_rejects_bad_inputs():
     logp, old, ref, adv, m = random_batch()
+    no_kl = AdvantageConfig(kl_coef=0.0)
     with pytest.raises(ValueError, match="advantages"):
-        policy_loss(logp, old, adv[:, :3], m)
+        policy_loss(logp, old, adv[:, :3], m, no_kl)
+    with pytest.raises(ValueError, match="ref_logp"):  # default cfg asks for KL in the loss
+        policy_loss(logp, old, adv, m)
     bad = logp.clone()
     bad[0, 0] = float("nan")  # a valid token
     with pytest.raises(ValueError, match="non-finite"):
-        policy_loss(bad, old, adv, m)
+        policy_loss(bad, old, adv, m, no_kl)
     with pytest.raises(ValueError, match="normalizer"):
-        policy_loss(logp, old, adv, torch.zeros_like(m))
+        policy_loss(logp, old, adv, torch.zeros_like(m), no_kl)
     with pytest.raises(ValueError, match="normalizer"):
         aggregate(logp, m, "token-mean", normalizer=0.0)
 
