@@ -131,8 +131,20 @@ def normalize(s: str) -> str:
     s = _UNIT_RE.sub("", s).strip()
     if len(s) > 1 and s.endswith("."):
         s = s[:-1]
+    s = _strip_outer_braces(s)
     s = re.sub(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])", "\\1\0", s)  # keep the space that ends a command name
     return re.sub(r"\s+", "", s).replace("\0", " ")
+
+
+def _strip_outer_braces(s: str) -> str:
+    """`{{1}}` -> `1` in one pass: strip k enclosing pairs, k limited by how low the depth dips inside."""
+    k = min(len(s) - len(s.lstrip("{")), len(s) - len(s.rstrip("}")))
+    depth = low = 0
+    for c in s[k:len(s) - k]:
+        depth += (c == "{") - (c == "}")
+        low = min(low, depth)
+    k += low  # `{1}+{2}`: the inner dip to -1 shows the first { closes early, so strip nothing
+    return s[k:len(s) - k] if k > 0 else s
 
 
 def _strip_lhs(s: str) -> str:
@@ -190,7 +202,7 @@ def _too_big(s: str) -> str:
                 i += 1
             inner = s[m.end():i - 1].strip()
             tok = inner if re.fullmatch(r"-?\d+", inner) else "1"
-        product *= max(abs(int(tok[:7])), 1)
+        product *= max(abs(int(tok)), 1) if len(tok) < 8 else 10**8  # no int() of a 100k-digit string
         if product > 10**6:
             return "too_large: exponent product > 1e6"
     return ""
@@ -413,7 +425,7 @@ class _Worker:
 
 class _Pool:
     def __init__(self, n: int):
-        self.pid, self.workers = os.getpid(), [_Worker() for _ in range(n)]
+        self.pid, self.workers, self.start_failures = os.getpid(), [_Worker() for _ in range(n)], 0
 
     def close(self):
         for w in self.workers:
@@ -429,52 +441,59 @@ class _Pool:
             w.kill()
         self.workers = []
 
-    def run(self, items: list[tuple], cfg: RewardConfig) -> list:
+    def replace(self, k: int) -> _Worker:
+        self.workers[k].kill()
+        self.workers[k] = _Worker()
+        return self.workers[k]
+
+    def run(self, items: list[tuple], cfg: RewardConfig) -> dict:
         """Score items [(i, response, answer, finished)] -> {i: result}; restarts dead/timed-out workers."""
         todo, out, cfg_d = list(reversed(items)), {}, dataclasses.asdict(cfg)
+
+        def fail(k: int, why: str):  # the in-flight item gets a 0 with the reason; the worker is replaced
+            i, _, _, finished = self.workers[k].item
+            out[i] = _result(cfg.penalty if not finished else 0.0, 0.0, 0.0, why, None)
+            self.replace(k)
+
         while todo or any(w.item is not None for w in self.workers):
-            now = time.monotonic()
-            for k, w in enumerate(self.workers):
-                if w.ready and w.item is None and w.proc.poll() is not None:  # died while idle: replace
-                    w.kill()
-                    self.workers[k] = w = _Worker()
+            for k, w in enumerate(self.workers):  # one item to every idle worker
+                if w.ready and w.item is None and w.proc.poll() is not None:  # died while idle
+                    w = self.replace(k)
                 if w.ready and w.item is None and todo:
-                    w.item = todo.pop()
-                    w.deadline = now + cfg.timeout_s
+                    w.item, w.deadline = todo.pop(), time.monotonic() + cfg.timeout_s
                     try:
                         w.tx.send((*w.item, cfg_d))
                     except OSError:
                         pass  # worker gone: its pipe reads EOF below and the item is reported 'worker_died'
             busy = [w for w in self.workers if w.item is not None or not w.ready]
-            wait([w.rx for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - now))
+            wait([w.rx for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
             for k, w in enumerate(self.workers):
-                fail = ""
                 if w.ready and w.item is None:
                     continue
-                if w.rx.poll():
-                    try:
-                        msg = w.rx.recv()
-                    except EOFError:
-                        fail = f"worker_died: judge process exited with code {w.proc.wait()}"
-                    else:
-                        if msg == "ready":
-                            w.ready = True
-                        elif isinstance(msg[1], str):
-                            raise RuntimeError(f"reward judge worker raised on item {msg[0]}:\n{msg[1]}")
-                        else:
-                            out[msg[0]], w.item = msg[1], None
-                        continue
-                elif time.monotonic() > w.deadline:
-                    if not w.ready:
+                if not w.rx.poll():
+                    if time.monotonic() > w.deadline and not w.ready:
                         raise RuntimeError("reward judge worker did not start within 120 s")
-                    fail = f"timeout: judgement exceeded {cfg.timeout_s} s (worker killed)"
-                if fail:
-                    if not w.ready:
-                        raise RuntimeError(f"reward judge worker failed to start ({fail})")
-                    i, _, _, finished = w.item
-                    out[i] = _result(cfg.penalty if not finished else 0.0, 0.0, 0.0, fail, None)
-                    w.kill()
-                    self.workers[k] = _Worker()
+                    if time.monotonic() > w.deadline:
+                        fail(k, f"timeout: judgement exceeded {cfg.timeout_s} s (worker killed)")
+                    continue
+                try:
+                    msg = w.rx.recv()
+                except EOFError:
+                    why = f"worker_died: judge process exited with code {w.proc.wait()}"
+                    if w.ready:
+                        fail(k, why)
+                        continue
+                    self.start_failures += 1  # died while starting: retry a few times, then it is a fault
+                    if self.start_failures > 3:
+                        raise RuntimeError(f"reward judge workers keep failing to start ({why})")
+                    self.replace(k)
+                    continue
+                if msg == "ready":
+                    w.ready, self.start_failures = True, 0
+                elif isinstance(msg[1], str):
+                    raise RuntimeError(f"reward judge worker raised on item {msg[0]}:\n{msg[1]}")
+                else:
+                    out[msg[0]], w.item = msg[1], None
         return out
 
 

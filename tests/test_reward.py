@@ -1,0 +1,304 @@
+"""Tests for reward.py: extraction, a 60-case judgement table (both the pool and the in-process path), bad
+inputs within the time limit, timeouts from inside a worker thread, penalties/format, reflection statistics
+(hand-worked), custom reward functions, pool lifecycle and the CLI. ~15 s, most of it judge start-up."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import reward
+from reward import RewardConfig, extract_boxed, numbers_match, reflection_stats, score_batch, score_response
+
+ROOT = Path(__file__).resolve().parents[1]
+POOL = RewardConfig(num_workers=2, timeout_s=5.0)
+INPROC = RewardConfig(num_workers=0, timeout_s=5.0)
+
+# (response, gold, expected accuracy). The response is a full model output; the answer is in its last box.
+B = "Let me solve it step by step. The final answer is \\boxed{%s}."
+CASES = [
+    # integers, toy-dataset style, gold plain or boxed
+    (B % "11", "11", 1), (B % "11", "\\boxed{11}", 1), (B % "12", "11", 0), (B % "-3", "-3", 1), (B % "3", "-3", 0),
+    (B % "101", "100", 0),  # integers must match exactly, a 1% band would accept this near miss
+    (B % "1,000", "1000", 1), (B % "5.0", "5", 1),
+    # tricky negatives from the issue
+    (B % "12", "1.2", 0), (B % "", "5", 0),
+    ("First \\boxed{3}, wait, recheck: \\boxed{4}", "4", 1),  # two boxes: the last one counts
+    ("First \\boxed{4}, wait, recheck: \\boxed{3}", "4", 0),
+    ("\\fbox{7}", "7", 1), ("no box here, the answer is 7", "7", 0),  # fallback is off by default
+    # fractions vs decimals, nested braces
+    (B % "\\frac{1}{2}", "0.5", 1), (B % "\\dfrac{1}{2}", "\\frac12", 1), (B % "0.5", "\\frac{1}{2}", 1),
+    (B % "\\frac{9}{2}", "4.5", 1),
+    (B % "\\frac{1}{3}", "0.333", 1),  # |1/3 - 0.333| = 0.00033 <= 0.01 * 0.333 = 0.00333
+    (B % "0.3", "\\frac{1}{3}", 0),  # |0.3-1/3| = 0.0333 > 0.01*0.3333 = 0.00333 -> wrong
+    (B % "-\\frac{3}{4}", "-0.75", 1), (B % "\\frac{3}{4}", "-0.75", 0),
+    # numeric tolerance on irrational values (rel 1e-2): |3.46 - 2*sqrt(3)| = 0.0041 <= 0.0346
+    (B % "3.46", "2\\sqrt{3}", 1), (B % "2\\sqrt{3}", "3.46", 1), (B % "3.6", "2\\sqrt{3}", 0),
+    (B % "0.866", "\\frac{\\sqrt{3}}{2}", 1), (B % "8.66", "5\\sqrt{3}", 1), (B % "1.5708", "\\frac{\\pi}{2}", 1),
+    # sqrt forms
+    (B % "2\\sqrt{3}", "\\sqrt{12}", 1), (B % "\\sqrt{18}", "3\\sqrt{2}", 1), (B % "\\sqrt{3}", "\\sqrt{2}", 0),
+    # degrees
+    (B % "30^\\circ", "30", 1), (B % "30^{\\circ}", "30", 1), (B % "30°", "30", 1), (B % "30", "30^\\circ", 1),
+    (B % "60^\\circ", "30", 0), (B % "45 degrees", "45", 1),
+    # percentages (50% may be written 50 or 0.5)
+    (B % "50\\%", "50", 1), (B % "50\\%", "0.5", 1), (B % "0.5", "50\\%", 1), (B % "40\\%", "50", 0),
+    # x = 5, \angle ABC = 30, units, \text{} wrappers
+    (B % "x=5", "5", 1), (B % "x = 5", "x=5", 1), (B % "\\angle ABC = 30^\\circ", "30", 1), (B % "x=4", "5", 0),
+    (B % "x^2+y^2=1", "1", 0),  # an equation is not the value 1
+    (B % "5\\text{ cm}", "5", 1), (B % "\\text{5 cm}", "5", 1), (B % "12 \\text{cm}^2", "12", 1),
+    (B % "\\text{yes}", "yes", 1), (B % "\\mathrm{6}", "6", 1),
+    # multiple choice letters
+    (B % "A", "A", 1), (B % "(A)", "A", 1), (B % "A.", "A", 1), (B % "B", "(B)", 1), (B % "(C) 30", "C", 1),
+    (B % "\\text{B}", "B", 1), (B % "C", "B", 0), (B % "Area", "A", 0),
+    # intervals and sets
+    (B % "[1,2)", "[1,2)", 1), (B % "(1,2)", "[1,2)", 0), (B % "\\{2,1\\}", "\\{1,2\\}", 1),
+    (B % "\\{1,3\\}", "\\{1,2\\}", 0), (B % "(-\\infty, 3]", "x \\le 3", 1),
+    # symbolic
+    (B % "\\frac{3\\pi}{2}", "\\frac{3}{2}\\pi", 1), (B % "\\pi r^2", "\\pi r^{2}", 1), (B % "2x+1", "y=2x+1", 1),
+]
+
+
+@pytest.fixture(scope="module")
+def pool_results():
+    res = score_batch([c[0] for c in CASES], [c[1] for c in CASES], cfg=POOL)
+    yield res
+
+
+def _case_id(i):
+    r, g, e = CASES[i]
+    return f"{i}-{extract_boxed(r)}-vs-{g}"
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 40
+    assert {e for _, _, e in CASES} == {0, 1}
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=_case_id)
+def test_table_pool(pool_results, i):
+    response, gold, expected = CASES[i]
+    got = pool_results[i]
+    assert got["accuracy"] == expected, (response, gold, got)
+    assert got["score"] == expected  # format_weight 0, finished, no CJK: score == accuracy
+
+
+def test_table_in_process_agrees(pool_results):
+    got = [score_response(r, g, cfg=INPROC)["accuracy"] for r, g, _ in CASES]
+    assert got == [p["accuracy"] for p in pool_results]
+
+
+# ---------------------------------------------------------------------------------------------------- extraction
+def test_extract_boxed():
+    assert extract_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert extract_boxed("a \\boxed{1} b \\fbox{2} c") == "2"
+    assert extract_boxed("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"  # escaped braces do not close the box
+    assert extract_boxed("\\boxed{3} then truncated \\boxed{4") == "3"  # unclosed last box: previous one
+    assert extract_boxed("\\boxed{}") == ""
+    assert extract_boxed("\\boxed {5}") == "5"
+    assert extract_boxed("nothing") is None and extract_boxed("\\boxed{") is None
+    deep = "\\boxed{" + "{" * 1000 + "7" + "}" * 1000 + "}"
+    assert extract_boxed(deep) == "{" * 1000 + "7" + "}" * 1000
+
+
+def test_answer_fallback():
+    cfg = RewardConfig(answer_fallback=True)
+    assert reward.extract_answer("So the answer is 42.", fallback=True) == "42"
+    assert reward.extract_answer("Answer: $\\frac{1}{2}$", fallback=True) == "\\frac{1}{2}"
+    assert reward.extract_answer("the answer is 3 \\boxed{4}", fallback=True) == "4"  # a box wins
+    assert score_response("Thus the answer is 7.", "7", cfg=cfg)["accuracy"] == 1.0
+    assert score_response("Thus the answer is 7.", "7")["reason"] == "no_answer"
+
+
+def test_numbers_match_hand_worked():
+    assert numbers_match(3.46, 3.4641016, 1e-2)  # |diff| = 0.0041 <= 0.0346
+    assert not numbers_match(3.46, 3.4641016, 1e-3)  # 0.0041 > 0.00346
+    assert not numbers_match(101.0, 100.0, 1e-2, both_int=True)
+    assert numbers_match(100.5, 100.0, 1e-2)  # 0.5 <= 1.0
+    assert not numbers_match(0.001, 0.0, 1e-2)  # gold 0: exact
+
+
+def test_rel_tol_is_configurable():
+    r = B % "3.46"
+    assert score_response(r, "2\\sqrt{3}", cfg=RewardConfig(rel_tol=1e-2))["accuracy"] == 1.0
+    assert score_response(r, "2\\sqrt{3}", cfg=RewardConfig(rel_tol=1e-3))["accuracy"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- score assembly
+def test_penalty_format_language_hand_worked():
+    cfg = RewardConfig(format_weight=0.5, language_penalty=-0.2, penalty=-0.1)
+    ok = score_response(B % "5", "5", cfg=cfg)
+    assert (ok["score"], ok["accuracy"], ok["format"], ok["reason"], ok["pred"]) == (1.5, 1.0, 1.0, "", "5")
+    zh = score_response("答案是 \\boxed{5}", "5", cfg=cfg)  # 1 + 0.5*1 - 0.2 = 1.3
+    assert zh["score"] == pytest.approx(1.3) and zh["mixed_language"]
+    wrong = score_response(B % "6", "5", cfg=cfg)  # 0 + 0.5*1 = 0.5
+    assert wrong["score"] == 0.5
+    nobox = score_response("it is 5", "5", cfg=cfg)  # 0 + 0.5*0
+    assert (nobox["score"], nobox["format"], nobox["reason"]) == (0.0, 0.0, "no_answer")
+    cut = score_response(B % "5", "5", finished=False, cfg=cfg)  # no stop token: the penalty replaces all
+    assert (cut["score"], cut["accuracy"], cut["reason"]) == (-0.1, 1.0, "truncated")
+    empty = score_response(B % "", "5", cfg=cfg)
+    assert (empty["format"], empty["reason"]) == (0.0, "empty_answer")
+
+
+def test_require_think():
+    cfg = RewardConfig(require_think=True, format_weight=1.0)
+    assert score_response("<think>2+3=5</think> \\boxed{5}", "5", cfg=cfg)["score"] == 2.0
+    assert score_response("\\boxed{5}", "5", cfg=cfg)["format"] == 0.0
+    assert score_response("<think> </think> \\boxed{5}", "5", cfg=cfg)["format"] == 0.0  # empty thought
+    assert score_response("<think>\\boxed{5}</think> so", "5", cfg=cfg)["format"] == 0.0  # box inside think
+
+
+def test_batch_finished_and_lengths():
+    res = score_batch([B % "1", B % "1"], ["1", "1"], [True, False], cfg=POOL)
+    assert [r["score"] for r in res] == [1.0, -0.1]
+    with pytest.raises(ValueError, match="lengths differ"):
+        score_batch(["a"], ["1", "2"], cfg=POOL)
+
+
+# ------------------------------------------------------------------------------------------------- bad inputs
+BAD = [
+    (None, "1", "bad_input: response is NoneType"),
+    (b"\\boxed{1}", "1", "bad_input: response is bytes"),
+    (B % "1", None, "bad_input: answer is NoneType"),
+    ("x" * 100_000 + "\\boxed{1}", "1", ""),
+    ("\\boxed{" + "1" * 100_000 + "}", "1", ""),  # both numbers: judged (wrong) by the fast path
+    ("\\boxed{" + "x+" * 50_000 + "1}", "1", "too_long"),
+    ("\\boxed{" + "{" * 1000 + "1" + "}" * 1000 + "}", "1", ""),
+    ("\\boxed{10^{10^{10^{10}}}}", "5", "too_large: nested power"),
+    ("\\boxed{2^{10000000}}", "5", "too_large: exponent product"), ("\\boxed{(2^{9999})^{9999}}", "5", "too_large: exp"),
+    ("\\boxed{99999!}", "5", "too_large: factorial"),
+    ("\\boxed{\\frac{1}{2}", "1", "no_answer"),  # unclosed box
+    ("\\boxed{\\frac{1}{}}", "1", ""), ("\\boxed{\\sqrt[}{x}}", "1", ""), ("\\boxed{)(}", "1", ""),
+    ("\\boxed{\\unknowncommand{3}}", "3", ""),
+    ("\\boxed{一}", "1", ""), ("\\boxed{١٢}", "12", ""), ("\\boxed{\ud800}", "1", ""), ("\\boxed{5\u200b}", "5", ""),
+]
+
+
+@pytest.mark.parametrize("cfg", [POOL, INPROC], ids=["pool", "in-process"])
+def test_bad_inputs_return_a_score_with_reason_in_time(cfg):
+    cfg = RewardConfig(num_workers=cfg.num_workers, timeout_s=3.0)
+    t0 = time.perf_counter()
+    res = score_batch([b[0] for b in BAD], [b[1] for b in BAD], cfg=cfg)
+    elapsed = time.perf_counter() - t0
+    for (response, gold, reason), r in zip(BAD, res):
+        assert isinstance(r["score"], float) and isinstance(r["reason"], str)
+        assert r["reason"].startswith(reason), (str(response)[:40], r["reason"])
+        assert r["accuracy"] in (0.0, 1.0)
+        assert not r["reason"].startswith("timeout")  # the size guards answer these quickly
+    assert res[3]["accuracy"] == 1.0  # a 100k-char response is still judged
+    assert res[6]["accuracy"] == 1.0  # {{{...1...}}} is 1
+    assert elapsed < 3.0 * len(BAD) / max(cfg.num_workers, 1)
+
+
+def _spin_file(tmp_path):
+    f = tmp_path / "fns.py"
+    f.write_text("def spin(response, answer):\n    while True:\n        pass\n\n"
+                 "def length(response, answer):\n    return len(response) / 10\n\n"
+                 "def broken(response, answer):\n    return 1 / 0\n\n"
+                 "def text(response, answer):\n    return 'yes'\n")
+    return f
+
+
+@pytest.mark.parametrize("workers", [1, 0], ids=["pool", "in-process"])
+def test_timeout_inside_worker_thread(tmp_path, workers):
+    """A judgement that never ends, called from a non-main thread (where signal.alarm cannot work)."""
+    cfg = RewardConfig(num_workers=workers, timeout_s=0.5, fn=f"{_spin_file(tmp_path)}:spin")
+    box = []
+    th = threading.Thread(target=lambda: box.append(score_batch([B % "1", B % "2"], ["1", "2"], [True, False],
+                                                                cfg=cfg)))
+    t0 = time.perf_counter()
+    th.start()
+    th.join(30)
+    assert not th.is_alive()
+    res = box[0]
+    assert [r["reason"][:8] for r in res] == ["timeout:", "timeout:"]
+    assert [r["score"] for r in res] == [0.0, -0.1]  # unfinished keeps the truncation penalty
+    assert time.perf_counter() - t0 < 2 * 0.5 + 2 * 3.0  # per-item limit (+ worker restarts in the pool)
+    ok = score_batch([B % "1"], ["1"], cfg=RewardConfig(num_workers=workers))  # and the judge still works
+    assert ok[0]["accuracy"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------- custom rewards
+def test_custom_fn(tmp_path):
+    f = _spin_file(tmp_path)
+    res = score_batch(["abcd\\boxed{1}", "x"], ["1", "1"], cfg=RewardConfig(num_workers=1, fn=f"{f}:length"))
+    assert [r["accuracy"] for r in res] == [1.3, 0.1]  # len("abcd\boxed{1}") = 13 -> 1.3; len("x") = 1 -> 0.1
+    bad = score_response("x", "1", cfg=RewardConfig(fn=f"{f}:broken"))
+    assert bad["reason"].startswith("fn_error: ZeroDivisionError") and bad["accuracy"] == 0.0
+    assert score_response("x", "1", cfg=RewardConfig(fn=f"{f}:text"))["reason"].startswith("fn_error: returned")
+    with pytest.raises(ValueError, match="no function 'nope'"):
+        score_batch(["x"], ["1"], cfg=RewardConfig(fn=f"{f}:nope"))
+    with pytest.raises(FileNotFoundError):
+        score_batch(["x"], ["1"], cfg=RewardConfig(fn="/no/such/file.py:f"))
+    with pytest.raises(ValueError, match="path/file.py:func"):
+        score_batch(["x"], ["1"], cfg=RewardConfig(fn="justaname"))
+
+
+# ----------------------------------------------------------------------------------------------- pool lifecycle
+def test_pool_reused_restarted_and_closed():
+    score_batch([B % "1"], ["1"], cfg=POOL)
+    procs = [w.proc for w in reward._POOL.workers]
+    score_batch([B % "1"] * 5, ["1"] * 5, cfg=POOL)
+    assert [w.proc for w in reward._POOL.workers] == procs  # reused, not re-spawned
+    procs[0].kill()
+    procs[0].wait()  # a worker that died while idle is replaced without losing an item
+    res = score_batch([B % "1"] * 4, ["1"] * 4, cfg=POOL)
+    assert [r["accuracy"] for r in res] == [1.0] * 4
+    live = [w.proc for w in reward._POOL.workers]
+    reward.close_pool()
+    assert reward._POOL is None
+    assert all(p.poll() is not None for p in live + procs)  # no worker left behind
+
+
+# --------------------------------------------------------------------------------------------------- reflection
+def test_reflection_stats_hand_worked():
+    responses = ["Wait, let me recheck.", "The answer is 3.", "I verify: yes, WAIT.", "Done.", "try again"]
+    correct = [True, True, False, False, False]
+    s = reflection_stats(responses, correct)
+    # N=5; reflective R = {0, 2, 4} -> 3 ("yet" is not in any); correct C = {0, 1} -> 2; RC = {0} -> 1
+    assert s["reflection_ratio"] == 3 / 5
+    assert s["reflection_ratio_in_correct_answers"] == 1 / 2  # RC / C
+    assert s["reflection_ratio_in_incorrect_answers"] == 2 / 3  # (R - RC) / (N - C) = 2 / 3
+    assert s["correct_ratio_in_reflection_texts"] == 1 / 3  # RC / R
+    assert s["correct_ratio_in_no_reflection_texts"] == 1 / 2  # (C - RC) / (N - R) = 1 / 2
+    # total occurrences: "wait" in 0 and 2 ("WAIT"), "recheck" once, "verify" once, "try again" once
+    assert (s["words/wait"], s["words/recheck"], s["words/verify"], s["words/try again"]) == (2, 1, 1, 1)
+    assert s["words/yet"] == 0 and len([k for k in s if k.startswith("words/")]) == 15
+
+
+def test_reflection_stats_zero_denominators_and_custom_words():
+    s = reflection_stats(["plain"], [True])
+    assert s["reflection_ratio"] == 0.0 and s["correct_ratio_in_reflection_texts"] == 0.0  # R = 0
+    assert s["reflection_ratio_in_incorrect_answers"] == 0.0  # N - C = 0
+    s = reflection_stats(["hmm hmm", "ok"], [False, True], words=("hmm",))
+    assert s["words/hmm"] == 2 and s["reflection_ratio"] == 0.5
+    assert reflection_stats([], [])["reflection_ratio"] == 0.0
+    with pytest.raises(ValueError):
+        reflection_stats(["a"], [])
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def test_cli(tmp_path):
+    rows = [{"response": B % "11", "answer": 11, "id": 0}, {"response": "Wait. \\boxed{3}", "answer": "4"},
+            {"response": B % "2", "answer": "2", "finished": False}]
+    inp, out = tmp_path / "r.jsonl", tmp_path / "s.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = subprocess.run([sys.executable, "reward.py", "--responses", str(inp), "--out", str(out),
+                        "--reward.num-workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [s["score"] for s in scored] == [1.0, 0.0, -0.1] and scored[0]["id"] == 0
+    assert "accuracy" in p.stdout and "reflection_ratio" in p.stdout
+    inp.write_text(json.dumps({"response": "x"}) + "\n")
+    p = subprocess.run([sys.executable, "reward.py", "--responses", str(inp)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "missing field 'answer'" in p.stderr
+
+
+def test_import_has_no_side_effects():
+    code = "import reward, threading, sys; assert reward._POOL is None and threading.active_count() == 1"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
