@@ -24,3 +24,18 @@ def toy_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy")
     toy.build(toy.Args(out=str(out), sizes=("tiny",)))
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(toy_world):
+    """get(arch) -> a rollout.VLLMEngine on the tiny `arch` model (fp32), started at most once per session.
+    Tests that change its weights must restore them (tests/test_rollout.py does, in a finally)."""
+    import rollout
+    engines = {}
+
+    def get(arch: str = "qwen2_5_vl"):
+        if arch not in engines:
+            cfg = rollout.RolloutConfig(dtype="float32", max_model_len=1024)
+            engines[arch] = rollout.VLLMEngine(str(toy_world / "models" / f"{arch}-tiny"), cfg)
+        return engines[arch]
+    return get
