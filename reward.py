@@ -230,16 +230,20 @@ def _sympy_number(x) -> float | None:
 
 
 def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[float, str]:
-    """accuracy (1.0/0.0) and reason ('' when judged normally). Order: string equality after `normalize`,
-    choice letters, `x=` stripping, numeric fast path (`numbers_match`), size guards, math-verify
-    (gold first: it is asymmetric), then `numbers_match` on math-verify's numeric parses.
-    Unbounded in time: call through score_response / score_batch."""
-    gold = extract_boxed(gold) or gold if "\\boxed" in gold or "\\fbox" in gold else gold
+    """accuracy (1.0/0.0) and reason ('' when judged normally). Order: length guard, string equality after
+    `normalize`, choice letters, `x=` stripping, plain-number fast path, size guards, math-verify parse;
+    two numbers are decided by `numbers_match`, anything else by math-verify's verify (gold first: it is
+    asymmetric). Unbounded in time: call it through score_response / score_batch."""
+    if "\\boxed" in gold or "\\fbox" in gold:
+        gold = extract_boxed(gold) or gold
     p, g = normalize(pred), normalize(gold)
     if not p:
         return 0.0, "empty_answer"
     if not g:
         return 0.0, "bad_input: answer is empty"
+    for side, text in (("answer", g), ("pred", p)):  # first: int()/sympy on 100k digits is slow or raises
+        if len(text) > cfg.max_answer_chars:
+            return 0.0, f"too_long: {side} has {len(text)} chars > {cfg.max_answer_chars}"
     if p == g:
         return 1.0, ""
     if gm := _CHOICE_GOLD_RE.match(g):  # multiple choice: compare letters only ("(B) 30", "B.", "B")
@@ -256,21 +260,19 @@ def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[flo
         gv = [gn[0], gn[0] / 100] if gn[2] else [gn[0]]
         return float(any(numbers_match(a, b, cfg.rel_tol, pn[1] and gn[1]) for a in pv for b in gv)), ""
     for side, text in (("answer", g), ("pred", p)):
-        if len(text) > cfg.max_answer_chars:
-            return 0.0, f"too_long: {side} has {len(text)} chars > {cfg.max_answer_chars}"
         if why := _too_big(text):
             return 0.0, f"{why} in {side}"
     mv = _math_verify()
     try:  # timeouts off: the signal-based ones are useless off the main thread; we bound time outside
-        G = mv.parse(f"${g}$", parsing_timeout=None, raise_on_error=True)
+        G = mv.parse(f"${g}$", parsing_timeout=None, raise_on_error=True)  # [sympy expr, matched string]
         P = mv.parse(f"${p}$", parsing_timeout=None, raise_on_error=True)
-        if mv.verify(G, P, timeout_seconds=None, raise_on_error=True):
-            return 1.0, ""
-        gv = [v for v in map(_sympy_number, G[:1]) if v is not None]  # G[0]/P[0]: the parsed expression
-        pv = [v for v in map(_sympy_number, P[:1]) if v is not None]
+        gv, pv = (_sympy_number(G[0]) if G else None), (_sympy_number(P[0]) if P else None)
+        if gv is not None and pv is not None:  # two numbers: our tolerance decides, and we skip verify's
+            both_int = bool(G[0].is_Integer and P[0].is_Integer)  # slow simplify (70-800 ms when unequal)
+            return float(numbers_match(pv, gv, cfg.rel_tol, both_int)), ""
+        return float(mv.verify(G, P, timeout_seconds=None, raise_on_error=True)), ""
     except Exception as e:  # third-party parser/sympy failure on odd text: per-item, reported in `reason`
         return 0.0, f"judge_error: {type(e).__name__}: {str(e)[:120]}"
-    return float(any(numbers_match(a, b, cfg.rel_tol) for a in pv for b in gv)), ""
 
 
 _CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")

@@ -165,7 +165,7 @@ BAD = [
     (b"\\boxed{1}", "1", "bad_input: response is bytes"),
     (B % "1", None, "bad_input: answer is NoneType"),
     ("x" * 100_000 + "\\boxed{1}", "1", ""),
-    ("\\boxed{" + "1" * 100_000 + "}", "1", ""),  # both numbers: judged (wrong) by the fast path
+    ("\\boxed{" + "1" * 100_000 + "}", "1", "too_long"), ("\\boxed{\\frac{" + "1" * 5000 + "}{2}}", "1", "too_long"),
     ("\\boxed{" + "x+" * 50_000 + "1}", "1", "too_long"),
     ("\\boxed{" + "{" * 1000 + "1" + "}" * 1000 + "}", "1", ""),
     ("\\boxed{10^{10^{10^{10}}}}", "5", "too_large: nested power"),
@@ -190,7 +190,7 @@ def test_bad_inputs_return_a_score_with_reason_in_time(cfg):
         assert r["accuracy"] in (0.0, 1.0)
         assert not r["reason"].startswith("timeout")  # the size guards answer these quickly
     assert res[3]["accuracy"] == 1.0  # a 100k-char response is still judged
-    assert res[6]["accuracy"] == 1.0  # {{{...1...}}} is 1
+    assert res[7]["accuracy"] == 1.0  # {{{...1...}}} is 1
     assert elapsed < 3.0 * len(BAD) / max(cfg.num_workers, 1)
 
 
@@ -212,12 +212,13 @@ def test_timeout_inside_worker_thread(tmp_path, workers):
                                                                 cfg=cfg)))
     t0 = time.perf_counter()
     th.start()
-    th.join(30)
-    assert not th.is_alive()
+    th.join(60)
+    assert not th.is_alive()  # without a working timeout the spin never ends
     res = box[0]
     assert [r["reason"][:8] for r in res] == ["timeout:", "timeout:"]
     assert [r["score"] for r in res] == [0.0, -0.1]  # unfinished keeps the truncation penalty
-    assert time.perf_counter() - t0 < 2 * 0.5 + 2 * 3.0  # per-item limit (+ worker restarts in the pool)
+    # 2 x 0.5 s limit + (pool) a worker restart per timeout, ~1.5 s idle; generous for a loaded 2-core box
+    assert time.perf_counter() - t0 < 30
     ok = score_batch([B % "1"], ["1"], cfg=RewardConfig(num_workers=workers))  # and the judge still works
     assert ok[0]["accuracy"] == 1.0
 
