@@ -30,6 +30,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
 import subprocess
@@ -324,7 +325,7 @@ def _score_unbounded(response: str, answer: str, finished: bool, cfg: RewardConf
             value = load_fn(cfg.fn)(response, answer)
         except Exception as e:  # user code: report per item (in `reason`) instead of killing the batch
             value, reason = 0.0, f"fn_error: {type(e).__name__}: {str(e)[:120]}"
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
             value, reason = 0.0, f"fn_error: returned {value!r}, expected a finite float"
         acc = float(value)
     elif pred is None:
@@ -361,6 +362,8 @@ def score_response(response: str, answer: str, finished: bool = True, cfg: Rewar
     if t.is_alive():
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(_JudgeTimeout))
         t.join(0.5)
+        if box and isinstance(box[0], dict):  # it finished in the instant between join and the raise
+            return box[0]
         note = "" if not t.is_alive() else " (judge thread stuck in C code, left running)"
         score = cfg.penalty if not finished else 0.0
         return _result(score, 0.0, 0.0, f"timeout: judgement exceeded {cfg.timeout_s} s{note}", None)
@@ -387,8 +390,9 @@ def _worker_main(rfd: int, wfd: int) -> None:
     threading.Thread(target=watchdog, daemon=True).start()
     rx, tx = Connection(rfd, writable=False), Connection(wfd, readable=False)
     mv = _math_verify()
-    mv.verify(mv.parse("$\\frac{1}{2}$", parsing_timeout=None), mv.parse("$0.5$", parsing_timeout=None),
-              timeout_seconds=None)  # warm sympy/antlr so the first real item is not charged for it
+    for g, p in (("\\frac{1}{2}", "0.5"), ("[1,2)", "(1,2]"), ("2\\sqrt{3}", "x=3.46"), ("\\{1,2\\}", "\\pi r^2")):
+        mv.verify(mv.parse(f"${g}$", parsing_timeout=None), mv.parse(f"${p}$", parsing_timeout=None),
+                  timeout_seconds=None)  # first parses cost up to ~1 s (lazy init): pay it before 'ready'
     tx.send("ready")
     while True:
         try:

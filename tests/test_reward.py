@@ -203,7 +203,7 @@ def _spin_file(tmp_path):
     return f
 
 
-@pytest.mark.parametrize("workers", [1, 0], ids=["pool", "in-process"])
+@pytest.mark.parametrize("workers", [2, 0], ids=["pool", "in-process"])  # 2: reuse the pool of the other tests
 def test_timeout_inside_worker_thread(tmp_path, workers):
     """A judgement that never ends, called from a non-main thread (where signal.alarm cannot work)."""
     cfg = RewardConfig(num_workers=workers, timeout_s=0.5, fn=f"{_spin_file(tmp_path)}:spin")
@@ -226,7 +226,7 @@ def test_timeout_inside_worker_thread(tmp_path, workers):
 # --------------------------------------------------------------------------------------------- custom rewards
 def test_custom_fn(tmp_path):
     f = _spin_file(tmp_path)
-    res = score_batch(["abcd\\boxed{1}", "x"], ["1", "1"], cfg=RewardConfig(num_workers=1, fn=f"{f}:length"))
+    res = score_batch(["abcd\\boxed{1}", "x"], ["1", "1"], cfg=RewardConfig(num_workers=2, fn=f"{f}:length"))
     assert [r["accuracy"] for r in res] == [1.3, 0.1]  # len("abcd\boxed{1}") = 13 -> 1.3; len("x") = 1 -> 0.1
     bad = score_response("x", "1", cfg=RewardConfig(fn=f"{f}:broken"))
     assert bad["reason"].startswith("fn_error: ZeroDivisionError") and bad["accuracy"] == 0.0
