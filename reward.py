@@ -51,6 +51,8 @@ class RewardConfig:
     """Weight of the format reward (boxed answer present [+ <think> if required]) in the score; MAYE logs it."""
     penalty: float = -0.1
     """Score of a response without stop token (truncated), replacing the whole score (MAYE: -0.1)."""
+    truncation_penalty: bool = True
+    """Give truncated responses the penalty score (MAYE); off = judge them like finished ones."""
     language_penalty: float = 0.0
     """Added to the score when a response contains CJK characters (language mixing); 0 disables."""
     timeout_s: float = 5.0
@@ -110,8 +112,10 @@ def extract_answer(response: str, fallback: bool = False) -> str | None:
 
 _WRAP_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _DEG_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\circ|\s*degrees?$")
-_UNIT_RE = re.compile(r"(?<=[\d}])\s*(?:square\s+|sq\.?\s*)?(?:units?|cm|mm|km|m|in|inches|inch|ft|feet|foot|yd|"
-                      r"yards?|meters?|centimeters?|millimeters?|kilometers?|miles?)(?:\s*\^\s*\{?[23]\}?|²|³)?$")
+_UNITS = (r"(?:square\s+|sq\.?\s*)?(?:units?|cm|mm|km|m|in|inches|inch|ft|feet|foot|yd|yards?|meters?|"
+          r"centimeters?|millimeters?|kilometers?|miles?)(?:\s*\^\s*\{?[23]\}?|²|³)?")
+_UNIT_RE = re.compile(r"(?<=[\d}])\s*" + _UNITS + "$")  # `12 cm`, `5 units`: a unit word after a number
+_TEXT_UNIT_RE = re.compile(r"\\(?:text|mathrm|mbox)\s*\{\s*" + _UNITS + r"\s*\}(?:\s*\^\s*\{?[23]\}?)?")
 _LHS_RE = re.compile(r"^(?:m?\\angle ?[A-Za-z0-9]{1,4}|[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?|[A-Z]{2,3}|"
                      r"\\overline\{[A-Z]{2}\}|\\[a-zA-Z]+)$")
 _CHOICE_GOLD_RE = re.compile(r"^\(?([A-H])\)?\.?$")
@@ -126,6 +130,7 @@ def normalize(s: str) -> str:
     for tok in ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ "):
         s = s.replace(tok, " " if tok == "\\ " else "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\%", "%").replace("\\$", "")
+    s = _TEXT_UNIT_RE.sub("", s)  # `25\pi \text{ cm}^2`: a \text{} unit goes wherever it stands
     for _ in range(3):  # nested wrappers, e.g. \text{\textbf{A}}
         s = _WRAP_RE.sub(r"\1", s)
     s = _DEG_RE.sub("", s).strip()
@@ -271,7 +276,8 @@ def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[flo
         if gv is not None and pv is not None:  # two numbers: our tolerance decides, and we skip verify's
             both_int = bool(G[0].is_Integer and P[0].is_Integer)  # slow simplify (70-800 ms when unequal)
             return float(numbers_match(pv, gv, cfg.rel_tol, both_int)), ""
-        return float(mv.verify(G, P, timeout_seconds=None, raise_on_error=True)), ""
+        # allow_set_relation_comp: `x \geq 2` vs `[2, \infty)` in either order
+        return float(mv.verify(G, P, timeout_seconds=None, raise_on_error=True, allow_set_relation_comp=True)), ""
     except Exception as e:  # third-party parser/sympy failure on odd text: per-item, reported in `reason`
         return 0.0, f"judge_error: {type(e).__name__}: {str(e)[:120]}"
 
@@ -346,6 +352,7 @@ def score_response(response: str, answer: str, finished: bool = True, cfg: Rewar
     """Score one response in-process within cfg.timeout_s (helper thread, stopped by an async exception).
 
     Returns {score, accuracy, format, reason, pred, mixed_language}. Safe from any thread."""
+    finished = finished or not cfg.truncation_penalty
     box: list = []
 
     def run():
@@ -521,7 +528,7 @@ def score_batch(responses: list[str], answers: list[str], finished: list[bool] |
                 cfg: RewardConfig = RewardConfig()) -> list[dict]:
     """score_response over lists, in parallel on cfg.num_workers persistent judge processes (reused across
     calls; 0 = sequential in-process). Every item is bounded by cfg.timeout_s; order is preserved."""
-    finished = [True] * len(responses) if finished is None else list(finished)
+    finished = [True] * len(responses) if finished is None or not cfg.truncation_penalty else list(finished)
     if not (len(responses) == len(answers) == len(finished)):
         raise ValueError(f"score_batch: lengths differ: responses {len(responses)}, answers {len(answers)}, "
                          f"finished {len(finished)}")
