@@ -574,8 +574,10 @@ def reflection_stats(responses: list[str], correct: list[bool], words=REFLECTION
         raise ValueError(f"reflection_stats: {len(responses)} responses but {len(correct)} correct flags")
     counts = Counter()
     n = r = c = rc = 0
-    for text, ok in zip(responses, correct):
-        low = text.lower() if isinstance(text, str) else ""
+    for k, (text, ok) in enumerate(zip(responses, correct)):
+        if not isinstance(text, str):
+            raise ValueError(f"reflection_stats: responses[{k}] is {type(text).__name__}, expected str")
+        low = text.lower()
         hits = {w: low.count(w) for w in words}
         counts.update(hits)
         refl = any(hits.values())
@@ -609,7 +611,12 @@ def read_jsonl(path: str) -> list[dict]:
         for k, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{k}: invalid JSON ({e})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{k}: expected a JSON object, got {type(row).__name__}")
             for field in ("response", "answer"):
                 if field not in row:
                     raise ValueError(f"{path}:{k}: missing field {field!r}")

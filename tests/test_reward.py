@@ -221,6 +221,8 @@ def test_timeout_inside_worker_thread(tmp_path, workers):
     res = box[0]
     assert [r["reason"][:8] for r in res] == ["timeout:", "timeout:"]
     assert [r["score"] for r in res] == [0.0, -0.1]  # unfinished keeps the truncation penalty
+    assert not any("left running" in r["reason"] for r in res)
+    assert not [t for t in threading.enumerate() if t.name == "reward-judge"]  # the spinning judge was stopped
     # 2 x 0.5 s limit + (pool) a worker restart per timeout, ~1.5 s idle; generous for a loaded 2-core box
     assert time.perf_counter() - t0 < 30
     ok = score_batch([B % "1"], ["1"], cfg=RewardConfig(num_workers=workers))  # and the judge still works
@@ -284,6 +286,8 @@ def test_reflection_stats_zero_denominators_and_custom_words():
     assert reflection_stats([], [])["reflection_ratio"] == 0.0
     with pytest.raises(ValueError):
         reflection_stats(["a"], [])
+    with pytest.raises(ValueError, match=r"responses\[1\] is NoneType"):
+        reflection_stats(["a", None], [True, False])
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
@@ -302,6 +306,10 @@ def test_cli(tmp_path):
     p = subprocess.run([sys.executable, "reward.py", "--responses", str(inp)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode != 0 and "missing field 'answer'" in p.stderr
+    inp.write_text(json.dumps({"response": "x", "answer": "1"}) + "\n{not json\n")
+    p = subprocess.run([sys.executable, "reward.py", "--responses", str(inp)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "r.jsonl:2: invalid JSON" in p.stderr
 
 
 def test_import_has_no_side_effects():
