@@ -150,14 +150,14 @@ def _open_image(src: bytes | str | Path, source: str, field_name: str):
         raise _fail(source, field_name, f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def _str_field(row: dict, key: str, source: str, required: bool = True) -> str | None:
-    """A string field; numbers are accepted for answers (json `12` -> "12"), bools and containers are not."""
+def _str_field(row: dict, key: str, source: str, required: bool = True, number_ok: bool = False) -> str | None:
+    """A string field; with number_ok also a number (answers and ids: json `12` -> "12"), never a bool/container."""
     if key not in row or row[key] is None:
         if required:
             raise _fail(source, key, "missing")
         return None
     v = row[key]
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+    if isinstance(v, bool) or not isinstance(v, (str, int, float) if number_ok else str):
         raise _fail(source, key, f"expected a string, got {type(v).__name__}")
     v = str(v)
     if required and not v.strip():
@@ -192,14 +192,14 @@ def _user_turn(question: str, n_images: int, source: str, field_name: str) -> di
 
 def _parse_maye(row: dict, source: str, base: Path, cfg: DataConfig) -> Sample:
     question = _str_field(row, "question", source)
-    answer = _str_field(row, "answer", source)
+    answer = _str_field(row, "answer", source, number_ok=True)
     image = row.get("image")
     paths = [image] if isinstance(image, str) else image
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise _fail(source, "image", f"expected a path or a non-empty list of paths, got {image!r:.80}")
     images = [_open_image(base / p, source, "image") for p in paths]
     messages = [_user_turn(question + cfg.instruction, len(images), source, "question")]
-    sid = _str_field(row, "id", source, required=False) or source
+    sid = _str_field(row, "id", source, required=False, number_ok=True) or source
     return Sample(sid, messages, images, answer, _str_field(row, "solution", source, required=False), source)
 
 
@@ -248,15 +248,14 @@ def _parse_chat(row: dict, source: str, base: Path, msg_key: str, answer: str | 
         answer = last_boxed(solution) or solution
     if answer is None or not answer.strip():
         raise _fail(source, "answer", "missing")
-    sid = _str_field(row, "id", source, required=False) or source
+    sid = _str_field(row, "id", source, required=False, number_ok=True) or source
     return Sample(sid, messages, images, answer, solution, source)
 
 
 def _parse_verl(row: dict, source: str, base: Path) -> Sample:
     rm = row.get("reward_model")
-    if not isinstance(rm, dict) or "ground_truth" not in rm:
-        raise _fail(source, "reward_model.ground_truth", "missing")
-    answer = _str_field(rm, "ground_truth", source)
+    key = "reward_model.ground_truth"
+    answer = _str_field({key: rm.get("ground_truth") if isinstance(rm, dict) else None}, key, source, number_ok=True)
     extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
     if "id" not in row and extra.get("index") is not None:
         row = {**row, "id": str(extra["index"])}
@@ -314,7 +313,7 @@ def read_dataset(path: str, cfg: DataConfig = DataConfig()) -> tuple[list[Sample
             elif fmt == "verl":
                 samples.append(_parse_verl(row, source, p.parent))
             else:
-                samples.append(_parse_chat(row, source, p.parent, "messages", _str_field(row, "answer", source, False)))
+                samples.append(_parse_chat(row, source, p.parent, "messages", _str_field(row, "answer", source, False, True)))
         except DataError as e:
             if not cfg.skip_invalid:
                 raise
@@ -451,6 +450,16 @@ class VLLMEngine:
                   for i in range(len(samples))]
         return self._run(reqs, params)
 
+    def generate_from(self, samples: list[Sample], prefixes: list[list[int]], temperature: float,
+                      top_p: float = 1.0, max_tokens: int = 2048, seed: int | None = None) -> list[Completion]:
+        """One continuation of prompt_i + prefixes[i] (response token ids) each. Token-id prompts carry one
+        <|image_pad|> per image (vLLM expands it), which is what the tokenizer gives for the templated text."""
+        reqs = [self._request(s, token_ids=self.tokenizer(prompt_text(self.processor, s))["input_ids"] + list(p))
+                for s, p in zip(samples, prefixes)]
+        params = [self._params(1, temperature, top_p, max_tokens, None if seed is None else seed + k)
+                  for k in range(len(samples))]
+        return [g[0] for g in self._run(reqs, params)]
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights (HF or FSDP2 full-state-dict names) into the running engine, then reset the prefix,
         multimodal and encoder caches: stale encoder caches give "Encoder cache miss" then a hang (cpu-stack.md).
@@ -471,20 +480,42 @@ class HFEngine:
         self.blocked = blocked_token_ids(self.tokenizer, _vocab_size(model.config))
         self.stops = stop_token_ids(self.tokenizer)
 
-    @torch.no_grad()
     def generate(self, samples: list[Sample], n: int, temperature: float, top_p: float = 1.0,
                  max_tokens: int = 2048, seed: int | None = None) -> list[list[Completion]]:
+        """[prompt][sample] completions; one left-padded batch of all prompts, n sequences each."""
+        inputs = self.processor(text=[prompt_text(self.processor, s) for s in samples],
+                                images=[s.images for s in samples] if any(s.images for s in samples) else None,
+                                padding=True, padding_side="left", return_tensors="pt", **mm_kwargs(self.data_cfg))
+        flat = self._sample(dict(inputs), n, temperature, top_p, max_tokens, seed)
+        return [flat[i * n:(i + 1) * n] for i in range(len(samples))]
+
+    def generate_from(self, samples: list[Sample], prefixes: list[list[int]], temperature: float,
+                      top_p: float = 1.0, max_tokens: int = 2048, seed: int | None = None) -> list[Completion]:
+        """One continuation of prompt_i + prefixes[i] (response token ids) each; one sequence at a time."""
+        out = []
+        for k, (s, prefix) in enumerate(zip(samples, prefixes)):
+            enc = dict(self.processor(text=[prompt_text(self.processor, s)], images=s.images or None,
+                                      return_tensors="pt", **mm_kwargs(self.data_cfg)))
+            extra = torch.tensor([prefix], dtype=torch.long)                                     # (1, len)
+            enc["input_ids"] = torch.cat([enc["input_ids"], extra], 1)
+            enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+            if "mm_token_type_ids" in enc:   # text tokens: 0 (M-RoPE positions continue after the image)
+                enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+            out += self._sample(enc, 1, temperature, top_p, max_tokens, None if seed is None else seed + k)
+        return out
+
+    @torch.no_grad()
+    def _sample(self, inputs: dict, n: int, temperature: float, top_p: float, max_tokens: int,
+                seed: int | None) -> list[Completion]:
         from transformers import GenerationConfig
         greedy = temperature < 1e-5   # vLLM's convention; greedy log-probs are at temperature 1
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stops[0]
+        # top_k=0 explicitly: a model's generation_config may carry top_k=50, which vLLM would not apply.
         gen_cfg = GenerationConfig(do_sample=not greedy, temperature=None if greedy else temperature,
                                    top_p=None if greedy else top_p, top_k=0, max_new_tokens=max_tokens,
                                    num_return_sequences=n, eos_token_id=self.stops, pad_token_id=pad,
                                    suppress_tokens=self.blocked, output_scores=True, return_dict_in_generate=True)
-        inputs = self.processor(text=[prompt_text(self.processor, s) for s in samples],
-                                images=[s.images for s in samples] if any(s.images for s in samples) else None,
-                                padding=True, padding_side="left", return_tensors="pt", **mm_kwargs(self.data_cfg))
-        inputs = inputs.to(self.model.device)
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         with torch.random.fork_rng(devices=[]):   # seeded without disturbing the caller's RNG stream
             torch.manual_seed(self.cfg.seed if seed is None else seed)
             out = self.model.generate(**inputs, generation_config=gen_cfg)
@@ -492,8 +523,7 @@ class HFEngine:
         scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)                     # (B*n, L, V)
         lps = scores.gather(-1, new.unsqueeze(-1)).squeeze(-1)                              # (B*n, L)
         stops = set(self.stops)
-        flat = [_completion(self.tokenizer, new[r].tolist(), lps[r].tolist(), stops) for r in range(new.shape[0])]
-        return [flat[i * n:(i + 1) * n] for i in range(len(samples))]
+        return [_completion(self.tokenizer, new[r].tolist(), lps[r].tolist(), stops) for r in range(new.shape[0])]
 
 
 def make_engine(model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataConfig()):
@@ -588,3 +618,105 @@ def compute_logprobs(model, batch: dict, temperature: float = 1.0, return_entrop
         return logp
     ent = -(logp_all.exp() * logp_all).sum(-1) * mask                                        # (B, R)
     return logp, torch.cat([ent.new_zeros(ent.shape[0], P), ent], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forced Rethinking (VL-Rethinker, optional)
+# ---------------------------------------------------------------------------------------------------------------
+def forced_rethinking(engine, samples: list[Sample], completions: list[list[Completion]], cfg: RolloutConfig,
+                      is_correct: Callable[[str, Sample], bool], temperature: float = 1.0,
+                      seed: int | None = None) -> tuple[list[list[Completion]], dict]:
+    """VL-Rethinker's Forced Rethinking: a seeded `cfg.rethink_fraction` of the responses that ended with a stop
+    token and have room left get a trigger appended in place of the stop token ("...\\n\\nWait, there might be a
+    mistake" if the first answer is wrong, another trigger at random if right) and are continued. A continuation
+    replaces the original only if the new text is correct and its new tokens number rethink_min..max_new_tokens.
+    The kept sample is one token sequence: first[:-1] + trigger + continuation, trigger tokens marked by
+    `trigger_span` and trained as response tokens; their logprobs are NaN (forced, not sampled).
+    Returns (completions, {"rethink/tried": k, "rethink/kept": m})."""
+    rng = random.Random(f"rethink:{cfg.seed if seed is None else seed}")
+    jobs = []   # (i, j, prefix ids, trigger ids, budget)
+    for i, (s, group) in enumerate(zip(samples, completions)):
+        for j, c in enumerate(group):
+            if c.finish_reason != "stop" or rng.random() >= cfg.rethink_fraction:
+                continue
+            correct = is_correct(c.text, s)
+            trigger = rng.choice(cfg.rethink_triggers[:-1] or cfg.rethink_triggers) if correct else \
+                cfg.rethink_triggers[-1]
+            trig = engine.tokenizer.encode(trigger, add_special_tokens=False)
+            prefix = c.token_ids[:-1]   # without the stop token
+            budget = min(cfg.rethink_max_new_tokens, cfg.max_tokens - len(prefix) - len(trig))
+            if budget >= max(1, cfg.rethink_min_new_tokens):   # room left for a long enough continuation
+                jobs.append((i, j, prefix, trig, budget))
+    out = [list(g) for g in completions]
+    kept = 0
+    for k, (i, j, prefix, trig, budget) in enumerate(jobs):   # one call per job: budgets differ per job
+        cont = engine.generate_from([samples[i]], [prefix + trig], temperature, cfg.top_p, budget,
+                                    None if seed is None else seed + k)[0]
+        first = completions[i][j]
+        ids = prefix + trig + cont.token_ids
+        text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+        if cfg.rethink_min_new_tokens <= len(cont.token_ids) <= cfg.rethink_max_new_tokens and \
+                is_correct(text, samples[i]):
+            lps = first.logprobs[:len(prefix)] + [math.nan] * len(trig) + cont.logprobs
+            out[i][j] = Completion(text, ids, lps, cont.finish_reason, (len(prefix), len(prefix) + len(trig)))
+            kept += 1
+    return out, {"rethink/tried": len(jobs), "rethink/kept": kept}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Args:
+    model: str = "toy/models/qwen2_5_vl-tiny"
+    """HF model directory (weights, tokenizer, processor)."""
+    data_file: str = ""
+    """Dataset to roll out (jsonl or parquet); empty = --data.validation."""
+    out: str = ""
+    """Output jsonl (one line per sample); empty = do not write."""
+    limit: int = 8
+    """Use the first LIMIT problems (0 = all)."""
+    show: int = 4
+    """Rows of the rich table to print."""
+    rollout: RolloutConfig = RolloutConfig(max_tokens=64, max_model_len=2048)
+    """Generation settings."""
+    data: DataConfig = DataConfig()
+    """Dataset settings (only validation/format/skip-invalid/instruction/pixels matter here)."""
+
+
+def main(args: Args) -> list[dict]:
+    import time
+    from rich.console import Console
+    from rich.table import Table
+    samples = load_dataset(args.data_file or args.data.validation, args.data)
+    samples = samples[:args.limit] if args.limit > 0 else samples
+    engine = make_engine(args.model, args.rollout, args.data)
+    r = args.rollout
+    t0 = time.perf_counter()
+    groups = engine.generate(samples, r.n, r.temperature, r.top_p, r.max_tokens, seed=r.seed)
+    seconds = time.perf_counter() - t0
+    rows = [{"id": s.id, "answer": s.answer, "sample_index": j, "response": c.text, "response_token_ids": c.token_ids,
+             "response_logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            for s, g in zip(samples, groups) for j, c in enumerate(g)]
+    table = Table(title=f"{len(samples)} prompts x {r.n} samples ({r.engine}, T={r.temperature})")
+    for col in ("id", "answer", "response", "finish", "tokens", "mean logp"):
+        table.add_column(col, overflow="fold")
+    for row in rows[:args.show]:
+        lp = row["response_logprobs"]
+        table.add_row(row["id"], row["answer"], row["response"][:200], row["finish_reason"],
+                      str(len(row["response_token_ids"])), f"{sum(lp) / max(1, len(lp)):.3f}")
+    console = Console()
+    console.print(table)
+    tokens = sum(len(row["response_token_ids"]) for row in rows)
+    console.print(f"{tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s; "
+                  f"stop {sum(row['finish_reason'] == 'stop' for row in rows)}/{len(rows)}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        console.print(f"wrote {len(rows)} lines to {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

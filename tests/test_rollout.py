@@ -208,3 +208,201 @@ def test_completion_stop_handling():
     assert (c.token_ids, c.logprobs, c.finish_reason) == ([4, 5, 9], [-1.0, -2.0, -3.0], "stop")  # stop kept
     c = R._completion(Tok(), [4, 5], [-1.0, -2.0], stops={9})
     assert (c.token_ids, c.finish_reason) == ([4, 5], "length")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weight updates, pixels, forced rethinking
+# ---------------------------------------------------------------------------------------------------------------
+def stop_prone_copy(model, processor, val):
+    """A perturbed copy of `model` (noise on every weight) whose <|im_end|> row points along the final hidden
+    state, so that responses stop at varied lengths (c=0.6 gave 10/16 stops in a trial on the tiny model)."""
+    import copy
+    new = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    b = R.collate(processor, val[:1], [[5, 6, 7]])
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+        h = new(**{k: b[k] for k in R.MODEL_INPUTS}, output_hidden_states=True).hidden_states[-1][0, -4:].mean(0)
+        new.lm_head.weight[processor.tokenizer.convert_tokens_to_ids("<|im_end|>")] = 0.6 * h / h.norm()
+    return new
+
+
+def test_vllm_update_weights(val, hf, vllm_engine):
+    model, processor = hf("qwen2_5_vl")
+    engine = vllm_engine("qwen2_5_vl")
+    new = stop_prone_copy(model, processor, val)
+    samples = val[:4]
+    before = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
+    try:
+        engine.update_weights(new.state_dict().items())   # in-memory names (model.language_model.*, ...)
+        after = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
+        assert [c.token_ids for c in flat(after)] != [c.token_ids for c in flat(before)]
+        assert max_engine_vs_trainer(new, processor, samples, after, 1.0) <= 1e-4    # the NEW weights are used
+        assert max_engine_vs_trainer(model, processor, samples, after, 1.0) > 1e-2
+        stops = [c for c in flat(after) if c.finish_reason == "stop"]
+        assert stops and all(c.token_ids[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>") and
+                             len(c.token_ids) < 16 for c in stops)     # the stop token is kept in the response
+    finally:   # the engine is shared by the session: restore the original weights, and check they are back
+        engine.update_weights(model.state_dict().items())
+    again = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
+    assert [c.token_ids for c in flat(again)] == [c.token_ids for c in flat(before)]
+
+
+def test_min_max_pixels_honoured_by_both(val, hf, vllm_engine):
+    import copy
+    model, processor = hf("qwen2_5_vl")
+    cfg = R.DataConfig(min_pixels=112 * 112)          # 56x56 images are upscaled to 112x112: 16 image tokens
+    batch = R.collate(processor, val[:2], [[5], [6]], cfg)
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
+    assert (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum().item() == 2 * 16
+    engine = copy.copy(vllm_engine("qwen2_5_vl"))    # same LLM, other data config (sent per request)
+    engine.data_cfg = cfg
+    groups = engine.generate(val[:2], n=1, temperature=1.0, max_tokens=8, seed=0)
+    assert max_engine_vs_trainer(model, processor, val[:2], groups, 1.0, cfg) <= 1e-4
+    assert max_engine_vs_trainer(model, processor, val[:2], groups, 1.0) > 1e-3   # default pixels: other values
+
+
+@pytest.mark.parametrize("engine_kind", ["hf", "vllm"])
+def test_forced_rethinking(engine_kind, val, hf, vllm_engine):
+    model, processor = hf("qwen2_5_vl")
+    engine = R.HFEngine(model, processor, R.RolloutConfig()) if engine_kind == "hf" else vllm_engine("qwen2_5_vl")
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    samples = val[:2]
+    base = engine.generate(samples, n=2, temperature=1.0, max_tokens=6, seed=0)
+    # make three responses finish with the stop token (the random model rarely stops by itself)
+    first = [[R.Completion(c.text, c.token_ids + [eos], c.logprobs + [-1.0], "stop") for c in g] for g in base]
+    first[1][1] = base[1][1]                        # finished by length: never rethought
+    cfg = R.RolloutConfig(rethink_fraction=1.0, rethink_min_new_tokens=1, max_tokens=60, rethink_max_new_tokens=12)
+    wrong = "\n\nWait, there might be a mistake"
+    out, stats = R.forced_rethinking(engine, samples, first, cfg, is_correct=lambda text, s: wrong in text)
+    assert stats == {"rethink/tried": 3, "rethink/kept": 3}
+    assert out[1][1] is first[1][1]
+    trig = processor.tokenizer.encode(wrong, add_special_tokens=False)
+    seqs, ss = [], []
+    for i, j in [(0, 0), (0, 1), (1, 0)]:
+        c, f = out[i][j], first[i][j]
+        a, b = c.trigger_span
+        assert (a, b) == (len(f.token_ids) - 1, len(f.token_ids) - 1 + len(trig))     # stop token replaced
+        assert c.token_ids[:a] == f.token_ids[:-1] and c.token_ids[a:b] == trig and len(c.token_ids) > b
+        assert all(math.isnan(x) for x in c.logprobs[a:b]) and len(c.logprobs) == len(c.token_ids)
+        seqs.append(c)
+        ss.append(samples[i])
+    # the continuation was sampled given prompt + first + trigger: its log-probs equal the trainer's there
+    batch = R.collate(processor, ss, [c.token_ids for c in seqs])
+    with torch.no_grad():
+        lp = R.compute_logprobs(model, batch, 1.0)
+    P = batch["response_start"]
+    for k, c in enumerate(seqs):
+        b = c.trigger_span[1]
+        assert (lp[k, P + b:P + len(c.token_ids)] - torch.tensor(c.logprobs[b:])).abs().max().item() <= 1e-4
+    # kept only when the new answer is correct: nothing kept here, and the trigger for a correct first answer
+    out2, stats2 = R.forced_rethinking(engine, samples, first, cfg, is_correct=lambda text, s: False)
+    assert stats2 == {"rethink/tried": 3, "rethink/kept": 0} and out2 == first
+    none, stats3 = R.forced_rethinking(engine, samples, first, R.RolloutConfig(rethink_fraction=0.0), lambda t, s: 1)
+    assert stats3["rethink/tried"] == 0 and none == first
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad data
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def data_dir(tmp_path, toy_world):
+    import shutil
+    shutil.copy(toy_world / "data" / "images" / "validation_00000.png", tmp_path / "good.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return tmp_path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+GOOD = {"question": "<image>What is 3?", "answer": "3", "solution": "\\boxed{3}", "id": "ok", "image": "good.png"}
+BAD_ROWS = [   # (row, field named in the error, words in the message)
+    ({**GOOD, "image": "missing.png"}, "image", "not found"),
+    ({**GOOD, "image": "corrupt.png"}, "image", "cannot decode"),
+    ({k: v for k, v in GOOD.items() if k != "answer"}, "answer", "missing"),
+    ({**GOOD, "answer": ["3"]}, "answer", "expected a string"),
+    ({**GOOD, "answer": "  "}, "answer", "empty"),
+    ({**GOOD, "question": 3.5}, "question", "expected a string"),
+    ({**GOOD, "image": 7}, "image", "expected a path"),
+    ({**GOOD, "question": "<image><image>What?"}, "question", "2 <image> tag(s) but only 1 image"),
+    ('{"question": "broken', None, "not valid JSON"),
+    ("[1, 2]", None, "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("row,field_name,words", BAD_ROWS)
+def test_bad_row_error(data_dir, row, field_name, words):
+    path = write_jsonl(data_dir / "d.jsonl", [GOOD, row])
+    with pytest.raises(R.DataError) as e:
+        R.load_dataset(path)
+    msg = str(e.value)
+    assert f"d.jsonl:2" in msg and words in msg and (field_name is None or f"field '{field_name}'" in msg)
+
+
+def test_skip_invalid_reports_rows(data_dir, capsys):
+    rows = [GOOD] + [r for r, _, _ in BAD_ROWS] + [{**GOOD, "id": "last", "answer": 12}]
+    path = write_jsonl(data_dir / "d.jsonl", rows)
+    samples, skipped = R.read_dataset(path, R.DataConfig(skip_invalid=True))
+    assert [s.id for s in samples] == ["ok", "last"] and samples[1].answer == "12"
+    assert len(skipped) == len(BAD_ROWS)
+    assert [m.split(": ")[0].rsplit(":", 1)[1] for m in skipped] == [str(i) for i in range(2, 2 + len(BAD_ROWS))]
+    R.load_dataset(path, R.DataConfig(skip_invalid=True))
+    err = capsys.readouterr().err
+    assert f"skipped {len(BAD_ROWS)} invalid row(s)" in err and "d.jsonl:3: field 'image'" in err
+    with pytest.raises(R.DataError, match="no valid rows"):
+        R.load_dataset(write_jsonl(data_dir / "e.jsonl", [BAD_ROWS[0][0]]), R.DataConfig(skip_invalid=True))
+
+
+def test_verl_parquet_and_messages_jsonl(data_dir, hf):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    png = (data_dir / "good.png").read_bytes()
+
+    def row(content, images, truth, index):
+        return {"prompt": [{"role": "user", "content": content}], "images": [{"bytes": b, "path": None} for b in images],
+                "reward_model": {"ground_truth": truth, "style": "rule"}, "extra_info": {"index": index}}
+    rows = [row("<image>What is 3? Put it in \\boxed{}.", [png], "3", 0),
+            row("<image>What is 4?", [], "4", 1),                       # tag without an image
+            row("<image>What is 5?", [png], None, 2),                   # no ground truth
+            row("<image>What is 6?", [b"not an image"], "6", 3),        # corrupt bytes
+            row("What is 7?", [png], "7", 4)]                           # image without a tag
+    pq.write_table(pa.Table.from_pylist(rows), data_dir / "d.parquet")
+    samples, skipped = R.read_dataset(str(data_dir / "d.parquet"), R.DataConfig(skip_invalid=True))
+    assert [(s.id, s.answer) for s in samples] == [("0", "3")]
+    assert samples[0].messages == [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What is 3? Put it in \\boxed{}."}]}]
+    assert [m.split(": field ")[1].split(":")[0] for m in skipped] == \
+        ["'prompt'", "'reward_model.ground_truth'", "'images'", "'images'"]
+    assert "row1" in skipped[0] and "cannot decode" in skipped[2] and "1 image(s) but 0" in skipped[3]
+    _, processor = hf("qwen2_5_vl")
+    assert R.prompt_text(processor, samples[0]).count("<|image_pad|>") == 1
+
+    msgs = {"messages": [{"role": "user", "content": "Look: <image> what is 3?"},
+                         {"role": "assistant", "content": "It is \\boxed{3}."}], "images": ["good.png"]}
+    path = write_jsonl(data_dir / "m.jsonl", [msgs, {**msgs, "answer": "three"}, {**msgs, "messages": "hi"}])
+    samples, skipped = R.read_dataset(path, R.DataConfig(skip_invalid=True))
+    assert [(s.answer, s.solution) for s in samples] == [("3", "It is \\boxed{3}."), ("three", "It is \\boxed{3}.")]
+    assert samples[0].messages == [{"role": "user", "content": [
+        {"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " what is 3?"}]}]
+    assert len(skipped) == 1 and "m.jsonl:3: field 'messages'" in skipped[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+def test_cli_writes_jsonl(toy_world, tmp_path):
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, str(Path(R.__file__)), "--model", str(toy_world / "models" / "qwen2_vl-tiny"),
+           "--data-file", str(toy_world / "data" / "validation.jsonl"), "--limit", "2", "--rollout.engine", "hf",
+           "--rollout.n", "2", "--rollout.max-tokens", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and {"id", "answer", "response", "response_token_ids", "response_logprobs",
+                               "finish_reason"} <= set(rows[0])
+    assert all(len(r["response_token_ids"]) == len(r["response_logprobs"]) <= 8 for r in rows)
+    assert "4 tokens" not in proc.stdout and "tok/s" in proc.stdout
