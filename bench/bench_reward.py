@@ -12,6 +12,7 @@ Final line: RESULT {"name": "reward_judgements_per_s", ...} (medians; speedup_2_
 """
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -30,8 +31,8 @@ REFLECT = ["Wait, let me recheck the computation.", "Let me verify this result."
            "let me think again.", ""]
 
 
-def make_item(rng: random.Random) -> tuple[str, str, bool]:
-    """(response, gold, finished) with one of the visual-math answer forms."""
+def make_item(rng: random.Random) -> tuple[str, str, bool, float]:
+    """(response, gold, finished, expected accuracy by construction) in one of the visual-math answer forms."""
     a, b = rng.randint(2, 99), rng.randint(2, 99)
     kind = rng.choice(["int"] * 4 + ["frac", "sqrt", "deg", "dec", "choice", "interval"])
     if kind == "int":
@@ -46,7 +47,8 @@ def make_item(rng: random.Random) -> tuple[str, str, bool]:
         gold, right, wrong = str(a), rng.choice([f"{a}^\\circ", f"{a}^{{\\circ}}", f"\\angle ABC = {a}^\\circ"]), \
             f"{a + 10}^\\circ"
     elif kind == "dec":
-        gold, right, wrong = f"{a / 7:.1f}", f"{a / 7:.2f}", f"{a / 7 + 3:.1f}"
+        gold = f"{a / 7:.1f}"  # 1.6 vs 1.57 is 1.9% off: wrong under the 1% rule, so "right" keeps 1 decimal
+        right, wrong = rng.choice([gold, gold + "0", f"x \\approx {gold}"]), f"{a / 7 + 3:.1f}"
     elif kind == "choice":
         c = rng.choice("ABCD")
         gold, right, wrong = c, rng.choice([c, f"({c})", f"\\text{{{c}}}"]), "ABCD"[("ABCD".index(c) + 1) % 4]
@@ -56,12 +58,12 @@ def make_item(rng: random.Random) -> tuple[str, str, bool]:
     body += " " + rng.choice(REFLECT)
     u = rng.random()
     if u < 0.5:
-        return f"{body} Therefore the answer is $\\boxed{{{right}}}$.", gold, True
+        return f"{body} Therefore the answer is $\\boxed{{{right}}}$.", gold, True, 1.0
     if u < 0.9:
-        return f"{body} Therefore the answer is $\\boxed{{{wrong}}}$.", gold, True
+        return f"{body} Therefore the answer is $\\boxed{{{wrong}}}$.", gold, True, 0.0
     if u < 0.95:
-        return f"{body} So that is the result.", gold, True
-    return body + body, gold, False  # truncated: no stop token, cut mid-reasoning
+        return f"{body} So that is the result.", gold, True, 0.0
+    return body + body, gold, False, 0.0  # truncated: no stop token, cut mid-reasoning
 
 
 def main():
@@ -70,28 +72,34 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=str, default="0,1,2")
     args = ap.parse_args()
-    result = {"name": "reward_judgements_per_s", "n": args.n, "repeats": args.repeats}
+    # the 2-core box is shared: report the load so a reader can tell a contended run from an idle one
+    result = {"name": "reward_judgements_per_s", "n": args.n, "repeats": args.repeats,
+              "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
     for workers in [int(w) for w in args.workers.split(",")]:
         cfg = reward.RewardConfig(num_workers=workers)
         t0 = time.perf_counter()
         reward.score_batch(["\\boxed{1}"], ["1"], cfg=cfg)  # start (and warm) the pool
         startup = time.perf_counter() - t0
-        rates, accs = [], []
+        rates, accs, cpu, agree = [], [], [], []
         for rep in range(args.repeats):
             rng = random.Random(1000 * workers + rep)
             items = [make_item(rng) for _ in range(args.n)]
-            t0 = time.perf_counter()
-            res = reward.score_batch(*map(list, zip(*items)), cfg=cfg)
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = reward.score_batch(*map(list, zip(*[it[:3] for it in items])), cfg=cfg)
             dt = time.perf_counter() - t0
+            cpu.append((time.process_time() - c0) / args.n * 1e3)  # this process only: the judging for w=0
             rates.append(args.n / dt)
             accs.append(sum(r["accuracy"] for r in res) / args.n)
+            agree.append(sum(r["accuracy"] == it[3] for r, it in zip(res, items)) / args.n)
             timeouts = sum(r["reason"].startswith("timeout") for r in res)
             print(f"workers={workers} rep={rep}: {args.n} in {dt:.2f} s = {args.n / dt:.0f}/s, "
-                  f"accuracy {accs[-1]:.3f}, timeouts {timeouts}")
+                  f"accuracy {accs[-1]:.3f}, agrees with construction {agree[-1]:.3f}, timeouts {timeouts}")
         reward.close_pool()
         result[f"per_s_workers_{workers}"] = round(statistics.median(rates), 1)
         result[f"startup_s_workers_{workers}"] = round(startup, 3)
         result[f"accuracy_workers_{workers}"] = round(statistics.median(accs), 3)
+        result[f"agreement_workers_{workers}"] = round(min(agree), 4)  # worst repeat
+        result[f"caller_cpu_ms_per_item_workers_{workers}"] = round(statistics.median(cpu), 3)
     if "per_s_workers_1" in result and "per_s_workers_2" in result:
         result["speedup_2_vs_1"] = round(result["per_s_workers_2"] / result["per_s_workers_1"], 2)
     print("RESULT " + json.dumps(result))
