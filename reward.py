@@ -4,14 +4,17 @@ Score of one response (MAYE: accuracy + format + language penalty; truncated -> 
     score = accuracy + format_weight * format + language_penalty * [response mixes in CJK script]
     score = penalty                       if the response has no stop token (finished=False)
 accuracy is 1/0 from `judge`: the last \\boxed{...}/\\fbox{...} vs the gold answer, after MAYE-style
-normalisation (degrees, %, units, \\text{}, `x=5`, choice letters), an exact/relative-tolerance numeric fast
-path, then math-verify (symbolic, sets, intervals) plus our numeric tolerance on its parses.
+normalisation (degrees, %, units, \\text{}, `x=5`, choice letters); numbers (plain, or as math-verify parses
+them: 2\\sqrt{3}, \\pi/2) are equal within rel_tol (exact for two integers); everything else (symbolic, sets,
+intervals, equations) goes to math-verify's verify.
 
 Bounded time, always: math-verify's own timeout is signal.alarm, which does nothing off the main thread.
 We disable it and bound every judgement ourselves:
   * num_workers >= 1: a persistent pool of plain subprocesses (fork+exec via subprocess, so nothing of the
-    caller's torch state, threads or __main__ is inherited or re-imported). A judgement past timeout_s gets
-    its worker SIGKILLed and restarted (~1 s of CPU for the re-import: the price of a hang).
+    caller's torch state, threads or __main__ is inherited or re-imported; ~65 MB each). Start-up costs
+    ~1.5 s of CPU per worker (sympy + math-verify import and warm-up), paid once per process; a judgement
+    past timeout_s gets its worker SIGKILLed and restarted (that cost again: the price of a hang).
+    IPC costs the caller ~0.15 ms of CPU per item; judging ~0.1 ms (fast paths) to ~35 ms (latex parse).
   * num_workers = 0 and score_response: a helper thread per call; on timeout we raise an exception inside it
     (PyThreadState_SetAsyncExc). That stops Python-level loops (sympy) but not one long C call, so big-number
     inputs are refused up front (`_too_big`) and the pool is the safe choice for untrusted text.
@@ -647,7 +650,7 @@ def main(args: Args) -> None:
     else:
         print("\n".join(lines))
     n = max(len(res), 1)
-    table = Table(title=f"reward: {len(res)} responses in {dt:.2f} s ({len(res) / max(dt, 1e-9):.0f}/s)")
+    table = Table(title=f"reward: {len(res)} responses in {dt:.2f} s (incl. judge start-up)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     stats = {"accuracy": sum(s["accuracy"] for s in res) / n, "format rate": sum(s["format"] for s in res) / n,
