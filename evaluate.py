@@ -47,8 +47,8 @@ class EvalConfig:
     """Evaluate every k-th checkpoint of a run (the last one always)."""
     limit: int = 0
     """Evaluate only the first `limit` problems of each split (0 = all)."""
-    seed: int = 0
-    """Sampling seed (passed to the engine), so a rerun draws the same responses."""
+    seed: int | None = 0
+    """Sampling seed: prompt i gets seed + i*n, as in one engine call (None = unseeded)."""
     unbiased: bool = False
     """pass@k by Chen et al. (2021)'s unbiased estimator from N>=K samples instead of 'any of the first K'."""
     batch_size: int = 256
@@ -135,7 +135,8 @@ def evaluate_model(engine, samples, cfg: EvalConfig = EvalConfig(), reward_cfg: 
         for b in range(0, len(samples), cfg.batch_size):
             chunk = samples[b:b + cfg.batch_size]
             got = engine.generate(chunk, n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                  max_tokens=cfg.max_tokens, seed=cfg.seed + b * s.n)  # = one big call's seeds
+                                  max_tokens=cfg.max_tokens,
+                                  seed=None if cfg.seed is None else cfg.seed + b * s.n)  # = one call's seeds
             if len(got) != len(chunk) or any(len(g) != s.n for g in got):
                 raise RuntimeError(f"engine.generate returned {[len(g) for g in got]} completions for "
                                    f"{len(chunk)} prompts x n={s.n}")
@@ -203,11 +204,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def split_path(data_cfg: DataConfig, split: str) -> str:
-    path = getattr(data_cfg, split, None)
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"split {split!r}: no file (set --dataset.{split} PATH)")
-    return path
+EVAL_KEYS = ("checkpoint", "step", "epoch", "kind", "split", "setting", "max_tokens", "limit", "accuracy")
+
+
+def read_eval(path: str | Path) -> list[dict]:
+    """eval.jsonl rows, each checked for the fields that resume and the report rely on (error names file:line)."""
+    rows = read_jsonl(path)
+    for i, r in enumerate(rows, 1):
+        if missing := [k for k in EVAL_KEYS if k not in r]:
+            raise ValueError(f"{path}: row {i} lacks {missing}; not an eval.jsonl written by evaluate.py?")
+    return rows
 
 
 def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollout_cfg: RolloutConfig = RolloutConfig(),
@@ -225,7 +231,7 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
     settings = [parse_setting(s) for s in cfg.settings]
     eval_path = run / "eval.jsonl"
     done = {}
-    for r in read_jsonl(eval_path) if eval_path.exists() else []:
+    for r in read_eval(eval_path) if eval_path.exists() else []:
         done[(r["checkpoint"], r["split"], r["setting"])] = r
         if (r["max_tokens"], r["limit"]) != (cfg.max_tokens, cfg.limit):
             raise ValueError(f"{eval_path} has results at max_tokens={r['max_tokens']}, limit={r['limit']}; "
@@ -233,11 +239,13 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
     todo = [(c, sp, s) for c in ckpts for sp in cfg.splits for s in settings if (c["name"], sp, s.name) not in done]
     data = {}
     for sp in dict.fromkeys(sp for _, sp, _ in todo):  # load and check every split before any model is loaded
-        path = split_path(data_cfg, sp)
+        path = getattr(data_cfg, sp, None)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"split {sp!r}: no file (DataConfig has no non-empty field {sp!r}; --dataset.{sp})")
         data[sp] = load_dataset(path, data_cfg)[:cfg.limit or None]
         check_answers(data[sp], f"split {sp!r} ({path})")
     make = engine_fn or (lambda d: make_engine(d, rollout_cfg, data_cfg))
-    task = progress.add_task(f"{run.name}", total=sum(len(data[sp]) for _, sp, _ in todo)) if progress else None
+    task = progress.add_task(Path(run_dir).name, total=sum(len(data[sp]) for _, sp, _ in todo)) if progress else None
     for ck in ckpts:
         mine = [(sp, s) for c, sp, s in todo if c is ck]
         if not mine:
@@ -264,7 +272,7 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
             done[(ck["name"], sp, s.name)] = row
         del engine
         gc.collect()
-    return read_jsonl(eval_path) if eval_path.exists() else []
+    return read_eval(eval_path) if eval_path.exists() else []
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -368,7 +376,9 @@ def _plot_band(ax, per_run, label, colour, style="-"):
         return False
     ax.plot(xs, m, style, color=colour, label=f"{label} (n={len(per_run)})", lw=1.8, marker="o" if len(xs) < 12 else None,
             ms=3)
-    ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], color=colour, alpha=0.18, lw=0)
+    floor = 0.0 if min(v for s in per_run for v in s.values()) >= 0 else -math.inf  # counts/ratios stay >= 0
+    ax.fill_between(xs, [max(a - b, floor) for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], color=colour,
+                    alpha=0.18, lw=0)
     return True
 
 
@@ -589,7 +599,7 @@ def main(args: Args) -> None:
         path = Path(eval_dirs[run]) / "eval.jsonl"
         if not path.exists():
             raise SystemExit(f"{run}: no {path} (run without --report-only first)")
-        runs[run] = read_jsonl(path)
+        runs[run] = read_eval(path)
     arms = dict(zip(args.runs, args.labels)) if args.labels else {run: run_arm(rows) for run, rows in runs.items()}
     metrics = {run: read_metrics(run) for run in args.runs}
     path = write_report(runs, metrics, arms, args.out, args.eval.splits, args.eval.settings)

@@ -317,6 +317,9 @@ def test_evaluate_run_errors(tmp_path):
     assert eng.loaded == []
     with pytest.raises(ValueError, match="split 'nope'"):
         ev.evaluate_run(run, DataConfig(), cfg=ev.EvalConfig(splits=("nope",)), reward_cfg=RCFG, engine_fn=eng)
+    (run / "eval.jsonl").write_text('{"checkpoint": "step_000001", "split": "validation"}\n')
+    with pytest.raises(ValueError, match=r"eval.jsonl: row 1 lacks \['step', 'epoch'"):
+        ev.evaluate_run(run, DataConfig(), reward_cfg=RCFG, engine_fn=eng)
     (run / "checkpoints" / "step_000002").mkdir()
     with pytest.raises(ValueError, match="step_000002: no vlrl_state.json"):
         ev.list_checkpoints(run)
@@ -328,3 +331,30 @@ def test_plain_model_dir_is_vanilla(toy_world):
     ck = ev.list_checkpoints(toy_world / "models" / "qwen2_5_vl-tiny")
     assert ck == [{"name": "model", "path": str(toy_world / "models" / "qwen2_5_vl-tiny"), "step": 0,
                    "epoch": 0.0, "kind": "vanilla"}]
+
+
+def test_hf_engine_on_toy_model(toy_world, tmp_path):
+    """The real chain on the tiny toy model: HF engine -> evaluate_model, and evaluate_run on a run dir whose one
+    checkpoint is that model gives the same numbers (same seeds, same prompts)."""
+    import shutil
+    from rollout import DataConfig, RolloutConfig, load_dataset, make_engine
+    model = toy_world / "models" / "qwen2_5_vl-tiny"
+    data = DataConfig(validation=str(toy_world / "data" / "validation.jsonl"))
+    rcfg = RolloutConfig(engine="hf", max_tokens=8)
+    cfg = ev.EvalConfig(settings=("pass@1_t0.01", "pass@2_t1.0"), splits=("validation",), max_tokens=8, limit=4)
+    samples = load_dataset(data.validation, data)[:4]
+    res = ev.evaluate_model(make_engine(str(model), rcfg, data), samples, cfg, RCFG)
+    for name, n in (("pass@1_t0.01", 1), ("pass@2_t1.0", 2)):
+        r, recs = res[name], res[name]["records"]
+        assert len(recs) == 4 * n and all(0 < x["length"] <= 8 for x in recs)
+        assert [x["id"] for x in recs] == [s.id for s in samples for _ in range(n)]
+        assert r["length_clip_ratio"] == sum(x["finish_reason"] == "length" for x in recs) / (4 * n)
+        assert r["accuracy"] == sum(any(x["correct"] for x in recs[i:i + n]) for i in range(0, 4 * n, n)) / 4
+    ck = tmp_path / "run" / "checkpoints" / "step_000005"
+    shutil.copytree(model, ck)
+    (ck / "vlrl_state.json").write_text(json.dumps({"step": 5, "epoch": 1.0, "kind": "rl"}))
+    rows = ev.evaluate_run(tmp_path / "run", data, rcfg, cfg, RCFG)
+    assert [(r["setting"], r["n_responses"]) for r in rows] == [("pass@1_t0.01", 4), ("pass@2_t1.0", 8)]
+    for row in rows:
+        assert (row["accuracy"], row["mean_length"]) == (res[row["setting"]]["accuracy"],
+                                                         res[row["setting"]]["mean_length"])
