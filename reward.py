@@ -435,15 +435,18 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        self.tx.close()
-        self.rx.close()
+        for c in (self.tx, self.rx):
+            if not c.closed:
+                c.close()
 
 
 class _Pool:
     def __init__(self, n: int):
         self.pid, self.workers, self.start_failures = os.getpid(), [_Worker() for _ in range(n)], 0
+        self.closed = False
 
     def close(self):
+        self.closed = True
         for w in self.workers:
             try:
                 w.tx.send(None)
@@ -458,6 +461,8 @@ class _Pool:
         self.workers = []
 
     def replace(self, k: int) -> _Worker:
+        if self.closed:  # close_pool() ran (at exit) while a daemon thread was mid-batch: do not respawn
+            raise RuntimeError("reward judge pool was closed during a batch")
         self.workers[k].kill()
         self.workers[k] = _Worker()
         return self.workers[k]
@@ -521,10 +526,14 @@ _ATEXIT: list = []  # non-empty once close_pool is registered with atexit
 def close_pool() -> None:
     """Stop the judge workers (registered with atexit when the pool is first created)."""
     global _POOL
-    with _POOL_LOCK:
+    locked = _POOL_LOCK.acquire(timeout=1.0)  # at exit a daemon thread may hold it mid-batch: do not hang
+    try:
         if _POOL is not None and _POOL.pid == os.getpid():  # a forked child must not close its parent's
             _POOL.close()
         _POOL = None
+    finally:
+        if locked:
+            _POOL_LOCK.release()
 
 
 def score_batch(responses: list[str], answers: list[str], finished: list[bool] | None = None,
@@ -554,12 +563,14 @@ def score_batch(responses: list[str], answers: list[str], finished: list[bool] |
             if not _ATEXIT:
                 _ATEXIT.append(atexit.register(close_pool))
             _POOL = _Pool(cfg.num_workers)
+        pool = _POOL
         try:
-            for i, res in _POOL.run(items, cfg).items():
+            for i, res in pool.run(items, cfg).items():
                 out[i] = res
         except BaseException:  # error or Ctrl-C mid-batch: in-flight items would leak into the next call
-            _POOL.close()
-            _POOL = None
+            pool.close()
+            if _POOL is pool:
+                _POOL = None
             raise
     return out
 

@@ -150,6 +150,12 @@ def test_penalty_format_language_hand_worked():
     assert (empty["format"], empty["reason"]) == (0.0, "empty_answer")
 
 
+def test_truncation_penalty_switch():
+    off = RewardConfig(truncation_penalty=False, num_workers=2)
+    assert score_response(B % "5", "5", finished=False, cfg=off)["score"] == 1.0  # judged like a finished one
+    assert [r["score"] for r in score_batch([B % "5", B % "4"], ["5", "5"], [False, False], cfg=off)] == [1.0, 0.0]
+
+
 def test_require_think():
     cfg = RewardConfig(require_think=True, format_weight=1.0)
     assert score_response("<think>2+3=5</think> \\boxed{5}", "5", cfg=cfg)["score"] == 2.0
