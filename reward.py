@@ -71,7 +71,7 @@ class RewardConfig:
     fn: str = ""
     """Custom accuracy 'path/file.py:func', func(response: str, answer: str) -> float; empty = built-in judge."""
     max_answer_chars: int = 1000
-    """Extracted answers longer than this are not judged (accuracy 0, reason 'too_long')."""
+    """Answers longer than this (10x that before normalising) are not judged: accuracy 0, reason too_long."""
     reflection_words: tuple[str, ...] = REFLECTION_WORDS
     """Words whose presence marks a reflective response (lower-case substring test, MAYE's 15 words)."""
 
@@ -80,24 +80,27 @@ class RewardConfig:
 # extraction and normalisation (pure string functions, linear time, no recursion)
 # ------------------------------------------------------------------------------------------------------------
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE_RE = re.compile(r"\\.|[{}]", re.S)  # an escape (\{, \}, \\) is one token, so it never counts
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last *closed* \\boxed{...} or \\fbox{...} (nested braces; \\{ \\} do not count).
 
     An unclosed last box (truncated response) falls back to the previous closed one; None if there is none.
+    One pass with a stack of open braces: O(len(text)) however many boxes or braces there are.
     """
-    for m in reversed(list(_BOX_RE.finditer(text))):
-        depth, i = 1, m.end()
-        while i < len(text):
-            c = text[i]
-            if c == "\\":
-                i += 2  # skip the escaped character (\{, \}, \\)
-                continue
-            depth += (c == "{") - (c == "}")
-            if depth == 0:
-                return text[m.end():i].strip()
-            i += 1
+    starts = [m.end() for m in _BOX_RE.finditer(text)]  # index just after each box's "{"
+    if not starts:
+        return None
+    stack, close = [], {}
+    for tok in _BRACE_RE.finditer(text, starts[0] - 1):
+        if tok.group() == "{":
+            stack.append(tok.end())
+        elif tok.group() == "}" and stack:
+            close[stack.pop()] = tok.start()
+    for start in reversed(starts):
+        if start in close:
+            return text[start:close[start]].strip()
     return None
 
 
@@ -245,12 +248,15 @@ def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[flo
     asymmetric). Unbounded in time: call it through score_response / score_batch."""
     if "\\boxed" in gold or "\\fbox" in gold:
         gold = extract_boxed(gold) or gold
+    for side, text in (("answer", gold), ("pred", pred)):  # 10x before normalising: it is cheap but O(n)
+        if len(text) > 10 * cfg.max_answer_chars:
+            return 0.0, f"too_long: {side} has {len(text)} chars > 10 x {cfg.max_answer_chars}"
     p, g = normalize(pred), normalize(gold)
     if not p:
         return 0.0, "empty_answer"
     if not g:
         return 0.0, "bad_input: answer is empty"
-    for side, text in (("answer", g), ("pred", p)):  # first: int()/sympy on 100k digits is slow or raises
+    for side, text in (("answer", g), ("pred", p)):  # before int()/sympy: on 100k digits they are slow or raise
         if len(text) > cfg.max_answer_chars:
             return 0.0, f"too_long: {side} has {len(text)} chars > {cfg.max_answer_chars}"
     if p == g:
