@@ -1,0 +1,311 @@
+"""sft.py: supervised fine-tuning (SFT), the baseline MAYE's RL is measured against, and the toy world's warm start.
+
+What this stage does (MAYE, arXiv 2504.02587, Table 3's "SFT" arm; MAYE never released its SFT code):
+1. Loads (image, question) -> target pairs with rollout.py's validated loader. The target is the row's `solution`
+   (MAYE's field; the assistant turn of `messages` rows) or, when absent (verl rows), `\\boxed{answer}`. Response
+   token ids = tokenizer(target) + [<|im_end|>], the chat template's end of the assistant turn, so the model learns
+   to stop. Bad targets (empty, special tokens inside, too long) fail like rollout.py's bad rows: the error names
+   file:line and the field; `--data.skip-invalid` skips and reports them.
+2. Trains with the same process layout and model code as train.py (FSDP2 ranks, `load_model`/`shard_model`/
+   `build_optimizer`, M-RoPE-correct `rollout.collate` + `compute_logprobs`). Loss on response tokens only:
+       L = -sum_{i,t} m_it log pi(y_it | image, prompt, y_i<t) / N,   N = response tokens of the GLOBAL batch,
+   summed over micro-batches and ranks, so 1 rank and N ranks take the same step (tests check this to 1e-5).
+3. Per epoch (and every --val-every steps): validation loss (all ranks) and greedy validation accuracy
+   (train.validate: T=0.01, top_p=0.001, MAYE's pass@1 setting), metrics.jsonl, an HF-format checkpoint.
+
+Validation engine (a choice): an FSDP-sharded model cannot generate on one rank, so rank 0 gathers the full state
+dict (a collective, also used for the checkpoint) and pushes it into ONE engine kept for the whole run:
+`--rollout.engine vllm` (default): train.EngineClient, vLLM in its own process (start-up ~20 s on CPU, paid once;
+weights via update_weights); `--rollout.engine hf`: an HF model in rank 0's process, weights via load_state_dict
+(no start-up cost; as fast as vLLM at toy sizes). The other ranks wait at a barrier meanwhile.
+
+Simplifications: padding, not packing (rollout.collate's left-padded prompts + right-padded responses); the LR
+schedule steps once per optimizer step; the last partial batch of each epoch is dropped (rollout.batch_indices, a
+pure function of (seed, step), so --resume continues on exactly the data an uninterrupted run would see).
+MAYE's SFT settings are the defaults (lr 1e-5, warm-up + cosine, batch 16, vision tower frozen); the toy warm start
+needs a much hotter run (see run.sh): random-init weights, vision tower trained.
+
+Run alone:
+    python sft.py --help
+    python sft.py --model.path toy/models/qwen2_5_vl-tiny --out-dir runs/sft_tiny --max-steps 20 --val-limit 16
+    python sft.py --model.path toy/models/qwen2_5_vl-small --out-dir runs/sft --optim.lr 1e-3 --batch-size 32 \\
+        --model.no-freeze-vision --epochs 2 --val-every 20 --val-limit 100 --rollout.engine hf   # toy warm start
+    python sft.py --nproc 7 --model.path /models/Qwen2.5-VL-7B-Instruct --data.train mm_math/train.jsonl ...
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import tyro
+
+from reward import RewardConfig
+from rollout import (DataConfig, DataError, RolloutConfig, Sample, batch_indices, blocked_token_ids, collate,
+                     compute_logprobs, make_engine, read_dataset, stop_token_ids)
+from train import (MetricsLogger, ModelConfig, OptimConfig, build_optimizer, full_state_dict, init_distributed,
+                   latest_checkpoint, launch, load_model, load_trainer_state, print0, save_checkpoint, shard_model,
+                   validate)
+
+END_OF_TURN = "<|im_end|>"
+
+
+@dataclass(frozen=True)
+class Args:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-5)
+    """AdamW + warm-up/cosine; lr 1e-5 is MAYE's SFT setting (other fields as train.py)."""
+    rollout: RolloutConfig = RolloutConfig(max_tokens=64)
+    """Only the engine for greedy validation: --rollout.engine, --rollout.max-tokens, dtype, KV cache."""
+    reward: RewardConfig = RewardConfig()
+    """Judge for validation accuracy."""
+    out_dir: str = "runs/sft"
+    """Run directory: config.json, metrics.jsonl, checkpoints/step_NNNNNN/ (HF format)."""
+    seed: int = 0
+    """Seed of the data order (batch_indices is a pure function of (seed, step))."""
+    nproc: int = 1
+    """Training ranks to spawn (ignored under torchrun)."""
+    threads: int = 0
+    """CPU threads per rank (0 = cores / ranks)."""
+    batch_size: int = 16
+    """Sequences per optimizer step over all ranks (MAYE's SFT: 16); must be divisible by the ranks."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank (gradient accumulation up to the batch)."""
+    epochs: int = 1
+    """Passes over the training set (MAYE: the same as the RL run's)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = epochs x steps per epoch); also the LR schedule's length."""
+    max_response_tokens: int = 2048
+    """Targets longer than this (tokens, incl. <|im_end|>) are invalid rows (never silently truncated)."""
+    val_every: int = 0
+    """Also validate every K steps (0 = only at the end of each epoch and of the run; -1 = never)."""
+    val_limit: int = 0
+    """Validate on the first N validation problems (0 = all)."""
+    save_every: int = 0
+    """Also checkpoint every K steps (checkpoints are always written at each epoch's end and the run's end)."""
+    keep_checkpoints: int = 0
+    """Keep the newest K checkpoints (0 = keep all: evaluate.py evaluates every epoch's)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in out_dir (the number of ranks may differ)."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (out_dir/tb)."""
+    wandb: str = ""
+    """Also log to this wandb project."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets and loss (pure helpers; tests/test_sft.py checks them against independent computations)
+# ----------------------------------------------------------------------------------------------------------------
+def response_ids(tokenizer, sample: Sample, max_tokens: int) -> list[int]:
+    """Token ids the model is trained to produce: tokenizer(target) + [<|im_end|>], target = sample.solution or
+    `\\boxed{answer}` (verl rows carry no solution). The prompt ends in '<|im_start|>assistant\\n' (the generation
+    prompt), so this is exactly what the engines would have to sample. Raises DataError naming source and field."""
+    name, target = ("solution", sample.solution) if sample.solution is not None else \
+        ("answer", f"\\boxed{{{sample.answer}}}")
+    if not target.strip():
+        raise DataError(f"{sample.source}: field '{name}': empty")
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if eot is None or eot == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {END_OF_TURN} token (not a Qwen chat tokenizer?)")
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    # Special tokens inside a target would teach the model to stop early (<|im_end|>) or to emit tokens that the
+    # engines never sample (vision tokens: their log-prob is ~-3e38 under compute_logprobs' mask).
+    special = set(blocked_token_ids(tokenizer, len(tokenizer))) | set(stop_token_ids(tokenizer))
+    bad = sorted({tokenizer.convert_ids_to_tokens(i) for i in ids if i in special})
+    if bad:
+        raise DataError(f"{sample.source}: field '{name}': contains special token(s) {bad}")
+    if len(ids) + 1 > max_tokens:
+        raise DataError(f"{sample.source}: field '{name}': {len(ids) + 1} tokens > --max-response-tokens {max_tokens}")
+    return ids + [eot]
+
+
+def load_sft_data(path: str, data_cfg: DataConfig, tokenizer, max_tokens: int,
+                  verbose: bool = True) -> tuple[list[Sample], list[list[int]], list[str]]:
+    """rollout.read_dataset + response_ids for every row: (samples, responses, skipped-row errors). Bad targets
+    behave like rollout.py's bad rows: raise, or with data_cfg.skip_invalid skip and report on stderr."""
+    samples, skipped = read_dataset(path, data_cfg)
+    kept, responses = [], []
+    for s in samples:
+        try:
+            responses.append(response_ids(tokenizer, s, max_tokens))
+            kept.append(s)
+        except DataError as e:
+            if not data_cfg.skip_invalid:
+                raise
+            skipped.append(str(e))
+    if not kept:
+        raise DataError(f"{path}: no valid rows ({len(skipped)} skipped)")
+    if skipped and verbose:
+        print(f"[sft] {path}: skipped {len(skipped)} invalid row(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
+    return kept, responses, skipped
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def response_nll(model, batch: dict) -> torch.Tensor:
+    """sum_{i,t} -m_it log pi(y_it | x_i, y_i<t): the summed negative log-likelihood of the response tokens only.
+    compute_logprobs returns log-probs at response positions and exact zeros elsewhere (prompt, image and padding
+    tokens), so their labels contribute nothing, not even a gradient. Divide by the global token count N."""
+    logp = compute_logprobs(model, batch)                                                   # (B, T)
+    return -(logp * batch["response_mask"].to(logp.device)).sum()
+
+
+def micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+@torch.no_grad()
+def validation_loss(model, processor, samples: list[Sample], responses: list[list[int]], data_cfg: DataConfig,
+                    micro: int, rank: int, world: int, device) -> float:
+    """Token-mean NLL over all validation responses, sharded over ranks. FSDP2's forward all-gathers are
+    collectives, so every rank runs the same number of forwards: a rank with nothing left in a chunk recomputes
+    the chunk's first row with weight 0."""
+    import torch.distributed as dist
+    total = torch.zeros(2, dtype=torch.float64)                  # (nll sum, tokens)
+    for chunk in micro_batches(list(range(len(samples))), micro * world):
+        mine, weight = chunk[rank::world], 1.0
+        if not mine:
+            mine, weight = chunk[:1], 0.0
+        batch = to_device(collate(processor, [samples[i] for i in mine], [responses[i] for i in mine], data_cfg),
+                          device)
+        total += weight * torch.tensor([response_nll(model, batch).item(), batch["response_mask"].sum().item()],
+                                       dtype=torch.float64)
+    # FSDP2 leaves the root's parameters unsharded after a forward without backward; the optimizer holds the
+    # sharded ones, so reshard (get_optimizer_state_dict fails with `KeyError: 0` otherwise).
+    model.reshard()
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The greedy-validation engine on rank 0 (see the module docstring for the choice)
+# ----------------------------------------------------------------------------------------------------------------
+class ValidationEngine:
+    """One engine for the whole run, created on first use; `.sync(weights)` pushes the current full state dict."""
+
+    def __init__(self, model_dir: str, args: Args):
+        self.model_dir, self.args, self.engine = model_dir, args, None
+
+    def sync(self, weights: dict) -> None:
+        if self.args.rollout.engine == "vllm":
+            if self.engine is None:
+                from train import EngineClient
+                self.engine = EngineClient(self.model_dir, self.args.rollout, self.args.data, self.args.out_dir)
+            self.engine.update_weights(weights)
+        else:
+            if self.engine is None:
+                self.engine = make_engine(self.model_dir, self.args.rollout, self.args.data)
+            self.engine.model.load_state_dict(weights)          # strict: every key must match
+
+    def accuracy(self, samples: list[Sample]) -> dict:
+        return validate(self.engine, samples, self.args.reward, self.args.rollout.max_tokens)
+
+    def close(self) -> None:
+        if self.engine is not None and hasattr(self.engine, "close"):
+            self.engine.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The SFT loop (one process per rank)
+# ----------------------------------------------------------------------------------------------------------------
+def sft_worker(args: Args) -> None:
+    import torch.distributed as dist
+    from rich.progress import Progress
+    from transformers import AutoProcessor
+    rank, world, device = init_distributed(args.threads)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
+    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
+    processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
+    tok = processor.tokenizer
+    train_set, train_resp, _ = load_sft_data(args.data.train, args.data, tok, args.max_response_tokens, rank == 0)
+    val_set, val_resp = [], []
+    if args.val_every >= 0:
+        val_set, val_resp, _ = load_sft_data(args.data.validation, args.data, tok, args.max_response_tokens, rank == 0)
+        if args.val_limit:
+            val_set, val_resp = val_set[:args.val_limit], val_resp[:args.val_limit]
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} > training set size {len(train_set)} ({args.data.train})")
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+
+    model = shard_model(load_model(str(ckpt or args.model.path), args.model, device), args.model, device)
+    optimizer, scheduler = build_optimizer(model, args.optim, total_steps)
+    start = load_trainer_state(ckpt, model, optimizer, scheduler)["step"] if ckpt else 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    logger = MetricsLogger(args.out_dir, asdict(args), start if ckpt else None, args.tensorboard, args.wandb) \
+        if rank == 0 else None
+    engine = ValidationEngine(str(ckpt or args.model.path), args) if rank == 0 else None
+    print0(f"[sft] {world} rank(s) on {device}, {len(train_set)} train / {len(val_set)} val rows, steps "
+           f"{start}->{total_steps} ({steps_per_epoch}/epoch), batch {args.batch_size}, resume={ckpt}")
+    try:
+        with Progress(disable=rank != 0 or not sys.stdout.isatty()) as progress:
+            bar = progress.add_task("sft", total=total_steps, completed=start)
+            for step in range(start, total_steps):
+                t0 = time.time()
+                _, idx = batch_indices(len(train_set), args.batch_size, args.seed, step)
+                n_tokens = sum(len(train_resp[i]) for i in idx)           # global normaliser: all ranks know it
+                mbs = micro_batches(idx[rank::world], args.micro_batch_size)   # same count on every rank
+                nll = torch.zeros(1, dtype=torch.float64)
+                for k, mb in enumerate(mbs):
+                    model.set_requires_gradient_sync(k == len(mbs) - 1)     # reduce-scatter once per step
+                    batch = to_device(collate(processor, [train_set[i] for i in mb], [train_resp[i] for i in mb],
+                                              args.data), device)
+                    loss_sum = response_nll(model, batch)
+                    (loss_sum * (world / n_tokens)).backward()     # FSDP2 averages gradients over ranks: undo it
+                    nll += loss_sum.item()
+                gn = torch.nn.utils.clip_grad_norm_(params, args.optim.grad_clip or float("inf"))
+                gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+                if not math.isfinite(gn):
+                    raise FloatingPointError(f"step {step}: non-finite gradient norm ({gn}); stopping before any "
+                                             f"checkpoint is written with it")
+                lr = scheduler.get_last_lr()[0]                    # the lr this step used
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                dist.all_reduce(nll)
+                done, t1 = step + 1, time.time()
+                metrics = {"step": done, "epoch": done / steps_per_epoch, "train/loss": nll.item() / n_tokens,
+                           "training/lr": lr, "training/grad_norm": gn, "train/tokens": n_tokens,
+                           "time/step": t1 - t0, "perf/tokens_per_s": n_tokens / (t1 - t0)}
+
+                epoch_end, last = done % steps_per_epoch == 0, done == total_steps
+                do_val = bool(val_set) and (epoch_end or last or (args.val_every > 0 and done % args.val_every == 0))
+                do_save = epoch_end or last or (args.save_every > 0 and done % args.save_every == 0)
+                weights = full_state_dict(model) if (do_val or do_save) else None   # collective; {} off rank 0
+                if do_val:
+                    metrics["val/loss"] = validation_loss(model, processor, val_set, val_resp, args.data,
+                                                          args.micro_batch_size, rank, world, device)
+                    if rank == 0:
+                        engine.sync(weights)
+                        metrics.update(engine.accuracy(val_set))
+                    dist.barrier()
+                    metrics["time/val"] = time.time() - t1
+                if do_save:
+                    save_checkpoint(args.out_dir, done, done / steps_per_epoch, "sft", model, optimizer, scheduler,
+                                    processor, weights, args.keep_checkpoints)
+                if rank == 0:
+                    line = (f"step {done:5d}/{total_steps} | epoch {metrics['epoch']:.2f} | loss "
+                            f"{metrics['train/loss']:.4f} | gnorm {gn:.3f} | lr {lr:.2e} | {metrics['time/step']:.2f}s"
+                            + (f" | val loss {metrics['val/loss']:.4f} acc {metrics['val/accuracy']:.3f}"
+                               if do_val else ""))
+                    logger.log(metrics, line)
+                    progress.update(bar, completed=done)
+    finally:
+        if engine is not None:
+            engine.close()
+    dist.destroy_process_group()
+
+
+def main(args: Args) -> None:
+    launch(sft_worker, args, args.nproc)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
