@@ -18,6 +18,9 @@ Simplifications and conventions:
 - Images are decoded once at load time and kept in memory (fine for geometry3k / mm_math sized sets).
 - For `--rollout.top-p < 1` the engines' log-probs are under the top-p truncated distribution (what was sampled);
   the trainer computes the untruncated one. MAYE uses top_p=1 in training, so this only affects evaluation.
+- vLLM runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so update_weights can pass tensors; on CPU it binds
+  its OpenMP threads to the cores, and the trainer's torch ops in the same process share them (cpu-stack.md).
+  On CPU, chunked prefill is off (seeded requests crash with it, see VLLMEngine.__init__).
 
 Run alone:
     python rollout.py --help
@@ -33,7 +36,7 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -245,7 +248,8 @@ def _parse_chat(row: dict, source: str, base: Path, msg_key: str, answer: str | 
     if used != len(images):
         raise _fail(source, "images", f"{len(images)} image(s) but {used} image placeholder(s) in '{msg_key}'")
     if answer is None and solution is not None:
-        answer = last_boxed(solution) or solution
+        from reward import extract_boxed   # the answer of an SFT-style row: its solution's last \boxed{}
+        answer = extract_boxed(solution) or solution
     if answer is None or not answer.strip():
         raise _fail(source, "answer", "missing")
     sid = _str_field(row, "id", source, required=False, number_ok=True) or source
@@ -260,19 +264,6 @@ def _parse_verl(row: dict, source: str, base: Path) -> Sample:
     if "id" not in row and extra.get("index") is not None:
         row = {**row, "id": str(extra["index"])}
     return _parse_chat(row, source, base, "prompt", answer)
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (balanced braces), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
 
 
 def _rows(path: Path) -> Iterable[tuple[str, dict | DataError]]:
@@ -313,7 +304,8 @@ def read_dataset(path: str, cfg: DataConfig = DataConfig()) -> tuple[list[Sample
             elif fmt == "verl":
                 samples.append(_parse_verl(row, source, p.parent))
             else:
-                samples.append(_parse_chat(row, source, p.parent, "messages", _str_field(row, "answer", source, False, True)))
+                answer = _str_field(row, "answer", source, required=False, number_ok=True)
+                samples.append(_parse_chat(row, source, p.parent, "messages", answer))
         except DataError as e:
             if not cfg.skip_invalid:
                 raise
@@ -405,9 +397,15 @@ class VLLMEngine:
         self.cfg, self.data_cfg = cfg, data_cfg
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = self.processor.tokenizer
+        cpu = not torch.cuda.is_available()
+        # CPU: no chunked prefill. vLLM discards the token sampled for a partially prefilled prompt and rewinds its
+        # seeded generator with set_offset, which CPU generators lack ("CPU Generator does not use offset"):
+        # seeded requests crash as soon as a batch needs chunking (16 prompts x 8 samples did).
+        extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 8192)} if cpu else {}
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
-                       enforce_eager=not torch.cuda.is_available(), gpu_memory_utilization=cfg.gpu_memory_utilization,
-                       limit_mm_per_prompt={"image": cfg.max_images, "video": 0}, logprobs_mode="processed_logprobs")
+                       enforce_eager=cpu, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                       limit_mm_per_prompt={"image": cfg.max_images, "video": 0}, logprobs_mode="processed_logprobs",
+                       **extra)
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
         blocked = set(blocked_token_ids(self.tokenizer, vocab))
         self.allowed = [i for i in range(vocab) if i not in blocked]
@@ -694,9 +692,15 @@ def main(args: Args) -> list[dict]:
     r = args.rollout
     t0 = time.perf_counter()
     groups = engine.generate(samples, r.n, r.temperature, r.top_p, r.max_tokens, seed=r.seed)
+    if r.rethink_fraction > 0:   # correctness by reward.py's judge (math-verify), as in training
+        import reward
+        def is_correct(text: str, s: Sample) -> bool:
+            return reward.score_response(text, s.answer)["accuracy"] > 0
+        groups, stats = forced_rethinking(engine, samples, groups, r, is_correct, r.temperature, seed=r.seed)
+        print(f"[rollout] forced rethinking: {stats}")
     seconds = time.perf_counter() - t0
     rows = [{"id": s.id, "answer": s.answer, "sample_index": j, "response": c.text, "response_token_ids": c.token_ids,
-             "response_logprobs": c.logprobs, "finish_reason": c.finish_reason}
+             "response_logprobs": c.logprobs, "finish_reason": c.finish_reason, "trigger_span": c.trigger_span}
             for s, g in zip(samples, groups) for j, c in enumerate(g)]
     table = Table(title=f"{len(samples)} prompts x {r.n} samples ({r.engine}, T={r.temperature})")
     for col in ("id", "answer", "response", "finish", "tokens", "mean logp"):

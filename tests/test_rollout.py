@@ -188,6 +188,13 @@ def test_vllm_logprobs_equal_trainer(arch, val, hf, vllm_engine):
     assert [c.token_ids for c in alone[0]] == [c.token_ids for c in groups[2]]
 
 
+def test_vllm_seeded_batch_that_needs_chunking(val, vllm_engine):
+    """16 prompts x 8 seeded samples: ~14k prompt tokens in one step. With vLLM's default chunked prefill on CPU
+    this crashed ("CPU Generator does not use offset", found by bench/bench_rollout.py); VLLMEngine disables it."""
+    groups = vllm_engine("qwen2_5_vl").generate(val[:16], n=8, temperature=1.0, max_tokens=2, seed=0)
+    assert [len(g) for g in groups] == [8] * 16 and all(len(c.token_ids) == 2 for c in flat(groups))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hf_engine_logprobs_equal_trainer(arch, val, hf):
     model, processor = hf(arch)
@@ -363,8 +370,8 @@ def test_verl_parquet_and_messages_jsonl(data_dir, hf):
     png = (data_dir / "good.png").read_bytes()
 
     def row(content, images, truth, index):
-        return {"prompt": [{"role": "user", "content": content}], "images": [{"bytes": b, "path": None} for b in images],
-                "reward_model": {"ground_truth": truth, "style": "rule"}, "extra_info": {"index": index}}
+        return {"prompt": [{"role": "user", "content": content}],
+                "images": [{"bytes": b, "path": None} for b in images], "reward_model": {"ground_truth": truth, "style": "rule"}, "extra_info": {"index": index}}
     rows = [row("<image>What is 3? Put it in \\boxed{}.", [png], "3", 0),
             row("<image>What is 4?", [], "4", 1),                       # tag without an image
             row("<image>What is 5?", [png], None, 2),                   # no ground truth
