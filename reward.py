@@ -353,6 +353,33 @@ def _score_unbounded(response: str, answer: str, finished: bool, cfg: RewardConf
     return _result(acc + cfg.format_weight * fmt + cfg.language_penalty * mixed, acc, fmt, reason, pred, mixed)
 
 
+# (pred, gold, expected): one case per math-verify path (numbers via sympy, intervals, relations, sets,
+# equations, symbols). Judged once per process outside any time limit, and again after a timeout stop.
+_CANARIES = (("2\\sqrt{3}", "\\sqrt{12}", 1.0), ("3.46", "2\\sqrt{3}", 1.0), ("[1,2)", "(1,2]", 0.0),
+             ("x \\geq 2", "[2,\\infty)", 1.0), ("\\{2,1\\}", "\\{1,2\\}", 1.0), ("y=1+2x", "y=2x+1", 1.0),
+             ("r^2\\pi", "\\pi r^2", 1.0), ("\\sqrt{2}", "\\sqrt{3}", 0.0))
+_WARM_LOCK = threading.Lock()
+_WARM: list = []  # non-empty once warm_up() has run in this process
+
+
+def warm_up(force: bool = False) -> None:
+    """Judge the canaries (once per process unless `force`), raising RuntimeError if one is misjudged.
+
+    Why: the first judgements trigger lazy imports inside sympy/math-verify (~1 s). Inside a time limit they
+    could time out spuriously, and a timeout stop that lands inside an import leaves a half-imported module
+    (seen: "module 'sympy' has no attribute 'assumptions'", then every later sqrt judged 0). Re-run after
+    each stop, the canaries turn such silent corruption into a loud error."""
+    with _WARM_LOCK:
+        if _WARM and not force:
+            return
+        for pred, gold, want in _CANARIES:
+            got, why = judge(pred, gold)
+            if got != want:
+                raise RuntimeError(f"reward judge misjudges canary {pred!r} vs {gold!r}: {got} ({why}); the "
+                                   "in-process judge state is broken, use --reward.num-workers >= 1")
+        _WARM.append(True)
+
+
 class _JudgeTimeout(BaseException):
     """Raised inside a judge thread on timeout; BaseException so sympy's `except Exception` cannot eat it."""
 
@@ -362,6 +389,7 @@ def score_response(response: str, answer: str, finished: bool = True, cfg: Rewar
 
     Returns {score, accuracy, format, reason, pred, mixed_language}. Safe from any thread."""
     finished = finished or not cfg.truncation_penalty
+    warm_up()
     box: list = []
 
     def run():
@@ -381,6 +409,7 @@ def score_response(response: str, answer: str, finished: bool = True, cfg: Rewar
         if box and isinstance(box[0], dict):  # it finished in the instant between join and the raise
             return box[0]
         note = "" if not t.is_alive() else " (judge thread stuck in C code, left running)"
+        warm_up(force=True)  # the stop may have hit shared state: re-check the judge before going on
         score = cfg.penalty if not finished else 0.0
         return _result(score, 0.0, 0.0, f"timeout: judgement exceeded {cfg.timeout_s} s{note}", None)
     if isinstance(box[0], BaseException):
@@ -405,10 +434,7 @@ def _worker_main(rfd: int, wfd: int) -> None:
 
     threading.Thread(target=watchdog, daemon=True).start()
     rx, tx = Connection(rfd, writable=False), Connection(wfd, readable=False)
-    mv = _math_verify()
-    for g, p in (("\\frac{1}{2}", "0.5"), ("[1,2)", "(1,2]"), ("2\\sqrt{3}", "x=3.46"), ("\\{1,2\\}", "\\pi r^2")):
-        mv.verify(mv.parse(f"${g}$", parsing_timeout=None), mv.parse(f"${p}$", parsing_timeout=None),
-                  timeout_seconds=None)  # first parses cost up to ~1 s (lazy init): pay it before 'ready'
+    warm_up()  # first parses cost ~1 s of lazy imports: pay it before 'ready', not inside an item's limit
     tx.send("ready")
     while True:
         try:

@@ -236,8 +236,16 @@ def test_timeout_inside_worker_thread(tmp_path, workers):
     assert not [t for t in threading.enumerate() if t.name == "reward-judge"]  # the spinning judge was stopped
     # 2 x 0.5 s limit + (pool) a worker restart per timeout, ~1.5 s idle; generous for a loaded 2-core box
     assert time.perf_counter() - t0 < 30
-    ok = score_batch([B % "1"], ["1"], cfg=RewardConfig(num_workers=workers))  # and the judge still works
-    assert ok[0]["accuracy"] == 1.0
+    # and the judge still works, sympy path included (a stop inside a lazy import once broke every later sqrt)
+    ok = score_batch([B % "1", B % "3.46"], ["1", "2\\sqrt{3}"], cfg=RewardConfig(num_workers=workers))
+    assert [r["accuracy"] for r in ok] == [1.0, 1.0]
+
+
+def test_canaries_turn_a_broken_judge_into_an_error(monkeypatch):
+    reward.warm_up(force=True)  # the real canaries pass
+    monkeypatch.setattr(reward, "_CANARIES", (("2\\sqrt{3}", "\\sqrt{12}", 0.0),))  # a wrong expectation
+    with pytest.raises(RuntimeError, match="misjudges canary"):
+        reward.warm_up(force=True)
 
 
 # --------------------------------------------------------------------------------------------- custom rewards
