@@ -17,7 +17,9 @@ We disable it and bound every judgement ourselves:
     IPC costs the caller ~0.15 ms of CPU per item; judging ~0.1 ms (fast paths) to ~35 ms (latex parse).
   * num_workers = 0 and score_response: a helper thread per call; on timeout we raise an exception inside it
     (PyThreadState_SetAsyncExc). That stops Python-level loops (sympy) but not one long C call, so big-number
-    inputs are refused up front (`_too_big`) and the pool is the safe choice for untrusted text.
+    inputs are refused up front (`_too_big`). A stop can land anywhere (once: inside a lazy import, which
+    broke every later judgement), so lazy imports are paid up front and canary judgements re-checked after
+    each stop (`warm_up`). The pool is the safe choice for untrusted text.
 Simplifications: one batch at a time per process (a lock serialises concurrent score_batch calls).
 
 Run alone:
