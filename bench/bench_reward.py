@@ -34,6 +34,7 @@ REFLECT = ["Wait, let me recheck the computation.", "Let me verify this result."
 def make_item(rng: random.Random) -> tuple[str, str, bool, float]:
     """(response, gold, finished, expected accuracy by construction) in one of the visual-math answer forms."""
     a, b = rng.randint(2, 99), rng.randint(2, 99)
+    b += b == a  # a/b vs b/a must differ for the "wrong" fraction to be wrong
     kind = rng.choice(["int"] * 4 + ["frac", "sqrt", "deg", "dec", "choice", "interval"])
     if kind == "int":
         gold, right, wrong = str(a), rng.choice([str(a), f"x = {a}", f"{a}.0"]), str(a + rng.randint(1, 9))
