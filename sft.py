@@ -17,7 +17,8 @@ Validation engine (a choice): an FSDP-sharded model cannot generate on one rank,
 dict (a collective, also used for the checkpoint) and pushes it into ONE engine kept for the whole run:
 `--rollout.engine vllm` (default): train.EngineClient, vLLM in its own process (start-up ~20 s on CPU, paid once;
 weights via update_weights); `--rollout.engine hf`: an HF model in rank 0's process, weights via load_state_dict
-(no start-up cost; as fast as vLLM at toy sizes). The other ranks wait at a barrier meanwhile.
+(no start-up cost; enough at toy sizes). The other ranks wait at a barrier meanwhile. On GPUs the vLLM engine
+takes the last visible GPU, as in train.py: run --nproc (GPUs - 1), or use the hf engine with all GPUs.
 
 Simplifications: padding, not packing (rollout.collate's left-padded prompts + right-padded responses); the LR
 schedule steps once per optimizer step; the last partial batch of each epoch is dropped (rollout.batch_indices, a
