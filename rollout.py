@@ -478,6 +478,10 @@ class HFEngine:
         self.blocked = blocked_token_ids(self.tokenizer, _vocab_size(model.config))
         self.stops = stop_token_ids(self.tokenizer)
 
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new weights in (strict: every parameter must be given, by its in-memory name)."""
+        self.model.load_state_dict(dict(named_tensors), strict=True)
+
     def generate(self, samples: list[Sample], n: int, temperature: float, top_p: float = 1.0,
                  max_tokens: int = 2048, seed: int | None = None) -> list[list[Completion]]:
         """[prompt][sample] completions; one left-padded batch of all prompts, n sequences each."""
