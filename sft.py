@@ -88,6 +88,9 @@ class Args:
     """Validate on the first N validation problems (0 = all)."""
     save_every: int = 0
     """Also checkpoint every K steps (checkpoints are always written at each epoch's end and the run's end)."""
+    cache_prompts: bool = False
+    """Keep every sample's processed prompt (pixels + ids) in memory across epochs: saves the image processor's
+    time each step (most of collate's); only for small images (toy: ~75 KB per sample; real images: MBs)."""
     keep_checkpoints: int = 0
     """Keep the newest K checkpoints (0 = keep all: evaluate.py evaluates every epoch's)."""
     resume: bool = False
@@ -155,6 +158,24 @@ def response_nll(model, batch: dict) -> torch.Tensor:
     tokens), so their labels contribute nothing, not even a gradient. Divide by the global token count N."""
     logp = compute_logprobs(model, batch)                                                   # (B, T)
     return -(logp * batch["response_mask"].to(logp.device)).sum()
+
+
+class CachedProcessor:
+    """The processor with its per-prompt outputs memoised (--cache-prompts). rollout.collate calls
+    processor(text=[prompt], images=sample.images) for each distinct sample of a batch; SFT revisits every sample
+    each epoch, and the images are the same PIL objects for the whole run, so (prompt, image ids) is a safe key."""
+
+    def __init__(self, processor):
+        self.processor, self.cache = processor, {}
+
+    def __getattr__(self, name):                    # tokenizer, apply_chat_template, ...: the real processor's
+        return getattr(self.processor, name)
+
+    def __call__(self, text, images=None, **kw):
+        key = (tuple(text), tuple(id(im) for im in images or ()), tuple(sorted(kw.items())))
+        if key not in self.cache:
+            self.cache[key] = self.processor(text=text, images=images, **kw)
+        return self.cache[key]
 
 
 def micro_batches(indices: list[int], size: int) -> list[list[int]]:
@@ -240,6 +261,7 @@ def sft_worker(args: Args) -> None:
     optimizer, scheduler = build_optimizer(model, args.optim, total_steps)
     start = load_trainer_state(ckpt, model, optimizer, scheduler)["step"] if ckpt else 0
     params = [p for p in model.parameters() if p.requires_grad]
+    batch_processor = CachedProcessor(processor) if args.cache_prompts else processor
     logger = MetricsLogger(args.out_dir, asdict(args), start if ckpt else None, args.tensorboard, args.wandb) \
         if rank == 0 else None
     engine = ValidationEngine(str(ckpt or args.model.path), args) if rank == 0 else None
@@ -256,8 +278,8 @@ def sft_worker(args: Args) -> None:
                 nll = torch.zeros(1, dtype=torch.float64)
                 for k, mb in enumerate(mbs):
                     model.set_requires_gradient_sync(k == len(mbs) - 1)     # reduce-scatter once per step
-                    batch = to_device(collate(processor, [train_set[i] for i in mb], [train_resp[i] for i in mb],
-                                              args.data), device)
+                    batch = to_device(collate(batch_processor, [train_set[i] for i in mb],
+                                              [train_resp[i] for i in mb], args.data), device)
                     loss_sum = response_nll(model, batch)
                     (loss_sum * (world / n_tokens)).backward()     # FSDP2 averages gradients over ranks: undo it
                     nll += loss_sum.item()
@@ -281,7 +303,7 @@ def sft_worker(args: Args) -> None:
                 do_save = epoch_end or last or (args.save_every > 0 and done % args.save_every == 0)
                 weights = full_state_dict(model) if (do_val or do_save) else None   # collective; {} off rank 0
                 if do_val:
-                    metrics["val/loss"] = validation_loss(model, processor, val_set, val_resp, args.data,
+                    metrics["val/loss"] = validation_loss(model, batch_processor, val_set, val_resp, args.data,
                                                           args.micro_batch_size, rank, world, device)
                     if rank == 0:
                         engine.sync(weights)

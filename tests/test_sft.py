@@ -203,7 +203,8 @@ def test_two_ranks_equal_one_rank_resume_and_reload(toy_world, tmp_path):
 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b/checkpoints/step_000002")
-    _, two = run_sft(tmp_path / "b", *data, "--micro-batch-size", "1", "--max-steps", "2", "--resume", nproc=2)
+    _, two = run_sft(tmp_path / "b", *data, "--micro-batch-size", "1", "--max-steps", "2", "--resume", "--cache-prompts",
+                     nproc=2)
     assert [m["step"] for m in two] == [1, 2] and two[0] == one[0]           # the pre-resume line is kept as is
     wa, wb = weights(tmp_path / "a/checkpoints/step_000002"), weights(tmp_path / "b/checkpoints/step_000002")
     assert wa.keys() == wb.keys()
