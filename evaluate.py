@@ -27,7 +27,7 @@ import math
 import re
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -38,7 +38,7 @@ from rollout import DataConfig, RolloutConfig, load_dataset, make_engine
 @dataclass(frozen=True)
 class EvalConfig:
     settings: tuple[str, ...] = ("pass@1_t0.01", "pass@1_t0.6", "pass@8_t1.0")
-    """Decodings 'pass@K_tT[_pP][_nN]': pass@K at temperature T, top_p P (default 0.001 if T<=0.01 else 1), N samples (default K)."""
+    """Decodings 'pass@K_tT[_pP][_nN]': pass@K at temperature T, top_p P (0.001 if T<=0.01 else 1), N samples (K)."""
     max_tokens: int = 2048
     """Max new tokens per response (MAYE 2048; the toy task needs 64)."""
     splits: tuple[str, ...] = ("validation", "test")
@@ -230,9 +230,9 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
     ckpts = [c for i, c in enumerate(ckpts) if i % max(cfg.every_k, 1) == 0 or i == len(ckpts) - 1]
     settings = [parse_setting(s) for s in cfg.settings]
     eval_path = run / "eval.jsonl"
-    done = {}
+    done = set()
     for r in read_eval(eval_path) if eval_path.exists() else []:
-        done[(r["checkpoint"], r["split"], r["setting"])] = r
+        done.add((r["checkpoint"], r["split"], r["setting"]))
         if (r["max_tokens"], r["limit"]) != (cfg.max_tokens, cfg.limit):
             raise ValueError(f"{eval_path} has results at max_tokens={r['max_tokens']}, limit={r['limit']}; "
                              f"this call asks for {cfg.max_tokens}, {cfg.limit}: move that file away first")
@@ -269,7 +269,6 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
                 (rdir / f"{sp}_{s.name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             with open(eval_path, "a", encoding="utf-8") as f:  # one write per line, flushed: resumable
                 f.write(json.dumps(row) + "\n")
-            done[(ck["name"], sp, s.name)] = row
         del engine
         gc.collect()
     return read_eval(eval_path) if eval_path.exists() else []
@@ -374,8 +373,8 @@ def _plot_band(ax, per_run, label, colour, style="-"):
     xs, m, sd = band(per_run)
     if not xs:
         return False
-    ax.plot(xs, m, style, color=colour, label=f"{label} (n={len(per_run)})", lw=1.8, marker="o" if len(xs) < 12 else None,
-            ms=3)
+    ax.plot(xs, m, style, color=colour, label=f"{label} (n={len(per_run)})", lw=1.8,
+            marker="o" if len(xs) < 12 else None, ms=3)
     floor = 0.0 if min(v for s in per_run for v in s.values()) >= 0 else -math.inf  # counts/ratios stay >= 0
     ax.fill_between(xs, [max(a - b, floor) for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], color=colour,
                     alpha=0.18, lw=0)
@@ -399,7 +398,10 @@ def training_figure(metrics: dict[str, list[dict]], arms: dict[str, str], path: 
                 if k.startswith("reflection/words/") and isinstance(v, (int, float)):
                     totals[k] += v
     words = [k for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0][:2]
-    panels = [("Training accuracy per epoch", "epoch", "accuracy", [("train/epoch_accuracy", "-", "")]),
+    has_epoch_acc = any("train/epoch_accuracy" in r for rows in metrics.values() for r in rows)
+    panels = [("Training accuracy per epoch", "epoch", "accuracy", [("train/epoch_accuracy", "-", "")])
+              if has_epoch_acc else  # no epoch finished yet: the per-step rollout accuracy instead
+              ("Training accuracy per step (no epoch finished)", "step", "accuracy", [("rews/acc_rewards", "-", "")]),
               ("Response length", "step", "mean tokens per response", [("response/lengths", "-", "")]),
               ("Reflection ratio", "step", "fraction of responses", [("reflection/reflection_ratio", "-", "")]),
               ("Reflection ratio: correct vs incorrect answers", "step", "fraction of responses",
@@ -412,7 +414,8 @@ def training_figure(metrics: dict[str, list[dict]], arms: dict[str, str], path: 
         if i >= len(panels):
             ax.axis("off")
             if i == len(panels):
-                ax.text(0.5, 0.5, "no reflection words\nin the training logs", ha="center", va="center",
+                ax.text(0.5, 0.5, f"{'no' if not words else 'no second'} reflection word\nin the training logs",
+                        ha="center", va="center",
                         fontsize=12, color="0.4", transform=ax.transAxes)
             continue
         title, x, ylabel, keys = panels[i]
@@ -449,8 +452,8 @@ def accuracy_figure(runs: dict[str, list[dict]], arms: dict[str, str], splits, s
         for j, sp in enumerate(splits):
             ax, drawn = axes[i][j], False
             for k, arm in enumerate(arm_order(set(arms.values()))):
-                per_run = [{r["epoch"]: r["accuracy"] for r in runs[run] if r["split"] == sp and r["setting"] == setting}
-                           for run in runs if arms[run] == arm]
+                per_run = [{r["epoch"]: r["accuracy"] for r in runs[run]
+                            if r["split"] == sp and r["setting"] == setting} for run in runs if arms[run] == arm]
                 per_run = [p for p in per_run if p]
                 if not per_run:
                     continue
@@ -479,13 +482,17 @@ def accuracy_figure(runs: dict[str, list[dict]], arms: dict[str, str], splits, s
 
 def consistency_rows(runs: dict[str, list[dict]], metrics: dict[str, list[dict]],
                      setting: str = "pass@1_t0.01") -> list[tuple]:
-    """(run, step, training-log val/accuracy, eval.jsonl validation accuracy) at steps present in both."""
+    """(run, step, logged val/accuracy, eval accuracy, logged val/mean_length, eval mean_length) at every step
+    with both a training-log validation line and a validation eval.jsonl row (NaN when a length was not logged)."""
     out = []
     for run, rows in runs.items():
-        logged = series(metrics.get(run, []), "val/accuracy", "step", f"{run}/metrics.jsonl")
+        where = f"{run}/metrics.jsonl"
+        acc = series(metrics.get(run, []), "val/accuracy", "step", where)
+        length = series(metrics.get(run, []), "val/mean_length", "step", where)
         for r in rows:
-            if r["split"] == "validation" and r["setting"] == setting and float(r["step"]) in logged:
-                out.append((run, r["step"], logged[float(r["step"])], r["accuracy"]))
+            if r["split"] == "validation" and r["setting"] == setting and float(r["step"]) in acc:
+                out.append((run, r["step"], acc[float(r["step"])], r["accuracy"],
+                            length.get(float(r["step"]), math.nan), r.get("mean_length", math.nan)))
     return out
 
 
@@ -510,12 +517,14 @@ def write_report(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], ar
               "## Accuracy per epoch (MAYE Figure 5)", "", "![accuracy per epoch](accuracy_per_epoch.png)", ""]
     check = consistency_rows(runs, metrics)
     if check:
-        worst = max(abs(a - b) for *_, a, b in check)
+        worst = max(abs(c[2] - c[3]) for c in check)
         lines += ["## Check: evaluation vs the training log", "",
-                  f"validation pass@1_t0.01 here vs `val/accuracy` logged during training at the same step "
-                  f"(largest difference {100 * worst:.1f} points):", "",
-                  "| run | step | training log | evaluate.py |", "|---|---:|---:|---:|"]
-        lines += [f"| `{run}` | {step} | {100 * a:.1f} | {100 * b:.1f} |" for run, step, a, b in check]
+                  f"validation pass@1_t0.01 here vs `val/accuracy` and `val/mean_length` logged during training at "
+                  f"the same step (largest accuracy difference {100 * worst:.1f} points):", "",
+                  "| run | step | accuracy % (log) | accuracy % (eval) | mean length (log) | mean length (eval) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| `{run}` | {step} | {100 * a:.1f} | {100 * b:.1f} | {la:.2f} | {lb:.2f} |"
+                  for run, step, a, b, la, lb in check]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -547,7 +556,8 @@ class Args:
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn())
 
@@ -586,8 +596,9 @@ def main(args: Args) -> None:
         raise SystemExit("--runs needs --out REPORT_DIR")
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit(f"--labels has {len(args.labels)} entries for {len(args.runs)} --runs")
-    eval_dirs = {run: (run if (Path(run) / "checkpoints").is_dir()
-                       else str(Path(args.out) / "models" / re.sub(r"[^\w.-]+", "_", str(Path(run).resolve()).strip("/"))))
+    # a plain model dir (vanilla) is not written into: its eval.jsonl goes to OUT/models/<its path, flattened>
+    eval_dirs = {run: run if (Path(run) / "checkpoints").is_dir() else
+                 str(Path(args.out) / "models" / re.sub(r"[^\w.-]+", "_", str(Path(run).resolve()).strip("/")))
                  for run in args.runs}
     if not args.report_only:
         with _progress() as progress:

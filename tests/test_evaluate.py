@@ -217,8 +217,8 @@ def test_report_and_figures(tmp_path):
     text = path.read_text()
     assert "RL mean (2 runs)" in text and "(table.md)" not in text and (out / "table.md").exists()
     # consistency check: rl0 step 3 log 0.3 vs eval 0.3, rl1 step 6 log 0.61 vs eval 0.61 -> difference 0.0
-    assert "largest difference 0.0 points" in text
-    assert f"| `{runs_dirs[1]}` | 6 | 61.0 | 61.0 |" in text
+    assert "largest accuracy difference 0.0 points" in text
+    assert f"| `{runs_dirs[1]}` | 6 | 61.0 | 61.0 | nan | 22.00 |" in text  # no val/mean_length logged
 
 
 def test_band_and_series_errors(tmp_path):
