@@ -13,9 +13,9 @@ Simplifications: one engine per checkpoint (built, used for all splits and setti
 sampled setting are fixed (EvalConfig.seed), so a rerun reproduces; std is the sample std (ddof=1), 0 for one run.
 
 Run alone:
-    python evaluate.py --model toy/models/qwen2_5_vl-tiny --data toy/data/validation.jsonl --eval.max-tokens 64
+    python evaluate.py --model toy/models/qwen2_5_vl-tiny --data-file toy/data/validation.jsonl --eval.max-tokens 64
     python evaluate.py --runs runs/rl_s0 runs/rl_s1 runs/sft_s0 toy/models/qwen2_5_vl-small --out report \\
-        --eval.max-tokens 64 --dataset.validation toy/data/validation.jsonl --dataset.test toy/data/test.jsonl
+        --eval.max-tokens 64 --data.validation toy/data/validation.jsonl --data.test toy/data/test.jsonl
     python evaluate.py --runs ... --out report --report-only      # redraw from existing eval.jsonl files
     python evaluate.py --help
 """
@@ -42,7 +42,7 @@ class EvalConfig:
     max_tokens: int = 2048
     """Max new tokens per response (MAYE 2048; the toy task needs 64)."""
     splits: tuple[str, ...] = ("validation", "test")
-    """Splits to evaluate in --runs mode: names of DataConfig path fields (--dataset.<split>)."""
+    """Splits to evaluate in --runs mode: names of DataConfig path fields (--data.<split>)."""
     every_k: int = 1
     """Evaluate every k-th checkpoint of a run (the last one always)."""
     limit: int = 0
@@ -241,7 +241,7 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
     for sp in dict.fromkeys(sp for _, sp, _ in todo):  # load and check every split before any model is loaded
         path = getattr(data_cfg, sp, None)
         if not isinstance(path, str) or not path:
-            raise ValueError(f"split {sp!r}: no file (DataConfig has no non-empty field {sp!r}; --dataset.{sp})")
+            raise ValueError(f"split {sp!r}: no file (DataConfig has no non-empty field {sp!r}; --data.{sp})")
         data[sp] = load_dataset(path, data_cfg)[:cfg.limit or None]
         check_answers(data[sp], f"split {sp!r} ({path})")
     make = engine_fn or (lambda d: make_engine(d, rollout_cfg, data_cfg))
@@ -536,9 +536,9 @@ def write_report(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], ar
 @dataclass(frozen=True)
 class Args:
     model: str = ""
-    """One model dir (HF format) to evaluate on --data; prints a table."""
-    data: str = ""
-    """jsonl split for --model (MAYE format: question, answer, image)."""
+    """One model dir (HF format) to evaluate on --data-file; prints a table."""
+    data_file: str = ""
+    """Split file for --model (MAYE jsonl, verl parquet or messages jsonl), as rollout.py's --data-file."""
     runs: tuple[str, ...] = ()
     """Run dirs (RUN/checkpoints/*) and/or plain model dirs (vanilla) to evaluate and compare."""
     labels: tuple[str, ...] = ()
@@ -549,8 +549,8 @@ class Args:
     report_only: bool = False
     """--runs: do not evaluate; draw the report from the eval.jsonl files already written."""
     eval: EvalConfig = EvalConfig()
-    dataset: DataConfig = DataConfig()
-    """Split files and prompt settings (train.py's --data.*; --data is this script's single file)."""
+    data: DataConfig = DataConfig()
+    """Split files and prompt settings (the same --data.* flags as train.py and sft.py)."""
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
 
@@ -567,18 +567,18 @@ def main(args: Args) -> None:
     from rich.table import Table
     console = Console()
     if bool(args.model) == bool(args.runs):
-        raise SystemExit("give either --model DIR --data FILE, or --runs DIR [DIR ...] --out REPORT_DIR")
+        raise SystemExit("give either --model DIR --data-file FILE, or --runs DIR [DIR ...] --out REPORT_DIR")
     if args.model:
-        if not args.data:
-            raise SystemExit("--model needs --data FILE (a jsonl split with answers)")
-        samples = load_dataset(args.data, args.dataset)[:args.eval.limit or None]
-        check_answers(samples, args.data)
+        if not args.data_file:
+            raise SystemExit("--model needs --data-file FILE (a split with answers)")
+        samples = load_dataset(args.data_file, args.data)[:args.eval.limit or None]
+        check_answers(samples, args.data_file)
         settings = [parse_setting(s) for s in args.eval.settings]
-        engine = make_engine(args.model, args.rollout, args.dataset)
+        engine = make_engine(args.model, args.rollout, args.data)
         with _progress() as progress:
             task = progress.add_task(Path(args.model).name, total=len(samples) * len(settings))
             res = evaluate_model(engine, samples, args.eval, args.reward, on_batch=lambda m: progress.advance(task, m))
-        table = Table(title=f"{args.model} on {args.data} ({len(samples)} problems, max {args.eval.max_tokens} tokens)")
+        table = Table(title=f"{args.model} on {args.data_file} ({len(samples)} problems, max {args.eval.max_tokens} tokens)")
         for col in ("setting", "accuracy", "mean length", "clipped", "reflection ratio"):
             table.add_column(col, justify="left" if col == "setting" else "right")
         for name, r in res.items():
@@ -603,7 +603,7 @@ def main(args: Args) -> None:
     if not args.report_only:
         with _progress() as progress:
             for run in args.runs:
-                evaluate_run(run, args.dataset, args.rollout, args.eval, args.reward, progress=progress,
+                evaluate_run(run, args.data, args.rollout, args.eval, args.reward, progress=progress,
                              eval_dir=eval_dirs[run])
     runs = {}
     for run in args.runs:

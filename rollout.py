@@ -390,7 +390,7 @@ class VLLMEngine:
     def __init__(self, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataConfig()):
         # Must be set before vLLM reads them. In-process engine: update_weights passes tensors directly.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.cpu_kvcache_gib))))  # vLLM wants an int
         from transformers import AutoProcessor
         from vllm import LLM
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")

@@ -79,7 +79,7 @@ toy_chain() {
       --optim.lr 3e-5 --advantage.estimator grpo --advantage.kl-coef 0 --val-every 20 --val-limit "$VAL"
   # step 4: evaluate untrained vs SFT vs RL on validation (in distribution) and test (out of distribution)
   "$PY" evaluate.py --runs "$MODEL" "$RUNS/sft" "$RUNS/rl" --out "$RUNS/report" --eval.max-tokens 32 \
-      --eval.limit "$EVAL_LIMIT" --dataset.validation "$TOY/data/validation.jsonl" --dataset.test "$TOY/data/test.jsonl"
+      --eval.limit "$EVAL_LIMIT" --data.validation "$TOY/data/validation.jsonl" --data.test "$TOY/data/test.jsonl"
   echo "report: $RUNS/report/report.md"
 }
 

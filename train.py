@@ -45,6 +45,7 @@ import tyro
 
 from advantage import (AdvantageConfig, compute_advantages, dynamic_sampling_mask, kl_penalty, loss_normalizer,
                        policy_loss, ssr_sample)
+from evaluate import EvalConfig, evaluate_model
 from reward import RewardConfig, reflection_stats, score_batch
 from rollout import DataConfig, RolloutConfig, batch_indices, collate, compute_logprobs, load_dataset
 
@@ -411,13 +412,10 @@ class EngineClient:
 # The RL loop
 # ----------------------------------------------------------------------------------------------------------------
 def validate(engine, samples, reward_cfg: RewardConfig, max_tokens: int) -> dict:
-    """Greedy (T=0.01, top_p=0.001, MAYE's pass@1 setting) accuracy and mean length on `samples`."""
-    outs = engine.generate(samples, n=1, temperature=0.01, top_p=0.001, max_tokens=max_tokens, seed=0)
-    comps = [o[0] for o in outs]
-    scored = score_batch([c.text for c in comps], [s.answer for s in samples],
-                         [c.finish_reason == "stop" for c in comps], reward_cfg)
-    return {"val/accuracy": sum(r["accuracy"] for r in scored) / len(scored),
-            "val/mean_length": sum(len(c.token_ids) for c in comps) / len(comps)}
+    """Greedy pass@1 (MAYE's T=0.01, top_p=0.001 setting) accuracy and mean length, by evaluate.py's definition."""
+    cfg = EvalConfig(settings=("pass@1_t0.01",), max_tokens=max_tokens)
+    result = evaluate_model(engine, samples, cfg, reward_cfg)["pass@1_t0.01"]
+    return {"val/accuracy": result["accuracy"], "val/mean_length": result["mean_length"]}
 
 
 def response_logprobs(model, batch: dict, temperature: float, return_entropy: bool = False):
