@@ -59,9 +59,12 @@ TRAIN_COLOURS = {"red": (200, 30, 30), "green": (30, 150, 40), "blue": (30, 60, 
 TEST_COLOURS = {"teal": (0, 128, 128), "brown": (120, 70, 20), "magenta": (210, 0, 150), "navy": (0, 0, 110)}
 IMAGE_SIZE = 56  # 56x56 -> a 4x4 patch grid of 14 px -> 4 image tokens after the 2x2 merge
 
-# Seven segments a..g as (x0, y0, x1, y1) boxes in a 56x56 image, and which are lit for each digit.
-_SEGMENTS = {"a": (18, 8, 38, 12), "b": (36, 10, 40, 28), "c": (36, 28, 40, 46), "d": (18, 44, 38, 48),
-             "e": (16, 28, 20, 46), "f": (16, 10, 20, 28), "g": (18, 26, 38, 30)}
+# Seven segments a..g as (x0, y0, x1, y1) boxes: a bold digit filling most of the 56x56 image (thin strokes in a
+# few pixels of a 14-px patch were too weak a signal for a random-init vision tower to pick up quickly).
+_L, _R, _T, _M, _B, _W = 12, 44, 5, 28, 51, 7     # left, right, top, middle, bottom, stroke width
+_SEGMENTS = {"a": (_L, _T, _R, _T + _W), "b": (_R - _W, _T, _R, _M), "c": (_R - _W, _M, _R, _B),
+             "d": (_L, _B - _W, _R, _B), "e": (_L, _M, _L + _W, _B), "f": (_L, _T, _L + _W, _M),
+             "g": (_L, _M - _W // 2, _R, _M + _W - _W // 2)}
 _DIGITS = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc",
            8: "abcdefg", 9: "abcdfg"}
 

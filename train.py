@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -152,6 +153,10 @@ def launch(worker, args, nproc: int) -> None:
              for r in range(nproc)]
     for p in procs:
         p.start()
+
+    def on_sigterm(*_):
+        raise SystemExit("[launcher] SIGTERM: stopping all ranks")
+    signal.signal(signal.SIGTERM, on_sigterm)   # a killed launcher takes its ranks with it
     try:
         while any(p.exitcode is None for p in procs):
             wait([p.sentinel for p in procs if p.exitcode is None])       # blocks, no polling
@@ -497,6 +502,9 @@ def rl_worker(args: Args) -> None:
                     old_lp[mb, :lp.shape[1]], ent[mb, :e.shape[1]] = lp.float().cpu(), e.float().cpu()
                     if use_ref:
                         ref_lp[mb, :lp.shape[1]] = response_logprobs(ref, batch, args.rollout.temperature).float().cpu()
+            policy.reshard()                   # a forward without backward leaves the root unsharded (FSDP2)
+            if use_ref:
+                ref.reshard()
             for tensor in (old_lp, ref_lp, ent):       # each rank filled its rows, the rest are 0: sum = gather
                 dist.all_reduce(tensor)
             t["logprobs"] = time.time()
