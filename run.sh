@@ -4,6 +4,8 @@
 #   bash run.sh            # set up (if needed), build the toy world, run the main job
 #   bash run.sh test       # set up (if needed), run the test suite (this is what CI runs)
 #   bash run.sh setup      # only set up the virtual environment (.venv)
+#   FAST=1 bash run.sh     # the whole chain at smoke-test size (tiny model, a few steps; part of the tests)
+#   DATA=geo3k MODEL_PATH=... DATA_DIR=... NGPUS=8 bash run.sh rl    # a real run with MAYE's settings (GPUs)
 #
 # Setup is idempotent: it re-installs only when a requirements file or this script's setup section changes.
 # GPU machines (nvidia-smi present) install requirements.txt; everything else installs requirements-cpu.txt
@@ -61,7 +63,7 @@ toy_chain() {
   if [ "${FAST:-0}" = 1 ]; then   # smoke-test size: tiny model, a few steps of each stage (~3 min on 2 cores)
     SIZE=tiny; SFT_STEPS=4; RL_STEPS=2; VAL=8; ENGINE=hf; TOY_ARGS=(--sizes tiny --train-size 64 --val-size 16 --test-size 16)
   else                            # the demo: small model (~9M params), a few CPU minutes per stage
-    SIZE=small; SFT_STEPS=${SFT_STEPS:-240}; RL_STEPS=${RL_STEPS:-100}; VAL=200; ENGINE=vllm; TOY_ARGS=(--sizes small)
+    SIZE=small; SFT_STEPS=${SFT_STEPS:-150}; RL_STEPS=${RL_STEPS:-100}; VAL=100; ENGINE=vllm; TOY_ARGS=(--sizes small)
   fi
   MODEL="$TOY/models/qwen2_5_vl-$SIZE"
   # The toy's prompts use a short instruction: MAYE's 66-token one would be 60% of every sequence here.
@@ -69,10 +71,11 @@ toy_chain() {
         --data.test "$TOY/data/test.jsonl" --data.instruction " Put the final answer in \\boxed{}.")
   # step 1: the toy world (models + data), built offline in seconds
   [ -f "$MODEL/config.json" ] && [ -f "$TOY/data/train.jsonl" ] || "$PY" toy.py --out "$TOY" "${TOY_ARGS[@]}"
-  # step 2: SFT from random init: the warm start (and the SFT arm of the comparison). The toy model is random, so
-  #         it trains everything (vision too) at a high learning rate; validation generates with the HF engine.
+  # step 2: SFT from random init: the warm start (and the SFT arm of the comparison), at a high learning rate for
+  #         a random model. The vision tower stays frozen (as in MAYE): its random features already tell the digits
+  #         apart, and training it at this rate collapsed them (measured: stuck at chance for 240 steps).
   "$PY" sft.py --model.path "$MODEL" "${DATA[@]}" --out-dir "$RUNS/sft" --max-steps "$SFT_STEPS" \
-      --batch-size 32 --micro-batch-size 32 --optim.lr 1e-3 --model.no-freeze-vision --cache-prompts \
+      --batch-size 32 --micro-batch-size 32 --optim.lr 1e-3 --cache-prompts \
       --val-every "$(( SFT_STEPS / 4 > 0 ? SFT_STEPS / 4 : 1 ))" --val-limit "$VAL" --rollout.engine hf --rollout.max-tokens 32
   SFT_CKPT=$(ls -d "$RUNS"/sft/checkpoints/step_* | tail -n 1)
   # step 3: RL from the SFT checkpoint: groups of 8 responses per prompt, GRPO advantages, no KL (the toy's
@@ -83,7 +86,7 @@ toy_chain() {
       --val-every "$(( RL_STEPS / 4 > 0 ? RL_STEPS / 4 : 1 ))" --val-limit "$VAL" --save-every "$(( RL_STEPS / 4 > 0 ? RL_STEPS / 4 : 1 ))"
   # step 4: evaluate untrained vs SFT vs RL on validation (in distribution) and test (out of distribution)
   "$PY" evaluate.py --runs "$MODEL" "$RUNS/sft" "$RUNS/rl" --out "$RUNS/report" "${DATA[@]}" \
-      --eval.max-tokens 32 --eval.limit "$VAL" --rollout.engine "$ENGINE" --eval.every-k 2
+      --eval.max-tokens 32 --eval.limit "$VAL" --rollout.engine "$ENGINE" --eval.every-k 100  # first + last checkpoints
   echo "report: $RUNS/report/report.md"
 }
 
@@ -98,5 +101,25 @@ case "${1:-main}" in
     setup
     toy_chain
     ;;
-  *) echo "usage: bash run.sh [main|test|setup]" >&2; exit 2 ;;
+  rl)
+    # A real run on GPUs with MAYE's settings (scripts/train_ppo_vllm_distributed.sh), e.g.
+    #   DATA=geo3k MODEL_PATH=/models/Qwen2.5-VL-7B-Instruct DATA_DIR=/data/MAYE NGPUS=8 bash run.sh rl [extra flags]
+    # NGPUS-1 FSDP2 ranks train, the last GPU runs vLLM; with NGPUS=1 they share the GPU. 128 prompts per rank,
+    # 4 per rank per optimizer step, n=1, T=1.0, max 2048 new tokens, lr 5e-6, k3 KL in the loss at 0.001.
+    setup
+    : "${MODEL_PATH:?set MODEL_PATH to a local Qwen2-VL / Qwen2.5-VL folder}" "${DATA_DIR:?set DATA_DIR to the folder of the MAYE datasets}"
+    case "${DATA:-geo3k}" in
+      geo3k)  D="$DATA_DIR/geometry3k"; SPLITS=(geometry3k_rl_v0 geometry3k_validation_v0 geometry3k_test_v0); EPOCHS=50 ;;
+      mmmath) D="$DATA_DIR/mm_math"; SPLITS=(mm_math_rl_v0 mm_math_validation_v0 math_verse_test_v0); EPOCHS=30 ;;
+      *) echo "DATA must be geo3k or mmmath" >&2; exit 2 ;;
+    esac
+    NGPUS=${NGPUS:-8}; RANKS=$(( NGPUS > 1 ? NGPUS - 1 : 1 )); SHARE=$(( NGPUS > 1 ? 90 : 40 ))
+    "$PY" train.py --nproc "$RANKS" --model.path "$MODEL_PATH" --data.train "$D/${SPLITS[0]}.jsonl" \
+        --data.validation "$D/${SPLITS[1]}.jsonl" --data.test "$D/${SPLITS[2]}.jsonl" \
+        --prompts-per-step $(( 128 * RANKS )) --mini-batch-size $(( 4 * RANKS )) --micro-batch-size 4 \
+        --rollout.n 1 --rollout.temperature 1.0 --rollout.max-tokens 2048 --rollout.gpu-memory-utilization "0.$SHARE" \
+        --epochs "$EPOCHS" --optim.lr 5e-6 --advantage.estimator reinforce_pp --advantage.kl-coef 0.001 \
+        --advantage.kl-type k3 --val-every 10 --save-every 10 --out-dir "$RUNS/${DATA:-geo3k}_rl" "${@:2}"
+    ;;
+  *) echo "usage: bash run.sh [main|test|setup|rl]" >&2; exit 2 ;;
 esac
