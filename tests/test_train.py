@@ -161,3 +161,20 @@ def test_two_node_rendezvous_on_localhost(toy_world, tmp_path):
     assert all(n.returncode == 0 for n in nodes), [o[1][-3000:] for o in outs]
     assert "2 rank(s)" in outs[0][0] + outs[1][0]
     assert [m["step"] for m in metrics(tmp_path)] == [1]
+
+
+def test_fused_old_logprobs_equal_a_separate_pass(toy_world, tmp_path):
+    """One on-policy update (mini-batch = the whole batch): taking pi_old from the update's own forward gives the
+    same step as a separate no-grad pass."""
+    outs = []
+    for flag in ("--fuse-old-logprobs", "--no-fuse-old-logprobs"):
+        out = tmp_path / flag
+        p = run(train_cmd(toy_world, out, "--nproc", "1", "--max-steps", "1", "--mini-batch-size", "8",
+                          "--rollout.engine", "hf", "--val-every", "-1") + [flag])
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs.append((metrics(out)[0], load_file(out / "checkpoints" / "step_000001" / "model.safetensors")))
+    (m1, w1), (m2, w2) = outs
+    assert m1["training/grad_norm"] > 0
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
+    for k in ("loss/policy_loss", "training/entropy", "training/rollout_mismatch", "training/clipfrac"):
+        assert m1[k] == pytest.approx(m2[k], abs=1e-6), k
