@@ -48,8 +48,8 @@ from reward import RewardConfig
 from rollout import (DataConfig, DataError, RolloutConfig, Sample, batch_indices, blocked_token_ids, collate,
                      compute_logprobs, make_engine, read_dataset, stop_token_ids)
 from train import (MetricsLogger, ModelConfig, OptimConfig, build_optimizer, full_state_dict, init_distributed,
-                   latest_checkpoint, launch, load_model, load_trainer_state, print0, save_checkpoint, shard_model,
-                   validate)
+                   latest_checkpoint, launch, load_model, load_trainer_state, micro_batches, print0, save_checkpoint,
+                   shard_model, validate)
 
 END_OF_TURN = "<|im_end|>"
 
@@ -176,10 +176,6 @@ class CachedProcessor:
         if key not in self.cache:
             self.cache[key] = self.processor(text=text, images=images, **kw)
         return self.cache[key]
-
-
-def micro_batches(indices: list[int], size: int) -> list[list[int]]:
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 @torch.no_grad()
