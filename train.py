@@ -159,9 +159,16 @@ def launch(worker, args, nproc: int) -> None:
     def on_sigterm(*_):
         raise SystemExit("[launcher] SIGTERM: stopping all ranks")
     signal.signal(signal.SIGTERM, on_sigterm)   # a killed launcher takes its ranks with it
+    gone: set[int] = set()               # ranks whose process vanished without an exit code reaching us
     try:
-        while any(p.exitcode is None for p in procs):
-            wait([p.sentinel for p in procs if p.exitcode is None])       # blocks, no polling
+        while any(p.exitcode is None and r not in gone for r, p in enumerate(procs)):
+            # Blocks until a rank exits; the 5 s timeout is a safety net (seen once: a finished rank whose sentinel
+            # never fired), after which a rank whose pid no longer exists counts as finished.
+            wait([p.sentinel for r, p in enumerate(procs) if p.exitcode is None and r not in gone], timeout=5.0)
+            for r, p in enumerate(procs):
+                if p.exitcode is None and r not in gone and not _pid_alive(p.pid):
+                    print(f"[launcher] rank {r} (pid {p.pid}) is gone without an exit code", file=sys.stderr)
+                    gone.add(r)
             failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
             if failed:
                 raise SystemExit(f"[launcher] rank {failed[0][0]} exited with code {failed[0][1]}; stopping all ranks")
@@ -176,6 +183,14 @@ def launch(worker, args, nproc: int) -> None:
         if isinstance(e, KeyboardInterrupt):
             raise SystemExit(130)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _rank_main(worker, args, env):
