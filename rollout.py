@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -402,6 +403,10 @@ class VLLMEngine:
         # seeded generator with set_offset, which CPU generators lack ("CPU Generator does not use offset"):
         # seeded requests crash as soon as a batch needs chunking (16 prompts x 8 samples did).
         extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 8192)} if cpu else {}
+        # vLLM-CPU wraps torch.set_num_threads to warn after its thread binding, and its own multimodal renderer
+        # calls it for every request: 10,000+ identical warnings per toy run. Drop exactly that message.
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+            lambda record: "torch.set_num_threads" not in record.getMessage())
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
                        enforce_eager=cpu, gpu_memory_utilization=cfg.gpu_memory_utilization,
                        limit_mm_per_prompt={"image": cfg.max_images, "video": 0}, logprobs_mode="processed_logprobs",
