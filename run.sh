@@ -75,7 +75,8 @@ toy_chain() {
   # step 2: SFT from random init: the warm start (and the SFT arm of the comparison), at a high learning rate for
   #         a random model. The vision tower stays frozen (as in MAYE): its random features already tell the digits
   #         apart, and training it at this rate collapsed them (measured: stuck at chance for 240 steps).
-  #         180 steps stop it half-way on purpose (~55% greedy; a 300-step run reached 100% at step 248), so RL has room to improve.
+  #         180 steps stop it half-way on purpose (~55% greedy; a 300-step run reached 100% at step 248), so RL has
+  #         room to improve.
   "$PY" sft.py --model.path "$MODEL" "${DATA[@]}" --out-dir "$RUNS/sft" --max-steps "$SFT_STEPS" \
       --batch-size 32 --micro-batch-size 32 --optim.lr 1e-3 --cache-prompts \
       --val-every "$(( SFT_STEPS / 4 > 0 ? SFT_STEPS / 4 : 1 ))" --val-limit "$VAL" --rollout.engine hf --rollout.max-tokens 32
