@@ -64,7 +64,7 @@ toy_chain() {
   if [ "${FAST:-0}" = 1 ]; then   # smoke-test size: a few steps of each stage on a small dataset (~3 min on 2 cores)
     SFT_STEPS=4; RL_STEPS=2; PROMPTS=4; VAL=8; ENGINE=hf; TOY_ARGS=(--sizes tiny --train-size 64 --val-size 16 --test-size 16)
   else                            # the demo: ~10 CPU minutes in all
-    SFT_STEPS=${SFT_STEPS:-180}; RL_STEPS=${RL_STEPS:-100}; PROMPTS=16; VAL=100; ENGINE=vllm; TOY_ARGS=(--sizes tiny)
+    SFT_STEPS=${SFT_STEPS:-180}; RL_STEPS=${RL_STEPS:-60}; PROMPTS=16; VAL=100; ENGINE=vllm; TOY_ARGS=(--sizes tiny)
   fi
   # The tiny model (0.8M params) learns the task in ~250 SFT steps, 5x faster per second than `small` (9M).
   MODEL="$TOY/models/qwen2_5_vl-tiny"
