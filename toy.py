@@ -3,9 +3,9 @@
 Nothing can be downloaded in CI, so every stage runs on this embedded default:
 
 1. Models: random-init Qwen2.5-VL and Qwen2-VL in HF format (config, safetensors, tokenizer, processor, chat
-   template) that both `transformers` and vLLM load. Sizes: `tiny` (~1M params, tests) and `small` (~10M params,
-   demo and benchmarks). Each has its own byte-level BPE tokenizer trained on the task's text, with Qwen's special
-   tokens, so any string tokenizes.
+   template) that both `transformers` and vLLM load. Sizes: `tiny` (~1M params, tests and the `run.sh` demo) and
+   `small` (~10M params, benchmarks). Each has its own byte-level BPE tokenizer trained on the task's text, with
+   Qwen's special tokens, so any string tokenizes.
 2. Data: MAYE's jsonl format (`question` with `<image>`, `answer`, `solution` ending in `\\boxed{}`, `id`, `image`
    relative to the jsonl). Each image shows one seven-segment digit d (0-9); the question asks for d plus a number b
    given in the text. Without the image the best guess is ~10% (tests/test_toy.py checks this).
