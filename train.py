@@ -512,6 +512,7 @@ def rl_worker(args: Args) -> None:
             # reward), pi_old is the policy itself: the update's own forward supplies its log-probs (same values,
             # one forward pass fewer; measured 18% of a toy step).
             fused = (args.fuse_old_logprobs and args.ppo_epochs == 1 and args.mini_batch_size >= B
+                     and B % world == 0                  # else the rows trimmed from `keep` would get no pi_old
                      and not (args.advantage.dynamic_sampling or args.advantage.ssr)
                      and not (use_ref and not args.advantage.kl_in_loss))
             mine = list(range(rank, B, world))
