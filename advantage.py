@@ -1,21 +1,12 @@
-"""Advantage estimation, KL penalties and the PPO policy loss (stage 3 of the RL loop).
+"""Advantages, KL penalties, the PPO policy loss and sample selection (stage 3 of the RL loop).
 
-Given one scalar score per response (from reward.py), a response mask and, optionally, per-token
-log-probs, this module computes per-token advantages with one of five estimators, the KL penalty to a
-frozen reference, and the clipped PPO loss aggregated so that gradient accumulation and data parallelism
-give exactly the big-batch gradient. It also holds the two sample-selection rules (DAPO's dynamic
-sampling, VL-Rethinker's Selective Sample Replay).
-
-Conventions: B responses, a group's n responses adjacent (B = prompts x n); mask (B, T) marks response
-tokens (1 = valid, right padding); masked positions of every (B, T) output are exactly 0.
-
-Simplifications: no value model (no GAE/PPO critic); advantages are computed on the full gathered batch
-(train.py does this on rank 0), so whitening statistics are global without any all-reduce here.
-
-Run alone (prints per-response, and with --lengths per-token, advantages):
+Per-token advantages from one score per response (reward.py) by five estimators, the KL penalty to a frozen reference,
+the clipped PPO loss (aggregated so that gradient accumulation and data parallelism give exactly the big-batch
+gradient) and select_samples. B responses, a group's n responses adjacent (B = prompts x n); mask (B, T) marks
+response tokens (1 = valid, right padding); masked positions of every (B, T) output are exactly 0. No value model
+(no GAE / critic). Advantages use the full gathered batch (global whitening). Run alone (--lengths: per token):
     python advantage.py --scores 1,0,0,1,1,1 --group-size 3 --advantage.estimator grpo
     python advantage.py --scores 1,0,0.5,1 --group-size 2 --lengths 3,2,4,1 --advantage.estimator reinforce_pp
-    python advantage.py --help
 """
 
 from __future__ import annotations
@@ -28,9 +19,10 @@ import torch
 Estimator = Literal["reinforce_pp", "reinforce_pp_baseline", "grpo", "dr_grpo", "rloo"]
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 GROUP_ESTIMATORS = ("reinforce_pp_baseline", "grpo", "dr_grpo", "rloo")
-K3_LOG_RATIO_CLAMP = 20.0  # verl clamps (ref - logp) to +-20 before exp ...
-K3_VALUE_CLAMP = 10.0  # ... and the k3 value to +-10 (kl_penalty, "low_var_kl")
+K3_LOG_RATIO_CLAMP = 20.0  # verl (kl_penalty "low_var_kl") clamps (ref - logp) to +-20 before exp ...
+K3_VALUE_CLAMP = 10.0  # ... and the k3 value to +-10
 PPO_LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to +-20 so exp() cannot overflow
+SSR_ZERO_TOL = 1e-8  # a whitened row can average to rounding noise: SSR counts |A| <= this as zero
 
 
 @dataclass(frozen=True)
@@ -66,9 +58,11 @@ class AdvantageConfig:
     dynamic_sampling: bool = False
     """Drop groups whose scores are all equal (DAPO dynamic sampling)."""
     ssr: bool = False
-    """Selective Sample Replay (VL-Rethinker): draw non-zero-advantage responses with p ~ |A|^alpha."""
+    """Selective Sample Replay (VL-Rethinker): draw the responses to train on from the non-zero-advantage ones."""
     ssr_alpha: float = 1.0
-    """Exponent alpha of SSR's sampling weights |A|^alpha."""
+    """Exponent alpha of SSR's sampling weights |A|^alpha (VL-Rethinker: 1)."""
+    ssr_size: int = 0
+    """Responses SSR draws per step, with replacement (0 = as many as have a non-zero advantage)."""
 
     def __post_init__(self):
         def check(ok: bool, field: str, why: str):
@@ -79,14 +73,11 @@ class AdvantageConfig:
         check(self.kl_type in ("k1", "k2", "k3"), "kl_type", "must be k1, k2 or k3")
         check(self.loss_agg in LossAgg.__args__, "loss_agg", f"must be one of {LossAgg.__args__}")
         check(0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]")
-        check(self.kl_coef >= 0.0, "kl_coef", "must be >= 0")
-        check(self.eps >= 0.0, "eps", "must be >= 0")  # 0 is safe: constant groups are zeroed before dividing
-        check(self.whiten_eps >= 0.0, "whiten_eps", "must be >= 0")
+        # eps = 0 is safe: constant groups are zeroed before dividing.
+        for field in ("kl_coef", "eps", "whiten_eps", "clip_high", "norm_len", "ssr_alpha", "ssr_size"):
+            check(getattr(self, field) >= 0, field, "must be >= 0")
         check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
-        check(self.clip_high >= 0.0, "clip_high", "must be >= 0")
         check(self.dual_clip == 0.0 or self.dual_clip > 1.0, "dual_clip", "must be 0 (off) or > 1")
-        check(self.norm_len >= 0, "norm_len", "must be >= 0")
-        check(self.ssr_alpha >= 0.0, "ssr_alpha", "must be >= 0")
         # Group estimators give one number per response: a per-token reward KL has nowhere to go.
         check(self.kl_in_loss or self.kl_coef == 0.0 or self.estimator in ("reinforce_pp", "reinforce_pp_baseline"),
               "kl_in_loss", f"KL in the reward (kl_in_loss=False, kl_coef>0) needs a REINFORCE++ estimator, "
@@ -98,11 +89,9 @@ def _check_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
     """Return mask as bool (B, T); raise naming `mask` if its shape or values are wrong."""
     if mask.dim() != 2 or mask.shape[0] != batch:
         raise ValueError(f"mask: expected shape ({batch}, T), got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask: values must be 0 or 1")
-        mask = mask.bool()
-    return mask
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask: values must be 0 or 1")
+    return mask.bool()
 
 
 def _check_groups(scores: torch.Tensor, group_size: int, need_group: bool) -> None:
@@ -111,19 +100,15 @@ def _check_groups(scores: torch.Tensor, group_size: int, need_group: bool) -> No
     if not torch.isfinite(scores).all():
         bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
         raise ValueError(f"scores: non-finite values at indices {bad[:10]}")
-    if group_size < 1 or scores.numel() % group_size != 0:
-        raise ValueError(f"group_size={group_size}: must be >= 1 and divide B={scores.numel()}")
-    if need_group and group_size < 2:
-        raise ValueError(f"group_size={group_size}: group estimators need >= 2 responses per prompt")
+    least = 2 if need_group else 1  # a group-relative advantage needs 2+ responses per prompt
+    if group_size < least or scores.numel() % group_size != 0:
+        raise ValueError(f"group_size={group_size}: must be >= {least} and divide B={scores.numel()}")
 
 
 # ----------------------------------------------------------------------------- estimators
 def group_centred(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """s_i - mean_G(s) for each response, with its groups viewed as (B/n, n).
-
-    Returns (centred (B,), constant (B,) bool). Groups whose scores are all equal get exactly 0 (a float
-    mean of n equal values can differ from them by one ulp, which std-normalisation would amplify).
-    """
+    """(s_i - mean_G(s), constant_i), both (B,). A group of equal scores gets exactly 0: a float mean of n
+    equal values can differ from them by one ulp, which std-normalisation would amplify."""
     g = scores.view(-1, group_size)  # (P, n)
     constant = (g.amax(1, keepdim=True) == g.amin(1, keepdim=True)).expand_as(g)  # (P, n)
     centred = torch.where(constant, torch.zeros_like(g), g - g.mean(1, keepdim=True))
@@ -132,14 +117,10 @@ def group_centred(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
 
 def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     """G_t = r_t + gamma * G_{t+1}, G_T = 0 (REINFORCE++, Hu 2025 / OpenRLHF get_cumulative_returns).
-
-    rewards: (B, T) with zeros at padded positions, so right padding does not change valid returns.
-    gamma = 1 is a reversed cumulative sum; otherwise a loop over T (a closed form with gamma^-t overflows).
-    """
+    rewards (B, T) are 0 at padding. gamma < 1 loops over T: a closed form with gamma^-t overflows."""
     if gamma == 1.0:
         return rewards.flip(1).cumsum(1).flip(1)
-    out = torch.empty_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    out, running = torch.empty_like(rewards), torch.zeros_like(rewards[:, 0])  # running: (B,)
     for t in range(rewards.shape[1] - 1, -1, -1):
         running = rewards[:, t] + gamma * running
         out[:, t] = running
@@ -148,47 +129,34 @@ def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, eps: float = 1e-8,
                   shift_mean: bool = False) -> torch.Tensor:
-    """(x - mu) * rsqrt(var + eps) over the valid tokens of the whole batch (verl masked_whiten).
-
-    mu = sum(x m)/N, var = sum((x - mu)^2 m)/(N - 1) (unbiased) or /N. shift_mean=True adds mu back
-    (MAYE's released code; verl's shift_mean=False). If all valid values are equal the result is exactly 0
-    (+ mu), never amplified rounding noise. Masked positions are returned as 0.
-    """
+    """(x - mu) * rsqrt(var + eps) over the valid tokens of the whole batch (verl masked_whiten), masked
+    positions 0. var divides by N - 1 (unbiased) or N. shift_mean=True adds mu back (MAYE's code; verl's
+    shift_mean=False). Equal valid values give exactly 0 (+ mu), not amplified rounding noise."""
     valid = values[mask]  # (N,) valid tokens of the whole batch
-    n = valid.numel()
-    if n < (2 if unbiased else 1):
-        raise ValueError(f"mask: whitening needs at least {2 if unbiased else 1} valid tokens in the batch, got {n}")
+    if valid.numel() < (2 if unbiased else 1):
+        raise ValueError(f"mask: whitening needs {2 if unbiased else 1}+ valid batch tokens, got {valid.numel()}")
     mean = valid.mean()
-    if valid.max() == valid.min():
-        out = torch.zeros_like(values)
-    else:
+    out = torch.zeros_like(values)
+    if valid.max() != valid.min():
         out = (values - mean) * torch.rsqrt(valid.var(correction=1 if unbiased else 0) + eps)
-    if shift_mean:
-        out = out + mean
-    return torch.where(mask, out, torch.zeros_like(out))
+    return torch.where(mask, out + mean if shift_mean else out, torch.zeros_like(out))
 
 
 def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int,
                        cfg: AdvantageConfig = AdvantageConfig(), kl: torch.Tensor | None = None,
                        **overrides) -> torch.Tensor:
-    """Per-token advantages (B, T) from per-response scores (B,); masked positions are exactly 0.
-
-    Keyword overrides replace cfg fields (compute_advantages(s, m, 3, estimator="grpo")). Let
-    s_i be the score, G the group of n adjacent responses of response i, m the mask:
-      reinforce_pp (REINFORCE++, Hu 2025; MAYE): r_t = -beta*KL_t (only when kl_in_loss=False and beta>0)
+    """Per-token advantages (B, T) from per-response scores (B,); masked positions are exactly 0. Keyword
+    overrides replace cfg fields (compute_advantages(s, m, 3, estimator="grpo")). With s_i the score and G
+    the group of n adjacent responses of response i:
+      reinforce_pp (REINFORCE++, Hu 2025; MAYE): r_t = -beta*KL_t (only if kl_in_loss=False and beta > 0)
           + s_i on the last valid token; A = whiten(G_t = r_t + gamma G_{t+1}) over all valid batch tokens.
-      reinforce_pp_baseline (OpenRLHF reinforce_baseline): as reinforce_pp with s_i - mean_G(s) in place of
-          s_i; with gamma=1 and no reward KL that is (s_i - mean_G) on every token, then whitened. Whitening
-          re-centres, so a constant group ends at -mu/sigma, not 0 (as in OpenRLHF).
+      reinforce_pp_baseline (OpenRLHF reinforce_baseline): reinforce_pp with s_i - mean_G(s) for s_i; after
+          whitening a constant group ends at -mu/sigma, not 0 (as in OpenRLHF).
       grpo (Shao 2024; verl): (s_i - mean_G) / (std_G + eps), std unbiased (n-1) unless std_unbiased=False.
-      dr_grpo (Liu 2025): s_i - mean_G.
-      rloo (Ahmadian 2024): s_i - sum_{j!=i} s_j / (n-1) = n/(n-1) (s_i - mean_G).
-    Group-level advantages broadcast over the valid tokens; a group of equal scores gives exactly 0 for
-    grpo / dr_grpo / rloo. `kl` (B, T) is the per-token KL (kl_penalty) used only for the reward KL of the
-    REINFORCE++ estimators; the config refuses reward KL for group estimators (their KL goes in the loss).
-    Whitening uses this batch's statistics: call it on the full gathered batch (train.py: rank 0).
-    A response with no valid token gets no advantage (and no loss); in a group it still counts in the mean.
-    Computed in float64 and returned as float32 (float64 if scores are float64).
+      dr_grpo (Liu 2025): s_i - mean_G.     rloo (Ahmadian 2024): s_i - sum_{j!=i} s_j / (n-1).
+    grpo / dr_grpo / rloo give exactly 0 to a group of equal scores. `kl` (B, T) (kl_penalty) is needed only
+    for reward KL. A response with no valid token gets no advantage but counts in its group's mean.
+    Computed in float64; returned as float32 (float64 if scores are float64).
     """
     cfg = replace(cfg, **overrides) if overrides else cfg
     est = cfg.estimator
@@ -197,17 +165,13 @@ def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int
     mask = _check_mask(mask, scores.numel())
     s = scores.to(torch.float64)  # (B,)
     n = group_size
-
     if est in ("grpo", "dr_grpo", "rloo"):
         centred, constant = group_centred(s, n)  # (B,)
+        adv = centred * n / (n - 1) if est == "rloo" else centred  # dr_grpo: centred as it is
         if est == "grpo":
             std = s.view(-1, n).std(1, correction=1 if cfg.std_unbiased else 0)  # (P,)
             adv = centred / (std.repeat_interleave(n) + cfg.eps)
-        elif est == "dr_grpo":
-            adv = centred
-        else:
-            adv = centred * n / (n - 1)
-        adv = torch.where(constant, torch.zeros_like(adv), adv)
+        adv = torch.where(constant, torch.zeros_like(adv), adv)  # grpo with eps = 0 would give 0/0
         return torch.where(mask, adv[:, None], torch.zeros((), dtype=adv.dtype)).to(out_dtype)
 
     # REINFORCE++ family: token rewards -> discounted returns -> batch whitening.
@@ -215,30 +179,26 @@ def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int
     B, T = mask.shape
     rewards = torch.zeros(B, T, dtype=torch.float64, device=mask.device)
     if not cfg.kl_in_loss and cfg.kl_coef > 0:
-        if kl is None:
-            raise ValueError("kl: required (B, T) per-token KL when kl_in_loss=False and kl_coef > 0")
-        if kl.shape != mask.shape:
-            raise ValueError(f"kl: expected shape {tuple(mask.shape)}, got {tuple(kl.shape)}")
+        if kl is None or kl.shape != mask.shape:  # reward KL: kl_in_loss=False and kl_coef > 0
+            raise ValueError(f"kl: per-token KL of shape {tuple(mask.shape)} required for reward KL, got "
+                             f"{None if kl is None else tuple(kl.shape)}")
         kl = kl.detach().to(torch.float64)
         if not torch.isfinite(kl[mask]).all():
             raise ValueError("kl: non-finite values on valid tokens")
         rewards = torch.where(mask, -cfg.kl_coef * kl, rewards)  # padding may hold garbage: where, not *
-    has_token = mask.any(1)  # (B,) a row with no valid token has no place for its score (and no loss)
-    last = torch.where(mask, torch.arange(T, device=mask.device).expand(B, T), -1).amax(1).clamp(min=0)  # (B,) last valid index
+    has_token = mask.any(1)  # (B,) a row with no valid token has no place for its score
+    last = torch.where(mask, torch.arange(T, device=mask.device).expand(B, T), -1).amax(1).clamp(min=0)  # (B,)
     rewards[torch.arange(B, device=mask.device), last] += torch.where(has_token, seq, torch.zeros_like(seq))
     returns = discounted_returns(rewards, cfg.gamma)  # (B, T)
-    adv = masked_whiten(returns, mask, cfg.std_unbiased, cfg.whiten_eps, cfg.shift_mean)
-    return adv.to(out_dtype)
+    return masked_whiten(returns, mask, cfg.std_unbiased, cfg.whiten_eps, cfg.shift_mean).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- KL
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token KL estimate of KL(pi || pi_ref) from sampled-token log-probs, delta = logp - ref_logp.
-
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs, delta = logp - ref_logp:
     k1 = delta;  k2 = delta^2 / 2;  k3 = exp(-delta) + delta - 1 (Schulman 2020, "Approximating KL
     divergence"; verl kl_penalty "kl"/"mse"/"low_var_kl"). As in verl, k3 clamps -delta to [-20, 20] and
-    the result to [-10, 10]. Elementwise (B, T), no mask: the caller masks (padding may hold anything).
-    """
+    the result to [-10, 10]. Elementwise, no mask: the caller masks (padding may hold anything)."""
     if logp.shape != ref_logp.shape:
         raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} != logp shape {tuple(logp.shape)}")
     delta = logp - ref_logp
@@ -254,17 +214,15 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
 
 # ----------------------------------------------------------------------------- policy loss
 def loss_normalizer(mask: torch.Tensor, cfg: AdvantageConfig = AdvantageConfig()) -> float:
-    """This batch's share of the aggregation denominator: valid tokens (token-mean) or sequences with at
-    least one valid token (seq-mean-*). Sum it over the micro-batches of a mini-batch and all-reduce-SUM it
-    over ranks to get the `normalizer` that policy_loss needs for exact accumulation."""
+    """This batch's share of policy_loss's `normalizer`: valid tokens (token-mean) or sequences with >= 1 valid
+    token (seq-mean-*). Sum it over a mini-batch's micro-batches and all-reduce it over ranks."""
     mask = _check_mask(mask, mask.shape[0])
     return float(mask.sum()) if cfg.loss_agg == "token-mean" else float(mask.any(1).sum())
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str, normalizer: float | None = None,
               norm_len: int = 0) -> torch.Tensor:
-    """Sum-able aggregation of per-token values l (B, T) (verl agg_loss; Dr.GRPO for the -norm mode).
-
+    """Sum-able aggregation of per-token values l (B, T) (verl agg_loss; Dr.GRPO for the -norm mode):
     token-mean:              sum_{i,t} l m / N        N = valid tokens of the global mini-batch
     seq-mean-token-mean:     sum_i (sum_t l m / |o_i|) / S   S = sequences (with >= 1 valid token)
     seq-mean-token-sum:      sum_i (sum_t l m) / S
@@ -292,28 +250,20 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str, normalize
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cfg: AdvantageConfig = AdvantageConfig(), normalizer: float | None = None,
                 ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped PPO surrogate (+ beta * KL) for one micro-batch, aggregated per cfg.loss_agg.
-
-    Per token (Schulman 2017; clip-higher from DAPO; dual clip from Ye 2020 / verl):
-        rho = exp(logp - old_logp) (log-ratio clamped to +-20 as in verl)
-        l = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high));  if dual_clip = c > 0 and A < 0: min(l, -c A)
+    """Clipped PPO surrogate (+ beta * KL) for one micro-batch, aggregated per cfg.loss_agg. Per token
+    (Schulman 2017; clip-higher from DAPO; dual clip from Ye 2020 / verl; log-ratio clamped to +-20 as verl):
+        l = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)),  rho = exp(logp - old_logp);
+        with dual_clip = c > 0 and A < 0: l = min(l, -c A).
     loss = aggregate(l) + kl_coef * aggregate(kl_penalty(logp, ref_logp, kl_type)) when kl_in_loss and
     kl_coef > 0 (MAYE: k3, 0.001); ref_logp is then required (a ValueError, not a silently KL-free loss).
-
-    Exact accumulation: the loss is sum(per-unit) / normalizer, so with `normalizer` = the GLOBAL count
-    (loss_normalizer summed over all micro-batches and ranks) the SUM of the micro-batch losses is the
-    big-batch loss, and backward() on each micro-batch accumulates exactly the big-batch gradient. FSDP2 /
-    DDP AVERAGE gradients over the W ranks, so multiply each loss by W before backward() (equivalently pass
-    normalizer / W). With normalizer=None the local count is used (right for a single un-split batch only).
-
-    Metrics (python floats, detached): loss/policy_loss and loss/kl_loss (un-scaled by beta) are sum-able
-    like the loss; training/clipfrac (tokens where the clip is active), training/dual_clipfrac,
-    training/approx_kl (mean of (logp - old_logp)^2 / 2, k2 of the policy change) and training/ratio_mean are
-    means over this micro-batch's valid tokens, and training/n_tokens lets the caller average them exactly
-    (weight by n_tokens).
+    Exact accumulation: loss = sum(per-unit) / normalizer; with `normalizer` the GLOBAL count (loss_normalizer
+    summed over micro-batches and ranks) micro-batch losses SUM to the big-batch loss and their backward()
+    calls accumulate exactly its gradient. FSDP2 / DDP AVERAGE gradients over W ranks: scale each loss by W.
+    normalizer=None = the local count (one un-split batch). Metrics: loss/* sum like the loss (kl without beta);
+    training/{clipfrac, dual_clipfrac, approx_kl = mean (logp - old_logp)^2 / 2, ratio_mean} are means over
+    valid tokens, to be averaged weighted by training/n_tokens.
     """
-    others = {"old_logp": old_logp, "advantages": advantages, "mask": mask, "ref_logp": ref_logp}
-    for name, x in others.items():
+    for name, x in {"old_logp": old_logp, "advantages": advantages, "mask": mask, "ref_logp": ref_logp}.items():
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"{name}: shape {tuple(x.shape)} != logp shape {tuple(logp.shape)}")
     mask = _check_mask(mask, logp.shape[0])
@@ -336,63 +286,69 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         dual = (adv < 0) & (pg3 < pg) & mask
         pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
     pg_loss = aggregate(pg, mask, cfg.loss_agg, normalizer, cfg.norm_len)
-
     kl_loss = torch.zeros((), dtype=pg_loss.dtype, device=pg_loss.device)
     if use_kl:
         kl = kl_penalty(logp, ref_logp.detach(), cfg.kl_type)
         kl_loss = aggregate(kl, mask, cfg.loss_agg, normalizer, cfg.norm_len)
     loss = pg_loss + cfg.kl_coef * kl_loss if use_kl else pg_loss
-
     with torch.no_grad():
         n_tok = max(int(mask.sum()), 1)
         lr = torch.where(mask, log_ratio, 0.0)
-        metrics = {
-            "loss/policy_loss": float(pg_loss),
-            "loss/kl_loss": float(kl_loss),
-            "training/clipfrac": float(((pg2 > pg1) & mask).sum()) / n_tok,
-            "training/dual_clipfrac": float(dual.sum()) / n_tok,
-            "training/approx_kl": float((0.5 * lr.square()).sum()) / n_tok,
-            "training/ratio_mean": float(torch.where(mask, ratio, 0.0).sum()) / n_tok,
-            "training/n_tokens": float(mask.sum()),
-        }
-    return loss, metrics
+        return loss, {"loss/policy_loss": float(pg_loss), "loss/kl_loss": float(kl_loss),
+                      "training/clipfrac": float(((pg2 > pg1) & mask).sum()) / n_tok,
+                      "training/dual_clipfrac": float(dual.sum()) / n_tok,
+                      "training/approx_kl": float((0.5 * lr.square()).sum()) / n_tok,
+                      "training/ratio_mean": float(torch.where(mask, ratio, 0.0).sum()) / n_tok,
+                      "training/n_tokens": float(mask.sum())}
 
 
 # ----------------------------------------------------------------------------- sample selection
-def dynamic_sampling_mask(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Keep (B,) bool: True for responses whose group's scores are not all equal (DAPO dynamic sampling).
-
-    A constant group has zero group-relative advantage, so it only dilutes the batch; DAPO / EasyR1 drop
-    it and generate more prompts (EasyR1 tests 0.01 < mean < 0.99, which assumes 0/1 scores; the equality
-    test here works for any scores).
-    """
-    _check_groups(scores, group_size, need_group=True)
-    g = scores.view(-1, group_size)  # (P, n)
-    return (g.amax(1) != g.amin(1)).repeat_interleave(group_size)
-
-
 def ssr_sample(advantages_seq: torch.Tensor, k: int, alpha: float = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Selective Sample Replay (VL-Rethinker, Wang 2025): k indices (sorted) of responses with A_i != 0,
-    drawn without replacement with p_i = |A_i|^alpha / sum_j |A_j|^alpha.
-
-    advantages_seq: (B,) one advantage per response (e.g. advantages[:, 0] for group estimators).
-    Deterministic for a given generator. Raises if fewer than k responses have a non-zero advantage.
-    """
-    if advantages_seq.dim() != 1:
-        raise ValueError(f"advantages_seq: expected shape (B,), got {tuple(advantages_seq.shape)}")
-    if not torch.isfinite(advantages_seq).all():
-        raise ValueError("advantages_seq: non-finite values")
+    """Selective Sample Replay (VL-Rethinker, Wang 2025): k sorted indices of responses with A_i != 0, drawn with
+    replacement (their released active_sampling) with p_i = |A_i|^alpha / sum_j |A_j|^alpha; advantages_seq (B,)."""
+    if advantages_seq.dim() != 1 or not torch.isfinite(advantages_seq).all():
+        raise ValueError(f"advantages_seq: must be 1-D (B,) and finite, got shape {tuple(advantages_seq.shape)}")
     if alpha < 0:
         raise ValueError(f"alpha={alpha}: must be >= 0")
     nonzero = torch.nonzero(advantages_seq != 0).flatten()  # (K,)
-    if k < 0 or k > nonzero.numel():
-        raise ValueError(f"k={k}: must be in [0, {nonzero.numel()}] (responses with non-zero advantage)")
+    if k < 0 or (k > 0 and nonzero.numel() == 0):
+        raise ValueError(f"k={k}: must be >= 0, and 0 when no response has a non-zero advantage")
     if k == 0:
         return nonzero[:0]
     weights = advantages_seq[nonzero].abs().to(torch.float64) ** alpha  # (K,) > 0
-    picked = torch.multinomial(weights, k, replacement=False, generator=generator)  # (k,) positions in nonzero
+    picked = torch.multinomial(weights, k, replacement=True, generator=generator)  # positions in nonzero
     return nonzero[picked].sort().values
+
+
+def select_samples(scores: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, group_size: int,
+                   cfg: AdvantageConfig, generator: torch.Generator, multiple_of: int = 1) -> list[int]:
+    """Ascending indices (repeats possible) of the responses to train on, from scores (B,), advantages, mask (B, T):
+    1. cfg.dynamic_sampling (DAPO, Yu 2025): drop every group whose scores are all equal (it has no signal);
+       DAPO then generates more prompts to refill the batch, here the batch just shrinks.
+    2. cfg.ssr (VL-Rethinker, Wang 2025): of those left, the responses whose advantage averaged over their
+       valid tokens is non-zero (|A_i| > SSR_ZERO_TOL) are the pool; ssr_sample draws cfg.ssr_size of them (0 =
+       the pool's size) with replacement, p ~ |A_i|^ssr_alpha, from `generator`: a response may be trained on
+       twice. VL-Rethinker also refills the batch from a replay buffer of earlier steps; that is not done here.
+    3. Trim to a multiple of `multiple_of` (data-parallel ranks: all run the same number of passes) from the end.
+    """
+    _check_groups(scores, group_size, need_group=cfg.dynamic_sampling)
+    mask = _check_mask(mask, scores.numel())
+    if advantages.shape != mask.shape or not torch.isfinite(advantages[mask]).all():
+        raise ValueError(f"advantages: need finite values, shape {tuple(mask.shape)}; got {tuple(advantages.shape)}")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of={multiple_of}: must be >= 1")
+    keep = torch.arange(scores.numel())  # (B,)
+    if cfg.dynamic_sampling:  # equality, not EasyR1's 0.01 < mean < 0.99, which assumes 0/1 scores
+        groups = scores.view(-1, group_size)  # (P, n)
+        keep = keep[(groups.amax(1) != groups.amin(1)).repeat_interleave(group_size)]
+    if cfg.ssr:
+        seq_adv = torch.where(mask, advantages, 0.0).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        keep = keep[seq_adv[keep].abs() > SSR_ZERO_TOL]                                   # the pool
+        k = (cfg.ssr_size or keep.numel()) if keep.numel() else 0
+        keep = keep[ssr_sample(seq_adv[keep], k, cfg.ssr_alpha, generator)]
+    keep = keep.tolist()
+    return keep[: len(keep) // multiple_of * multiple_of]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -417,27 +373,23 @@ def _parse_floats(text: str, field: str, cast: Callable = float) -> list:
 def main(args: Args) -> torch.Tensor:
     from rich.console import Console
     from rich.table import Table
-
     scores = torch.tensor(_parse_floats(args.scores, "scores"), dtype=torch.float64)
     lengths = _parse_floats(args.lengths, "lengths", int) if args.lengths else [1] * scores.numel()
     if len(lengths) != scores.numel() or min(lengths) < 0:
         raise SystemExit(f"--lengths: need {scores.numel()} non-negative lengths, got {lengths}")
-    T = max(max(lengths), 1)
-    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+    mask = torch.arange(max(max(lengths), 1))[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
     cfg, note = args.advantage, ""
     if not cfg.kl_in_loss and cfg.kl_coef > 0:  # reward KL needs log-probs, which a command line has not got
         cfg, note = replace(cfg, kl_coef=0.0), ", reward KL not shown (needs log-probs)"
     adv = compute_advantages(scores, mask, args.group_size, cfg)
     table = Table(title=f"{cfg.estimator} advantages (group size {args.group_size}{note})")
-    for col in ("response", "group", "score") + (("length", "per-token advantages") if args.lengths else ("advantage",)):
+    extra = ("length", "per-token advantages") if args.lengths else ("advantage",)
+    for col in ("response", "group", "score") + extra:
         table.add_column(col, justify="right")
     for i in range(scores.numel()):
-        row = [str(i), str(i // args.group_size), f"{scores[i].item():g}"]
-        if args.lengths:
-            row += [str(lengths[i]), " ".join(f"{a:+.4f}" for a in adv[i, : lengths[i]].tolist())]
-        else:
-            row += [f"{adv[i, 0].item():+.4f}"]
-        table.add_row(*row)
+        cells = ([str(lengths[i]), " ".join(f"{a:+.4f}" for a in adv[i, : lengths[i]].tolist())] if args.lengths
+                 else [f"{adv[i, 0].item():+.4f}"])
+        table.add_row(str(i), str(i // args.group_size), f"{scores[i].item():g}", *cells)
     Console().print(table)
     return adv
 

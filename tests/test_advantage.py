@@ -1,7 +1,7 @@
 """Tests for advantage.py: hand-worked numbers (arithmetic in comments), naive float64 loops written
 independently of the vectorised code, invariances, masks, KL values/gradients vs autograd, aggregation
-modes vs direct formulas, and exact gradient accumulation (4 micro-batches == 1 big batch; 2 simulated
-data-parallel ranks with gradient averaging)."""
+modes vs direct formulas, exact gradient accumulation (4 micro-batches == 1 big batch; 2 simulated
+data-parallel ranks with gradient averaging), and sample selection (dynamic sampling, SSR, rank trimming)."""
 
 import math
 import random
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from advantage import (AdvantageConfig, Args, aggregate, compute_advantages, dynamic_sampling_mask,
-                       kl_penalty, loss_normalizer, main, policy_loss, ssr_sample)
+from advantage import (AdvantageConfig, Args, aggregate, compute_advantages, kl_penalty, loss_normalizer, main,
+                       policy_loss, select_samples, ssr_sample)
 
 ESTIMATORS = ["reinforce_pp", "reinforce_pp_baseline", "grpo", "dr_grpo", "rloo"]
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -412,20 +412,84 @@ def test_policy_loss_rejects_bad_inputs():
 
 
 # ----------------------------------------------------------------------------- sample selection
-def test_dynamic_sampling_mask():
-    keep = dynamic_sampling_mask(torch.tensor([1., 1, 1, 0, 1, 0, 0.3, 0.3, 0.3]), 3)
-    assert keep.tolist() == [False] * 3 + [True] * 3 + [False] * 3
-    with pytest.raises(ValueError, match="group_size"):
-        dynamic_sampling_mask(torch.ones(4), 1)
+def select(scores, adv, mask, n, multiple_of=1, seed=0, **cfg):
+    return select_samples(torch.tensor(scores), adv, mask, n, AdvantageConfig(**cfg),
+                          torch.Generator().manual_seed(seed), multiple_of)
+
+
+def test_select_samples_dynamic_sampling_drops_constant_groups():
+    # groups of 3: [1,1,1] constant, [0,1,0] kept, [0.3]*3 constant, [1,0,0] kept
+    scores = [1., 1, 1, 0, 1, 0, 0.3, 0.3, 0.3, 1, 0, 0]
+    m = torch.ones(12, 2)
+    adv = compute_advantages(torch.tensor(scores), m, 3, estimator="grpo")
+    assert select(scores, adv, m, 3, dynamic_sampling=True) == [3, 4, 5, 9, 10, 11]
+    assert select(scores, adv, m, 3) == list(range(12))  # off: everything
+    assert select(scores, adv, m, 3, multiple_of=4, dynamic_sampling=True) == [3, 4, 5, 9]  # 6 -> 4, from the end
+    assert select(scores, adv, m, 3, multiple_of=5) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert select(scores, adv, m, 3, multiple_of=7, dynamic_sampling=True) == []  # 6 < 7 ranks: nothing
+    with pytest.raises(ValueError, match="group_size"):  # a group of one is always constant
+        select([1., 0], torch.ones(2, 1), torch.ones(2, 1), 1, dynamic_sampling=True)
+    assert select([1., 0], torch.ones(2, 1), torch.ones(2, 1), 1) == [0, 1]  # n = 1 is fine without it
+
+
+def test_select_samples_ssr_keeps_only_nonzero_advantages():
+    # per-row mean over valid tokens: r0 (2+0)/2 = 1; r1 (1-1)/2 = 0 (token-level non-zero, mean zero);
+    # r2 1e-9 (rounding noise, <= 1e-8); r3 no valid token (99 sits on padding); r4 -0.5; r5 (0+0+3)/3 = 1
+    adv = torch.tensor([[2., 0, 0], [1, -1, 0], [1e-9, 0, 0], [99, 0, 0], [-.5, -.5, 0], [0, 0, 3]])
+    m = length_mask([2, 2, 1, 0, 2, 3], 3)
+    scores = [1., 0, 0, 0, 1, 1]
+    for seed in range(5):  # the pool is {0, 4, 5}: 3 draws (its size) with replacement, sorted
+        sel = select(scores, adv, m, 2, seed=seed, ssr=True)
+        assert len(sel) == 3 and set(sel) <= {0, 4, 5} and sel == sorted(sel)
+        assert len(select(scores, adv, m, 2, seed=seed, ssr=True, ssr_size=7)) == 7
+    assert len(select(scores, adv, m, 2, multiple_of=2, ssr=True)) == 2
+    # both rules: groups [1,0] [0,0] [1,1] -> dynamic sampling keeps 0,1; SSR then drops 1 (mean 0)
+    assert select(scores, adv, m, 2, dynamic_sampling=True, ssr=True) == [0]
+    assert select(scores, torch.zeros(6, 3), m, 2, ssr=True, ssr_size=4) == []  # nothing to learn from
+    # alpha weights the draws: mean advantages 1, -0.5, 1 -> p(4) = 0.5/2.5 = 0.2 at alpha 1, 0.25/2.25 at alpha 2
+    for alpha, p4 in ((1.0, 0.2), (2.0, 0.25 / 2.25), (0.0, 1 / 3)):
+        draws = select(scores, adv, m, 2, ssr=True, ssr_size=6000, ssr_alpha=alpha)
+        assert abs(draws.count(4) / 6000 - p4) < 0.02, alpha
+
+
+def test_select_samples_after_real_advantages():
+    # dr_grpo, n = 3: [1, 0, 0.5] mean 0.5 -> [0.5, -0.5, 0]; [1,1,1] -> 0; [0, 0, 1] mean 1/3 -> [-1/3, -1/3, 2/3]
+    scores = [1., 0, 0.5, 1, 1, 1, 0, 0, 1]
+    m = torch.ones(9, 4)
+    adv = compute_advantages(torch.tensor(scores), m, 3, estimator="dr_grpo")
+    assert select(scores, adv, m, 3, dynamic_sampling=True) == [0, 1, 2, 6, 7, 8]
+    assert set(select(scores, adv, m, 3, ssr=True)) <= {0, 1, 6, 7, 8}  # never response 2 (A = 0)
+    assert len(select(scores, adv, m, 3, multiple_of=2, dynamic_sampling=True, ssr=True)) == 4
+    # SSR draws its 5 responses from `generator`, which the caller may go on using (train.py shuffles with it)
+    g, expected = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    select_samples(torch.tensor(scores), adv, m, 3, AdvantageConfig(ssr=True), g)
+    torch.multinomial(torch.ones(5, dtype=torch.float64), 5, replacement=True, generator=expected)
+    assert torch.equal(g.get_state(), expected.get_state())
+
+
+def test_select_samples_rejects_bad_inputs():
+    s, m = torch.tensor([1., 0]), torch.ones(2, 3)
+    cfg, g = AdvantageConfig(ssr=True), torch.Generator()
+    with pytest.raises(ValueError, match="advantages"):
+        select_samples(s, torch.ones(2, 2), m, 2, cfg, g)
+    with pytest.raises(ValueError, match="mask"):
+        select_samples(s, torch.ones(3, 3), torch.ones(3, 3), 2, cfg, g)
+    with pytest.raises(ValueError, match="multiple_of"):
+        select_samples(s, torch.ones(2, 3), m, 2, cfg, g, multiple_of=0)
+    with pytest.raises(ValueError, match="advantages: need finite"):
+        select_samples(s, torch.tensor([[1., float("nan"), 0], [0, 0, 0]]), m, 2, cfg, g)
+    nan_on_padding = torch.tensor([[1., float("nan")], [-1, 0]])
+    assert select_samples(s, nan_on_padding, length_mask([1, 2]), 2, cfg, g) == [0, 1]
 
 
 def test_ssr_sample():
     adv = torch.tensor([0.0, 2.0, -1.0, 0.0, 1.0, -4.0])
     a = ssr_sample(adv, 3, 1.0, torch.Generator().manual_seed(7))
     b = ssr_sample(adv, 3, 1.0, torch.Generator().manual_seed(7))
-    assert torch.equal(a, b) and a.tolist() == sorted(set(a.tolist()))  # deterministic, distinct, sorted
+    assert torch.equal(a, b) and a.tolist() == sorted(a.tolist())  # deterministic, sorted
     assert set(a.tolist()) <= {1, 2, 4, 5}
-    assert sorted(ssr_sample(adv, 4, 1.0, torch.Generator().manual_seed(0)).tolist()) == [1, 2, 4, 5]
+    many = ssr_sample(adv, 50, 1.0, torch.Generator().manual_seed(0)).tolist()   # with replacement: k > K is fine
+    assert len(many) == 50 and set(many) <= {1, 2, 4, 5} and len(set(many)) < 50
     # k = 1: P(i) = |A_i| / 8 -> index 5 has p = 0.5, index 2 p = 0.125. 4000 draws, std of freq ~ 0.008.
     g = torch.Generator().manual_seed(1)
     counts = torch.bincount(torch.cat([ssr_sample(adv, 1, 1.0, g) for _ in range(4000)]), minlength=6)
@@ -436,8 +500,8 @@ def test_ssr_sample():
     # alpha = 2: p = [4, 1, 1, 16] / 22 -> index 5: 0.727
     counts = torch.bincount(torch.cat([ssr_sample(adv, 1, 2.0, g) for _ in range(2000)]), minlength=6)
     assert abs(counts[5].item() / 2000 - 16 / 22) < 0.05
-    with pytest.raises(ValueError, match="k=5"):
-        ssr_sample(adv, 5, 1.0, g)
+    with pytest.raises(ValueError, match="k=2"):
+        ssr_sample(torch.zeros(4), 2, 1.0, g)   # nothing to draw from
 
 
 # ----------------------------------------------------------------------------- CLI
