@@ -13,12 +13,10 @@ What this stage does (MAYE, arXiv 2504.02587, Table 3's "SFT" arm; MAYE never re
 3. Per epoch (and every --val-every steps): validation loss (all ranks) and greedy validation accuracy
    (train.validate: T=0.01, top_p=0.001, MAYE's pass@1 setting), metrics.jsonl, an HF-format checkpoint.
 
-Validation engine (a choice): an FSDP-sharded model cannot generate on one rank, so rank 0 gathers the full state
-dict (a collective, also used for the checkpoint) and pushes it into ONE engine kept for the whole run:
-`--rollout.engine vllm` (default): train.EngineClient, vLLM in its own process (start-up ~20 s on CPU, paid once;
-weights via update_weights); `--rollout.engine hf`: an HF model in rank 0's process, weights via load_state_dict
-(no start-up cost; enough at toy sizes). The other ranks wait at a barrier meanwhile. On GPUs the vLLM engine
-takes the last visible GPU, as in train.py: run --nproc (GPUs - 1), or use the hf engine with all GPUs.
+Validation engine: an FSDP-sharded model cannot generate on one rank, so rank 0 gathers the full state dict (a
+collective, also used for the checkpoint) and pushes it into ONE engine process kept for the whole run
+(rollout.EngineClient: `--rollout.engine vllm` or `hf`, started at the first validation, on the last GPU as in
+train.py: run --nproc (GPUs - 1)). The other ranks wait at a barrier meanwhile.
 
 Simplifications: padding, not packing (rollout.collate's left-padded prompts + right-padded responses); the LR
 schedule steps once per optimizer step; the last partial batch of each epoch is dropped (rollout.batch_indices, a
@@ -35,23 +33,27 @@ Run alone:
 """
 from __future__ import annotations
 
-import math
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 import tyro
 
+from common import (DataConfig, DataError, MetricsLogger, ModelConfig, OptimConfig, Sample, batch_indices,
+                    blocked_token_ids, build_optimizer, check_model_dir, clip_grad_norm, collate, fits_model,
+                    format_line, full_state_dict, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
+                    load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
+                    stop_token_ids, to_device)
+from evaluate import validate
 from reward import RewardConfig
-from rollout import (DataConfig, DataError, RolloutConfig, Sample, batch_indices, blocked_token_ids, collate,
-                     compute_logprobs, make_engine, read_dataset, stop_token_ids)
-from train import (MetricsLogger, ModelConfig, OptimConfig, build_optimizer, full_state_dict, init_distributed,
-                   latest_checkpoint, launch, load_model, load_trainer_state, micro_batches, print0, save_checkpoint,
-                   shard_model, validate)
+from rollout import EngineClient, RolloutConfig, compute_logprobs
 
 END_OF_TURN = "<|im_end|>"
+LOG_LINE = (("epoch {:.2f}", "epoch"), ("loss {:.4f}", "train/loss"), ("gnorm {:.3f}", "training/grad_norm"),
+            ("lr {:.2e}", "training/lr"), ("{:.2f}s", "time/step"), ("val loss {:.4f}", "val/loss"),
+            ("acc {:.3f}", "val/accuracy"))
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class Args:
     """Keep the newest K checkpoints (0 = keep all: evaluate.py evaluates every epoch's)."""
     resume: bool = False
     """Continue from the newest checkpoint in out_dir (the number of ranks may differ)."""
+    restart: bool = False
+    """Start afresh in an out_dir that holds a run: move that run aside to OUT_DIR.old-TIME first."""
     tensorboard: bool = False
     """Also log to TensorBoard (out_dir/tb)."""
     wandb: str = ""
@@ -127,29 +131,15 @@ def response_ids(tokenizer, sample: Sample, max_tokens: int) -> list[int]:
     return ids + [eot]
 
 
-def load_sft_data(path: str, data_cfg: DataConfig, tokenizer, max_tokens: int,
-                  verbose: bool = True) -> tuple[list[Sample], list[list[int]], list[str]]:
-    """rollout.read_dataset + response_ids for every row: (samples, responses, skipped-row errors). Bad targets
-    behave like rollout.py's bad rows: raise, or with data_cfg.skip_invalid skip and report on stderr."""
-    samples, skipped = read_dataset(path, data_cfg)
-    kept, responses = [], []
-    for s in samples:
-        try:
-            responses.append(response_ids(tokenizer, s, max_tokens))
-            kept.append(s)
-        except DataError as e:
-            if not data_cfg.skip_invalid:
-                raise
-            skipped.append(str(e))
-    if not kept:
-        raise DataError(f"{path}: no valid rows ({len(skipped)} skipped)")
-    if skipped and verbose:
-        print(f"[sft] {path}: skipped {len(skipped)} invalid row(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
-    return kept, responses, skipped
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+def load_sft_data(path: str, data_cfg: DataConfig, tokenizer, max_tokens: int, check=None,
+                  verbose: bool = True) -> tuple[list[Sample], list[list[int]]]:
+    """common.load_dataset whose rows must also pass `check` and have a valid SFT target (response_ids): (samples,
+    responses). A bad target fails like a bad row: file:line and field named, or skipped with --data.skip-invalid."""
+    def check_row(s: Sample) -> None:
+        (check or (lambda _: None))(s)
+        response_ids(tokenizer, s, max_tokens)
+    samples = load_dataset(path, data_cfg, check_row, verbose)
+    return samples, [response_ids(tokenizer, s, max_tokens) for s in samples]
 
 
 def response_nll(model, batch: dict) -> torch.Tensor:
@@ -202,55 +192,17 @@ def validation_loss(model, processor, samples: list[Sample], responses: list[lis
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The greedy-validation engine on rank 0 (see the module docstring for the choice)
-# ----------------------------------------------------------------------------------------------------------------
-class ValidationEngine:
-    """One engine for the whole run, created on first use; `.sync(weights)` pushes the current full state dict."""
-
-    def __init__(self, model_dir: str, args: Args):
-        self.model_dir, self.args, self.engine = model_dir, args, None
-
-    def sync(self, weights: dict) -> None:
-        if self.args.rollout.engine == "vllm":
-            if self.engine is None:
-                from train import EngineClient
-                self.engine = EngineClient(self.model_dir, self.args.rollout, self.args.data, self.args.out_dir)
-            self.engine.update_weights(weights)
-        else:
-            if self.engine is None:
-                self.engine = make_engine(self.model_dir, self.args.rollout, self.args.data)
-            self.engine.model.load_state_dict(weights)          # strict: every key must match
-
-    def accuracy(self, samples: list[Sample]) -> dict:
-        return validate(self.engine, samples, self.args.reward, self.args.rollout.max_tokens)
-
-    def close(self) -> None:
-        if self.engine is not None and hasattr(self.engine, "close"):
-            self.engine.close()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The SFT loop (one process per rank)
 # ----------------------------------------------------------------------------------------------------------------
-def sft_worker(args: Args) -> None:
+def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]], val_set: list[Sample],
+               val_resp: list[list[int]]) -> None:
     import torch.distributed as dist
     from rich.progress import Progress
     from transformers import AutoProcessor
     rank, world, device = init_distributed(args.threads)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
     ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
-    tok = processor.tokenizer
-    train_set, train_resp, _ = load_sft_data(args.data.train, args.data, tok, args.max_response_tokens, rank == 0)
-    val_set, val_resp = [], []
-    if args.val_every >= 0:
-        val_set, val_resp, _ = load_sft_data(args.data.validation, args.data, tok, args.max_response_tokens, rank == 0)
-        if args.val_limit:
-            val_set, val_resp = val_set[:args.val_limit], val_resp[:args.val_limit]
     steps_per_epoch = len(train_set) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} > training set size {len(train_set)} ({args.data.train})")
     total_steps = args.max_steps or steps_per_epoch * args.epochs
 
     model = shard_model(load_model(str(ckpt or args.model.path), args.model, device), args.model, device)
@@ -258,9 +210,9 @@ def sft_worker(args: Args) -> None:
     start = load_trainer_state(ckpt, model, optimizer, scheduler)["step"] if ckpt else 0
     params = [p for p in model.parameters() if p.requires_grad]
     batch_processor = CachedProcessor(processor) if args.cache_prompts else processor
-    logger = MetricsLogger(args.out_dir, asdict(args), start if ckpt else None, args.tensorboard, args.wandb) \
+    logger = MetricsLogger(args.out_dir, asdict(args), start if args.resume else None, args.tensorboard, args.wandb) \
         if rank == 0 else None
-    engine = ValidationEngine(str(ckpt or args.model.path), args) if rank == 0 else None
+    engine = None                                          # the validation engine, started at the first validation
     print0(f"[sft] {world} rank(s) on {device}, {len(train_set)} train / {len(val_set)} val rows, steps "
            f"{start}->{total_steps} ({steps_per_epoch}/epoch), batch {args.batch_size}, resume={ckpt}")
     try:
@@ -279,11 +231,7 @@ def sft_worker(args: Args) -> None:
                     loss_sum = response_nll(model, batch)
                     (loss_sum * (world / n_tokens)).backward()     # FSDP2 averages gradients over ranks: undo it
                     nll += loss_sum.item()
-                gn = torch.nn.utils.clip_grad_norm_(params, args.optim.grad_clip or float("inf"))
-                gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-                if not math.isfinite(gn):
-                    raise FloatingPointError(f"step {step}: non-finite gradient norm ({gn}); stopping before any "
-                                             f"checkpoint is written with it")
+                gn = clip_grad_norm(params, args.optim.grad_clip, step)
                 lr = scheduler.get_last_lr()[0]                    # the lr this step used
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -298,23 +246,20 @@ def sft_worker(args: Args) -> None:
                 do_val = bool(val_set) and (epoch_end or last or (args.val_every > 0 and done % args.val_every == 0))
                 do_save = epoch_end or last or (args.save_every > 0 and done % args.save_every == 0)
                 weights = full_state_dict(model) if (do_val or do_save) else None   # collective; {} off rank 0
+                if do_save:                  # before validating: a failed validation loses no training
+                    save_checkpoint(args.out_dir, done, done / steps_per_epoch, "sft", model, optimizer, scheduler,
+                                    processor, weights, args.keep_checkpoints)
                 if do_val:
                     metrics["val/loss"] = validation_loss(model, batch_processor, val_set, val_resp, args.data,
                                                           args.micro_batch_size, rank, world, device)
                     if rank == 0:
-                        engine.sync(weights)
-                        metrics.update(engine.accuracy(val_set))
+                        engine = engine or EngineClient(str(ckpt or args.model.path), args.rollout, args.data)
+                        engine.update_weights(weights)
+                        metrics.update(validate(engine, val_set, args.reward, args.rollout.max_tokens))
                     dist.barrier()
                     metrics["time/val"] = time.time() - t1
-                if do_save:
-                    save_checkpoint(args.out_dir, done, done / steps_per_epoch, "sft", model, optimizer, scheduler,
-                                    processor, weights, args.keep_checkpoints)
                 if rank == 0:
-                    line = (f"step {done:5d}/{total_steps} | epoch {metrics['epoch']:.2f} | loss "
-                            f"{metrics['train/loss']:.4f} | gnorm {gn:.3f} | lr {lr:.2e} | {metrics['time/step']:.2f}s"
-                            + (f" | val loss {metrics['val/loss']:.4f} acc {metrics['val/accuracy']:.3f}"
-                               if do_val else ""))
-                    logger.log(metrics, line)
+                    logger.log(metrics, format_line(done, total_steps, metrics, LOG_LINE))
                     progress.update(bar, completed=done)
     finally:
         if engine is not None:
@@ -323,7 +268,29 @@ def sft_worker(args: Args) -> None:
 
 
 def main(args: Args) -> None:
-    launch(sft_worker, args, args.nproc)
+    """Check the flags, the model folder, the out-dir and every dataset row, then start the ranks."""
+    from transformers import AutoProcessor
+    check_model_dir(args.model.path)
+    processor = AutoProcessor.from_pretrained(args.model.path)
+    verbose = int(os.environ.get("RANK", "0")) == 0
+    train = load_sft_data(args.data.train, args.data, processor.tokenizer, args.max_response_tokens,
+                          fits_model(processor, args.data), verbose)
+    val = load_sft_data(args.data.validation, args.data, processor.tokenizer, args.max_response_tokens,
+                        fits_model(processor, args.data, args.rollout.max_tokens, args.rollout.max_model_len),
+                        verbose) if args.val_every >= 0 else ([], [])
+    world = int(os.environ.get("WORLD_SIZE", args.nproc))
+    for bad, msg in ((args.batch_size < 1 or args.batch_size % world,
+                      f"--batch-size {args.batch_size} must be a positive multiple of the {world} ranks"),
+                     (args.batch_size > len(train[0]), f"--batch-size {args.batch_size} > the {len(train[0])} "
+                                                       f"training rows of {args.data.train}"),
+                     (min(args.micro_batch_size, args.epochs) < 1 or args.max_steps < 0,
+                      "--micro-batch-size and --epochs must be >= 1, --max-steps >= 0"),
+                     (args.resume and args.restart, "--resume continues the run in --out-dir, --restart moves it "
+                                                    "aside")):
+        if bad:
+            raise SystemExit(f"sft.py: {msg}")
+    prepare_out_dir(args.out_dir, args.resume, args.restart)
+    launch(sft_worker, args.nproc, args, *train, val[0][:args.val_limit or None], val[1][:args.val_limit or None])
 
 
 if __name__ == "__main__":

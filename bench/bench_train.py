@@ -64,7 +64,7 @@ def memory_worker(args_and_path) -> None:
     """On each rank: shard the model, take one optimizer step, report local bytes of params, grads, Adam state."""
     import torch
     import torch.distributed as dist
-    from train import ModelConfig, OptimConfig, build_optimizer, init_distributed, load_model, shard_model
+    from common import ModelConfig, OptimConfig, build_optimizer, init_distributed, load_model, shard_model
     path, result_file = args_and_path
     rank, world, device = init_distributed()
     cfg = ModelConfig(path=path, freeze_vision=False)
@@ -89,9 +89,9 @@ def memory_worker(args_and_path) -> None:
 
 
 def memory(path: str, nproc: int) -> dict:
-    from train import launch
+    from common import launch
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        launch(memory_worker, (path, f.name), nproc)
+        launch(memory_worker, nproc, (path, f.name))
         per_rank = json.loads(Path(f.name).read_text())
     mb = [sum(r) / 2**20 for r in per_rank]
     return {"ranks": nproc, "max_rank_MiB": max(mb), "params_grads_optim_MiB_rank0": [x / 2**20 for x in per_rank[0]]}

@@ -14,7 +14,8 @@ import pytest
 
 import evaluate as ev
 from reward import RewardConfig
-from rollout import Completion, Sample
+from common import Sample
+from rollout import Completion
 
 RCFG = RewardConfig(num_workers=0)  # in-process judging: no worker start-up in unit tests
 
@@ -132,6 +133,16 @@ def test_evaluate_model_bad_input():
         ev.evaluate_model(Short({}), [sample(0, "1")], ev.EvalConfig(settings=("pass@2_t1.0",)), RCFG)
 
 
+def test_validate_is_greedy_pass_at_1():
+    """The trainers' validation: one near-greedy sample per prompt (T=0.01, top_p=0.001) at their max_tokens."""
+    eng = FakeEngine({"p0": [comp("\\boxed{3}", 6)], "p1": [comp("\\boxed{4}", 8)],
+                      "p2": [comp("\\boxed{7", 4, "length")]})
+    out = ev.validate(eng, [sample(0, "3"), sample(1, "5"), sample(2, "7")], RCFG, max_tokens=12)
+    # p0 right (6 tokens), p1 wrong (8), p2 truncated with an unclosed box, wrong (4) -> 1/3, (6 + 8 + 4) / 3 = 6
+    assert out == {"val/accuracy": pytest.approx(1 / 3), "val/mean_length": pytest.approx(6.0)}
+    assert eng.calls == [dict(ids=["p0", "p1", "p2"], n=1, temperature=0.01, top_p=0.001, max_tokens=12, seed=0)]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # aggregation and report
 # ------------------------------------------------------------------------------------------------------------
@@ -152,8 +163,7 @@ def fake_runs():
 
 def test_aggregate_hand():
     runs = fake_runs()
-    arms = {r: ev.run_arm(rows) for r, rows in runs.items()}
-    assert arms == {"rl0": "rl", "rl1": "rl", "sft0": "sft", "sft1": "sft", "base": "vanilla"}
+    arms = {"rl0": "rl", "rl1": "rl", "sft0": "sft", "sft1": "sft", "base": "vanilla"}
     agg = ev.aggregate(runs, arms, "test", "pass@1_t0.01")
     # rl0: mean (0.3+0.5+0.4)/3 = 0.4, max 0.5;  rl1: mean (0.2+0.6+0.7)/3 = 0.5, max 0.7
     # means 0.4, 0.5 -> mean 0.45, sample std sqrt(((-.05)^2 + .05^2)/1) = 0.0707107
@@ -201,13 +211,13 @@ def write_fake_run(root: Path, name, kind, seed):
 def test_report_and_figures(tmp_path):
     runs_dirs = [write_fake_run(tmp_path, f"rl{s}", "rl", s) for s in range(2)] + [
         write_fake_run(tmp_path, "sft0", "sft", 0)]
-    metrics = {r: ev.read_metrics(r) for r in runs_dirs}
+    metrics = {r: ev.read_jsonl(Path(r) / "metrics.jsonl") for r in runs_dirs}
     runs = {}
     for r, kind, seed in zip(runs_dirs, ["rl", "rl", "sft"], [0, 1, 0]):
         runs[r] = [dict(row, split=sp, step=int(row["epoch"]) * 3) for sp in ("validation", "test")
                    for row in rows_for([0.3 + 0.01 * seed, 0.6 + 0.01 * seed], kind=kind, setting="pass@1_t0.01")]
     runs["base"], metrics["base"] = rows_for([0.2], kind="vanilla", start_epoch=0, split="validation"), []
-    arms = {r: ev.run_arm(rows) for r, rows in runs.items()}
+    arms = {r: rows[0]["kind"] for r, rows in runs.items()}
     out = tmp_path / "report"
     path = ev.write_report(runs, metrics, arms, out, ("validation", "test"), ("pass@1_t0.01", "pass@1_t0.6"))
     for png in ("training_curves.png", "accuracy_per_epoch.png"):
@@ -221,17 +231,35 @@ def test_report_and_figures(tmp_path):
     assert f"| `{runs_dirs[1]}` | 6 | 61.0 | 61.0 | nan | 22.00 |" in text  # no val/mean_length logged
 
 
-def test_band_and_series_errors(tmp_path):
-    xs, m, sd = ev.band([{1.0: 1.0, 2.0: 3.0}, {1.0: 3.0}])
-    assert xs == [1.0, 2.0] and m == [2.0, 3.0] and sd == pytest.approx([math.sqrt(2), 0.0])
+def test_series_and_jsonl_errors(tmp_path):
+    rows = [{"step": 1, "acc": 0.5}, {"step": 2}, {"step": 2, "acc": 1}, {"step": 2, "acc": 0.75}]
+    assert ev.series(rows, "acc", "step") == {1.0: 0.5, 2.0: 0.75}  # a later line at the same step wins
     with pytest.raises(ValueError, match="'response/lengths' at step=4 is 'x'"):
         ev.series([{"step": 4, "response/lengths": "x"}], "response/lengths", "step", "run/metrics.jsonl")
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "epoch": 0.5}\n{"epoch": 1.0}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: needs an int 'step'"):
-        ev.read_metrics(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "epoch": 0.5}\n{"step": 2, "ep')
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "epoch": 0.5}\n\n{"epoch": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: row 2 lacks \['step'\]"):
+        ev.read_jsonl(path, ("step", "epoch"))
+    path.write_text('{"step": 1, "epoch": 0.5}\n{"step": 2, "ep')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
-        ev.read_metrics(tmp_path)
+        ev.read_jsonl(path)
+
+
+def test_main_report_only(tmp_path):
+    """--runs ... --report-only: eval.jsonl from each run dir, or from OUT/models/<path> for a plain model dir; the
+    default arm is the kind of a run's last evaluated checkpoint (this rl run starts from a vanilla step 0)."""
+    rl, base, out = make_run(tmp_path, [2]), tmp_path / "base", tmp_path / "report"
+    rows = rows_for([0.9], kind="vanilla", start_epoch=0) + rows_for([0.4, 0.6])  # steps 0, 10, 20
+    (rl / "eval.jsonl").write_text("".join(json.dumps(dict(r, max_tokens=8, limit=0)) + "\n" for r in rows))
+    (rl / "metrics.jsonl").write_text(json.dumps({"step": 10, "epoch": 1.0, "response/lengths": 7}) + "\n")
+    base_dir = out / "models" / str(base.resolve()).strip("/").replace("/", "_")
+    base_dir.mkdir(parents=True)
+    (base_dir / "eval.jsonl").write_text(json.dumps(dict(rows[0], accuracy=0.25, max_tokens=8, limit=0)) + "\n")
+    ev.main(ev.Args(runs=(str(rl), str(base)), out=str(out), report_only=True, eval=ev.EvalConfig(splits=("test",))))
+    text = (out / "report.md").read_text()
+    assert f"| `{rl}` | rl | 3 | 1 |" in text and f"| `{base}` | vanilla | 1 | 0 |" in text
+    assert "| Vanilla (1 run) | 25.0 |" in text and "| RL mean (1 run) | 50.0 |" in text  # (0.4 + 0.6) / 2
+    assert "| RL max (1 run) | 60.0 |" in text and (out / "training_curves.png").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -277,7 +305,7 @@ class ScriptedEngines:
 
 
 def test_evaluate_run_resume_and_every_k(tmp_path):
-    from rollout import DataConfig
+    from common import DataConfig
     data = DataConfig(validation=make_split(tmp_path, "val", ["1", "2", "3"]),
                       test=make_split(tmp_path, "test", ["4", "5"]))
     run = make_run(tmp_path, [1, 2, 3])
@@ -307,7 +335,7 @@ def test_evaluate_run_resume_and_every_k(tmp_path):
 
 
 def test_evaluate_run_errors(tmp_path):
-    from rollout import DataConfig
+    from common import DataConfig
     run = make_run(tmp_path, [1])
     no_answers = make_split(tmp_path, "val", ["1", ""])
     eng = ScriptedEngines()
@@ -315,13 +343,13 @@ def test_evaluate_run_errors(tmp_path):
         ev.evaluate_run(run, DataConfig(validation=no_answers), cfg=ev.EvalConfig(splits=("validation",)),
                         reward_cfg=RCFG, engine_fn=eng)
     assert eng.loaded == []
-    with pytest.raises(ValueError, match="split 'nope'"):
+    with pytest.raises(AttributeError, match="'nope'"):  # --eval.splits names a DataConfig field
         ev.evaluate_run(run, DataConfig(), cfg=ev.EvalConfig(splits=("nope",)), reward_cfg=RCFG, engine_fn=eng)
     (run / "eval.jsonl").write_text('{"checkpoint": "step_000001", "split": "validation"}\n')
     with pytest.raises(ValueError, match=r"eval.jsonl: row 1 lacks \['step', 'epoch'"):
         ev.evaluate_run(run, DataConfig(), reward_cfg=RCFG, engine_fn=eng)
     (run / "checkpoints" / "step_000002").mkdir()
-    with pytest.raises(ValueError, match="step_000002: no vlrl_state.json"):
+    with pytest.raises(FileNotFoundError, match="step_000002/vlrl_state.json"):
         ev.list_checkpoints(run)
     with pytest.raises(ValueError, match="neither a run dir"):
         ev.list_checkpoints(tmp_path / "images")
@@ -337,7 +365,8 @@ def test_hf_engine_on_toy_model(toy_world, tmp_path):
     """The real chain on the tiny toy model: HF engine -> evaluate_model, and evaluate_run on a run dir whose one
     checkpoint is that model gives the same numbers (same seeds, same prompts)."""
     import shutil
-    from rollout import DataConfig, RolloutConfig, load_dataset, make_engine
+    from common import DataConfig, load_dataset
+    from rollout import RolloutConfig, make_engine
     model = toy_world / "models" / "qwen2_5_vl-tiny"
     data = DataConfig(validation=str(toy_world / "data" / "validation.jsonl"))
     rcfg = RolloutConfig(engine="hf", max_tokens=8)

@@ -1,4 +1,4 @@
-"""rollout.py: data loading and validation, prompts, vLLM/HF generation, and the trainer-side log-probs.
+"""rollout.py (and common.py's data loading, prompts and batches): vLLM/HF generation and the trainer-side log-probs.
 
 The central checks compare independent computations: vLLM's sampled-token log-probs vs an HF forward
 (compute_logprobs), padded batches vs one sequence at a time, and compute_logprobs vs a naive float64 log-softmax
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common as C
 import rollout as R
 
 ARCHS = ["qwen2_5_vl", "qwen2_vl"]
@@ -35,18 +36,18 @@ def hf(toy_world):
 
 @pytest.fixture(scope="module")
 def val(toy_world):
-    return R.load_dataset(str(toy_world / "data" / "validation.jsonl"))
+    return C.load_dataset(str(toy_world / "data" / "validation.jsonl"))
 
 
 def flat(groups):
     return [c for g in groups for c in g]
 
 
-def max_engine_vs_trainer(model, processor, samples, groups, temperature, data_cfg=R.DataConfig()):
+def max_engine_vs_trainer(model, processor, samples, groups, temperature, data_cfg=C.DataConfig()):
     """max |engine log-prob - compute_logprobs| over all response tokens (prompt i repeated per sample)."""
     ss = [s for s, g in zip(samples, groups) for _ in g]
     comps = flat(groups)
-    batch = R.collate(processor, ss, [c.token_ids for c in comps], data_cfg)
+    batch = C.collate(processor, ss, [c.token_ids for c in comps], data_cfg)
     with torch.no_grad():
         lp = R.compute_logprobs(model, batch, temperature)
     P = batch["response_start"]
@@ -71,33 +72,33 @@ def test_load_maye_jsonl(toy_world, val):
     # MAYE: image first, then the question (its <image> tag removed) + the CoT instruction
     question = row["question"].replace("<image>", "")
     assert s.messages == [{"role": "user", "content": [{"type": "image"},
-                                                       {"type": "text", "text": question + R.MAYE_INSTRUCTION}]}]
+                                                       {"type": "text", "text": question + C.MAYE_INSTRUCTION}]}]
 
 
 def test_prompt_text(val, hf):
     _, processor = hf("qwen2_5_vl")
-    text = R.prompt_text(processor, val[0])
+    text = C.prompt_text(processor, val[0])
     assert text.count("<|image_pad|>") == 1       # one placeholder per image; the processor expands it
     assert text.index("<|vision_end|>") < text.index("Solve the above mathematics problem")
     assert text.endswith("<|im_start|>assistant\n")
     assert "You are a helpful assistant." in text   # the model's default system prompt applies (MAYE)
-    text2 = R.prompt_text(processor, R.Sample("x", [{"role": "user", "content": [
+    text2 = C.prompt_text(processor, C.Sample("x", [{"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}]}], [], "1", None, "s"))
     assert "a<|vision_start|><|image_pad|><|vision_end|>b" in text2
 
 
 def test_batch_indices():
     # 10 items, batch 3 -> 3 batches per epoch (item 10 of each permutation dropped)
-    got = [R.batch_indices(10, 3, seed=7, step=s) for s in range(7)]
+    got = [C.batch_indices(10, 3, seed=7, step=s) for s in range(7)]
     assert [e for e, _ in got] == [0, 0, 0, 1, 1, 1, 2]
     epoch0 = sum((ix for e, ix in got if e == 0), [])
     assert len(epoch0) == 9 and len(set(epoch0)) == 9 and set(epoch0) <= set(range(10))
     assert all(len(ix) == 3 for _, ix in got)
     assert got[0][1] != got[3][1] or got[1][1] != got[4][1]        # a new permutation each epoch
-    assert R.batch_indices(10, 3, seed=7, step=5) == got[5]          # pure: resuming at step 5 = same batch
-    assert R.batch_indices(10, 3, seed=8, step=0) != got[0]
+    assert C.batch_indices(10, 3, seed=7, step=5) == got[5]          # pure: resuming at step 5 = same batch
+    assert C.batch_indices(10, 3, seed=8, step=0) != got[0]
     with pytest.raises(ValueError, match="batch_size"):
-        R.batch_indices(2, 3, seed=0, step=0)
+        C.batch_indices(2, 3, seed=0, step=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def test_batch_indices():
 def naive_logprobs(model, processor, sample, response, temperature, blocked):
     """Independent reference: one unpadded sequence, full logits, float64 log-softmax with the blocked tokens
     removed by hand, read token by token."""
-    enc = processor(text=[R.prompt_text(processor, sample)], images=sample.images, return_tensors="pt")
+    enc = processor(text=[C.prompt_text(processor, sample)], images=sample.images, return_tensors="pt")
     L = enc["input_ids"].shape[1]
     ids = torch.cat([enc["input_ids"], torch.tensor([response])], 1)
     mm = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(response), dtype=torch.long)], 1)
@@ -128,13 +129,13 @@ def naive_logprobs(model, processor, sample, response, temperature, blocked):
 def test_compute_logprobs_padded_equals_single_and_naive(arch, val, hf):
     model, processor = hf(arch)
     g = torch.Generator().manual_seed(0)
-    by_len = sorted(val[:20], key=lambda s: len(processor.tokenizer(R.prompt_text(processor, s))["input_ids"]))
+    by_len = sorted(val[:20], key=lambda s: len(processor.tokenizer(C.prompt_text(processor, s))["input_ids"]))
     samples = [by_len[0], by_len[-1], by_len[10], by_len[0]]   # prompts of different token lengths (templates)
-    assert len({len(processor.tokenizer(R.prompt_text(processor, s))["input_ids"]) for s in samples}) == 3
+    assert len({len(processor.tokenizer(C.prompt_text(processor, s))["input_ids"]) for s in samples}) == 3
     responses = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 1, 9, 3)]
     responses[1] = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     T = 0.7
-    batch = R.collate(processor, samples, responses)
+    batch = C.collate(processor, samples, responses)
     lp, ent = R.compute_logprobs(model, batch, T, return_entropy=True)
     assert lp.shape == ent.shape == batch["input_ids"].shape == batch["response_mask"].shape
     assert (lp[batch["response_mask"] == 0] == 0).all() and (ent[batch["response_mask"] == 0] == 0).all()
@@ -142,7 +143,7 @@ def test_compute_logprobs_padded_equals_single_and_naive(arch, val, hf):
     blocked = set(batch["blocked_token_ids"].tolist())
     assert len(blocked) == 5
     for i, (s, r) in enumerate(zip(samples, responses)):
-        one = R.collate(processor, [s], [r])
+        one = C.collate(processor, [s], [r])
         lp1 = R.compute_logprobs(model, one, T)[0, one["response_start"]:]
         assert (lp[i, P:P + len(r)] - lp1).abs().max().item() <= 1e-5          # padded == one at a time
         ref_lp, ref_ent = naive_logprobs(model, processor, s, r, T, blocked)
@@ -152,7 +153,7 @@ def test_compute_logprobs_padded_equals_single_and_naive(arch, val, hf):
 
 def test_compute_logprobs_autograd_and_mrope(val, hf):
     model, processor = hf("qwen2_5_vl")
-    batch = R.collate(processor, [val[0], val[1]], [[5, 6, 7], [8, 9]])
+    batch = C.collate(processor, [val[0], val[1]], [[5, 6, 7], [8, 9]])
     lp = R.compute_logprobs(model, batch)
     lp.sum().backward()
     grad = model.lm_head.weight.grad
@@ -176,7 +177,7 @@ def test_vllm_logprobs_equal_trainer(arch, val, hf, vllm_engine):
     for T in (1.0, 0.6):
         groups = engine.generate(samples, n=2, temperature=T, max_tokens=16, seed=3)
         assert [len(g) for g in groups] == [2, 2, 2]
-        blocked = set(R.blocked_token_ids(processor.tokenizer, 10**6)) - set(range(len(processor.tokenizer), 10**6))
+        blocked = set(C.blocked_token_ids(processor.tokenizer, 10**6)) - set(range(len(processor.tokenizer), 10**6))
         for c in flat(groups):
             assert c.finish_reason in ("stop", "length") and not blocked & set(c.token_ids)
             assert (c.finish_reason == "length") == (len(c.token_ids) == 16)
@@ -226,7 +227,7 @@ def stop_prone_copy(model, processor, val):
     import copy
     new = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
-    b = R.collate(processor, val[:1], [[5, 6, 7]])
+    b = C.collate(processor, val[:1], [[5, 6, 7]])
     with torch.no_grad():
         for p in new.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
@@ -242,7 +243,7 @@ def test_vllm_update_weights(val, hf, vllm_engine):
     samples = val[:4]
     before = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
     try:
-        engine.update_weights(new.state_dict().items())   # in-memory names (model.language_model.*, ...)
+        engine.update_weights(new.state_dict())   # in-memory names (model.language_model.*, ...)
         after = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
         assert [c.token_ids for c in flat(after)] != [c.token_ids for c in flat(before)]
         assert max_engine_vs_trainer(new, processor, samples, after, 1.0) <= 1e-4    # the NEW weights are used
@@ -251,7 +252,7 @@ def test_vllm_update_weights(val, hf, vllm_engine):
         assert stops and all(c.token_ids[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>") and
                              len(c.token_ids) < 16 for c in stops)     # the stop token is kept in the response
     finally:   # the engine is shared by the session: restore the original weights, and check they are back
-        engine.update_weights(model.state_dict().items())
+        engine.update_weights(model.state_dict())
     again = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
     assert [c.token_ids for c in flat(again)] == [c.token_ids for c in flat(before)]
 
@@ -259,8 +260,8 @@ def test_vllm_update_weights(val, hf, vllm_engine):
 def test_min_max_pixels_honoured_by_both(val, hf, vllm_engine):
     import copy
     model, processor = hf("qwen2_5_vl")
-    cfg = R.DataConfig(min_pixels=112 * 112)          # 56x56 images are upscaled to 112x112: 16 image tokens
-    batch = R.collate(processor, val[:2], [[5], [6]], cfg)
+    cfg = C.DataConfig(min_pixels=112 * 112)          # 56x56 images are upscaled to 112x112: 16 image tokens
+    batch = C.collate(processor, val[:2], [[5], [6]], cfg)
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
     assert (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum().item() == 2 * 16
     engine = copy.copy(vllm_engine("qwen2_5_vl"))    # same LLM, other data config (sent per request)
@@ -275,38 +276,40 @@ def test_forced_rethinking(engine_kind, val, hf, vllm_engine):
     model, processor = hf("qwen2_5_vl")
     engine = R.HFEngine(model, processor, R.RolloutConfig()) if engine_kind == "hf" else vllm_engine("qwen2_5_vl")
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    samples = val[:2]
-    base = engine.generate(samples, n=2, temperature=1.0, max_tokens=6, seed=0)
+    samples = [s for s in val[:2] for _ in range(2)]                 # flat: each prompt's 2 responses adjacent
+    base = flat(engine.generate(val[:2], n=2, temperature=1.0, max_tokens=6, seed=0))
     # make three responses finish with the stop token (the random model rarely stops by itself)
-    first = [[R.Completion(c.text, c.token_ids + [eos], c.logprobs + [-1.0], "stop") for c in g] for g in base]
-    first[1][1] = base[1][1]                        # finished by length: never rethought
+    first = [R.Completion(c.text, c.token_ids + [eos], c.logprobs + [-1.0], "stop") for c in base]
+    first[3] = base[3]                              # finished by length: never rethought
     cfg = R.RolloutConfig(rethink_fraction=1.0, rethink_min_new_tokens=1, max_tokens=60, rethink_max_new_tokens=12)
     wrong = "\n\nWait, there might be a mistake"
-    out, stats = R.forced_rethinking(engine, samples, first, cfg, is_correct=lambda text, s: wrong in text)
+
+    def judge(texts, ss):                           # "correct" = contains the wrong-answer trigger
+        assert len(texts) == len(ss)
+        return [wrong in t for t in texts]
+    out, stats = R.forced_rethinking(engine, samples, first, cfg, judge)
     assert stats == {"rethink/tried": 3, "rethink/kept": 3}
-    assert out[1][1] is first[1][1]
+    assert out[3] is first[3]
     trig = processor.tokenizer.encode(wrong, add_special_tokens=False)
-    seqs, ss = [], []
-    for i, j in [(0, 0), (0, 1), (1, 0)]:
-        c, f = out[i][j], first[i][j]
+    for k in range(3):
+        c, f = out[k], first[k]
         a, b = c.trigger_span
         assert (a, b) == (len(f.token_ids) - 1, len(f.token_ids) - 1 + len(trig))     # stop token replaced
         assert c.token_ids[:a] == f.token_ids[:-1] and c.token_ids[a:b] == trig and len(c.token_ids) > b
         assert all(math.isnan(x) for x in c.logprobs[a:b]) and len(c.logprobs) == len(c.token_ids)
-        seqs.append(c)
-        ss.append(samples[i])
     # the continuation was sampled given prompt + first + trigger: its log-probs equal the trainer's there
-    batch = R.collate(processor, ss, [c.token_ids for c in seqs])
+    batch = C.collate(processor, samples[:3], [c.token_ids for c in out[:3]])
     with torch.no_grad():
         lp = R.compute_logprobs(model, batch, 1.0)
     P = batch["response_start"]
-    for k, c in enumerate(seqs):
+    for k, c in enumerate(out[:3]):
         b = c.trigger_span[1]
         assert (lp[k, P + b:P + len(c.token_ids)] - torch.tensor(c.logprobs[b:])).abs().max().item() <= 1e-4
-    # kept only when the new answer is correct: nothing kept here, and the trigger for a correct first answer
-    out2, stats2 = R.forced_rethinking(engine, samples, first, cfg, is_correct=lambda text, s: False)
+    # kept only when the new answer is correct: nothing kept here
+    out2, stats2 = R.forced_rethinking(engine, samples, first, cfg, lambda texts, ss: [False] * len(texts))
     assert stats2 == {"rethink/tried": 3, "rethink/kept": 0} and out2 == first
-    none, stats3 = R.forced_rethinking(engine, samples, first, R.RolloutConfig(rethink_fraction=0.0), lambda t, s: 1)
+    none, stats3 = R.forced_rethinking(engine, samples, first, R.RolloutConfig(rethink_fraction=0.0),
+                                       lambda texts, ss: [True] * len(texts))
     assert stats3["rethink/tried"] == 0 and none == first
 
 
@@ -344,8 +347,8 @@ BAD_ROWS = [   # (row, field named in the error, words in the message)
 @pytest.mark.parametrize("row,field_name,words", BAD_ROWS)
 def test_bad_row_error(data_dir, row, field_name, words):
     path = write_jsonl(data_dir / "d.jsonl", [GOOD, row])
-    with pytest.raises(R.DataError) as e:
-        R.load_dataset(path)
+    with pytest.raises(C.DataError) as e:
+        C.load_dataset(path)
     msg = str(e.value)
     assert f"d.jsonl:2" in msg and words in msg and (field_name is None or f"field '{field_name}'" in msg)
 
@@ -353,15 +356,15 @@ def test_bad_row_error(data_dir, row, field_name, words):
 def test_skip_invalid_reports_rows(data_dir, capsys):
     rows = [GOOD] + [r for r, _, _ in BAD_ROWS] + [{**GOOD, "id": "last", "answer": 12}]
     path = write_jsonl(data_dir / "d.jsonl", rows)
-    samples, skipped = R.read_dataset(path, R.DataConfig(skip_invalid=True))
+    samples, skipped = C.read_dataset(path, C.DataConfig(skip_invalid=True))
     assert [s.id for s in samples] == ["ok", "last"] and samples[1].answer == "12"
     assert len(skipped) == len(BAD_ROWS)
     assert [m.split(": ")[0].rsplit(":", 1)[1] for m in skipped] == [str(i) for i in range(2, 2 + len(BAD_ROWS))]
-    R.load_dataset(path, R.DataConfig(skip_invalid=True))
+    C.load_dataset(path, C.DataConfig(skip_invalid=True))
     err = capsys.readouterr().err
     assert f"skipped {len(BAD_ROWS)} invalid row(s)" in err and "d.jsonl:3: field 'image'" in err
-    with pytest.raises(R.DataError, match="no valid rows"):
-        R.load_dataset(write_jsonl(data_dir / "e.jsonl", [BAD_ROWS[0][0]]), R.DataConfig(skip_invalid=True))
+    with pytest.raises(C.DataError, match="no valid rows"):
+        C.load_dataset(write_jsonl(data_dir / "e.jsonl", [BAD_ROWS[0][0]]), C.DataConfig(skip_invalid=True))
 
 
 def test_verl_parquet_and_messages_jsonl(data_dir, hf):
@@ -378,7 +381,7 @@ def test_verl_parquet_and_messages_jsonl(data_dir, hf):
             row("<image>What is 6?", [b"not an image"], "6", 3),        # corrupt bytes
             row("What is 7?", [png], "7", 4)]                           # image without a tag
     pq.write_table(pa.Table.from_pylist(rows), data_dir / "d.parquet")
-    samples, skipped = R.read_dataset(str(data_dir / "d.parquet"), R.DataConfig(skip_invalid=True))
+    samples, skipped = C.read_dataset(str(data_dir / "d.parquet"), C.DataConfig(skip_invalid=True))
     assert [(s.id, s.answer) for s in samples] == [("0", "3")]
     assert samples[0].messages == [{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "What is 3? Put it in \\boxed{}."}]}]
@@ -386,12 +389,12 @@ def test_verl_parquet_and_messages_jsonl(data_dir, hf):
         ["'prompt'", "'reward_model.ground_truth'", "'images'", "'images'"]
     assert "row1" in skipped[0] and "cannot decode" in skipped[2] and "1 image(s) but 0" in skipped[3]
     _, processor = hf("qwen2_5_vl")
-    assert R.prompt_text(processor, samples[0]).count("<|image_pad|>") == 1
+    assert C.prompt_text(processor, samples[0]).count("<|image_pad|>") == 1
 
     msgs = {"messages": [{"role": "user", "content": "Look: <image> what is 3?"},
                          {"role": "assistant", "content": "It is \\boxed{3}."}], "images": ["good.png"]}
     path = write_jsonl(data_dir / "m.jsonl", [msgs, {**msgs, "answer": "three"}, {**msgs, "messages": "hi"}])
-    samples, skipped = R.read_dataset(path, R.DataConfig(skip_invalid=True))
+    samples, skipped = C.read_dataset(path, C.DataConfig(skip_invalid=True))
     assert [(s.answer, s.solution) for s in samples] == [("3", "It is \\boxed{3}."), ("three", "It is \\boxed{3}.")]
     assert samples[0].messages == [{"role": "user", "content": [
         {"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " what is 3?"}]}]

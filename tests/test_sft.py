@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sft
-from rollout import DataConfig, DataError, Sample, blocked_token_ids, collate, read_dataset
+from common import DataConfig, DataError, Sample, blocked_token_ids, collate, read_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,8 +76,9 @@ def test_bad_rows_name_file_line_and_field(tiny, toy_world, tmp_path):
     only_targets = write_jsonl(tmp_path / "targets.jsonl", [good[0], bad[4]])
     with pytest.raises(DataError, match=r"targets\.jsonl:2: field 'solution': contains special token.*im_end"):
         sft.load_sft_data(only_targets, DataConfig(), proc.tokenizer, 64)
-    samples, responses, skipped = sft.load_sft_data(path, DataConfig(skip_invalid=True), proc.tokenizer, 64,
-                                                    verbose=False)
+    samples, skipped = read_dataset(path, DataConfig(skip_invalid=True),
+                                    check=lambda s: sft.response_ids(proc.tokenizer, s, 64))
+    _, responses = sft.load_sft_data(path, DataConfig(skip_invalid=True), proc.tokenizer, 64, verbose=False)
     assert [s.source.rsplit(":", 1)[1] for s in samples] == ["1", "3"]
     assert len(responses) == 2 and len(skipped) == 6
     expected = {"2": "'answer'", "4": "not valid JSON", "5": "special token", "6": "'solution': empty",
@@ -175,8 +176,9 @@ def run_sft(out, *flags, nproc=1):
 
 
 def weights(ckpt):
-    from safetensors.torch import load_file
-    return load_file(str(Path(ckpt) / "model.safetensors"))
+    """A checkpoint's weights by their in-memory names (save_pretrained writes the on-disk HF layout)."""
+    from transformers import AutoModelForImageTextToText
+    return AutoModelForImageTextToText.from_pretrained(ckpt).state_dict()
 
 
 def test_two_ranks_equal_one_rank_resume_and_reload(toy_world, tmp_path):
@@ -217,7 +219,7 @@ def test_two_ranks_equal_one_rank_resume_and_reload(toy_world, tmp_path):
     ckpt = tmp_path / "a/checkpoints/step_000002"
     model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
     proc = AutoProcessor.from_pretrained(ckpt)
-    val, resp, _ = sft.load_sft_data(str(tmp_path / "val.jsonl"), DataConfig(), proc.tokenizer, 2048)
+    val, resp = sft.load_sft_data(str(tmp_path / "val.jsonl"), DataConfig(), proc.tokenizer, 2048)
     with torch.no_grad():
         batch = collate(proc, val, resp)
         nll = sft.response_nll(model, batch).item() / batch["response_mask"].sum().item()

@@ -34,6 +34,20 @@ def run(cmd, timeout=300, **kw):
     return p
 
 
+def run_patched(patch: str, cmd: list[str], timeout=300):
+    """`train.main` in ONE process, as under torchrun (RANK set), after `patch` (Python code) has changed the train
+    module: test-only behaviour is a monkeypatch, never a user-facing flag. cmd is train_cmd(...) (1 rank)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"import sys, tyro, train\n{patch}\ntrain.main(tyro.cli(train.Args, args=sys.argv[1:]))"
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    return subprocess.run([sys.executable, "-c", code, *cmd[2:]], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -132,9 +146,21 @@ def test_one_rank_matches_two_ranks_then_engine_death_stops_everything(two_rank_
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+NAN_AT_STEP_2 = """
+update, loss, calls = train.ppo_update, train.policy_loss, []
+def ppo_update(*a, **k):
+    calls.append(1)
+    return update(*a, **k)
+def policy_loss(*a, **k):
+    value, m = loss(*a, **k)
+    return (value * float("nan") if len(calls) == 2 else value), m
+train.ppo_update, train.policy_loss = ppo_update, policy_loss
+"""
+
+
 def test_nan_loss_stops_before_checkpoint(toy_world, tmp_path):
-    p = run(train_cmd(toy_world, tmp_path, "--nproc", "1", "--max-steps", "3", "--save-every", "1",
-                      "--inject-nan-at", "1", "--rollout.engine", "hf", "--val-every", "-1"))
+    p = run_patched(NAN_AT_STEP_2, train_cmd(toy_world, tmp_path, "--max-steps", "3", "--save-every", "1",
+                                             "--rollout.engine", "hf", "--val-every", "-1"))
     assert p.returncode != 0 and "non-finite gradient norm" in p.stderr
     assert [c.name for c in (tmp_path / "checkpoints").iterdir()] == ["step_000001"]   # step 2 never saved
     assert [m["step"] for m in metrics(tmp_path)] == [1]
@@ -167,10 +193,12 @@ def test_fused_old_logprobs_equal_a_separate_pass(toy_world, tmp_path):
     """One on-policy update (mini-batch = the whole batch): taking pi_old from the update's own forward gives the
     same step as a separate no-grad pass."""
     outs = []
-    for flag in ("--fuse-old-logprobs", "--no-fuse-old-logprobs"):
-        out = tmp_path / flag
-        p = run(train_cmd(toy_world, out, "--nproc", "1", "--max-steps", "1", "--mini-batch-size", "8",
-                          "--rollout.engine", "hf", "--val-every", "-1") + [flag])
+    for name, patch in (("fused", "assert train.fuse_old_logprobs(train.Args(mini_batch_size=8, prompts_per_step=4,"
+                                  " rollout=train.RolloutConfig(n=2)), 8, 1)"),
+                        ("separate", "train.fuse_old_logprobs = lambda *a: False")):
+        out = tmp_path / name
+        p = run_patched(patch, train_cmd(toy_world, out, "--max-steps", "1", "--mini-batch-size", "8",
+                                         "--rollout.engine", "hf", "--val-every", "-1"))
         assert p.returncode == 0, p.stderr[-3000:]
         outs.append((metrics(out)[0], load_file(out / "checkpoints" / "step_000001" / "model.safetensors")))
     (m1, w1), (m2, w2) = outs
@@ -178,3 +206,29 @@ def test_fused_old_logprobs_equal_a_separate_pass(toy_world, tmp_path):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
     for k in ("loss/policy_loss", "training/entropy", "training/rollout_mismatch", "training/clipfrac"):
         assert m1[k] == pytest.approx(m2[k], abs=1e-6), k
+
+
+def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
+    """--rollout.rethink-fraction 1 in train.py: responses that stopped are continued after a trigger, kept when the
+    judge accepts the new text (here: any digit), scored and trained on; the engine's log-probs of the sampled tokens
+    still equal the trainer's (the forced trigger tokens are left out of that check)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import common
+    from test_rollout import stop_prone_copy
+    src = toy_world / "models" / "qwen2_5_vl-tiny"
+    model, processor = AutoModelForImageTextToText.from_pretrained(src).eval(), AutoProcessor.from_pretrained(src)
+    stop_prone = tmp_path / "stop_prone"
+    stop_prone_copy(model, processor, common.load_dataset(str(toy_world / "data" / "validation.jsonl"))).save_pretrained(stop_prone)
+    processor.save_pretrained(stop_prone)
+    cmd = train_cmd(toy_world, tmp_path / "run", "--nproc", "1", "--max-steps", "2", "--rollout.engine", "hf",
+                    "--val-every", "-1", "--rollout.rethink-fraction", "1", "--rollout.rethink-min-new-tokens", "1",
+                    "--rollout.rethink-max-new-tokens", "12", "--rollout.max-tokens", "32", "--prompts-per-step", "8",
+                    "--mini-batch-size", "16", "--rollout.temperature", "1.0")
+    cmd[cmd.index("--model.path") + 1] = str(stop_prone)
+    p = run(cmd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ms = metrics(tmp_path / "run")
+    assert sum(m["rethink/tried"] for m in ms) > 0 and sum(m["rethink/kept"] for m in ms) > 0, ms
+    assert all(m["rethink/kept"] <= m["rethink/tried"] for m in ms)
+    assert all(m["training/rollout_mismatch"] < 1e-4 and m["training/grad_norm"] > 0 for m in ms)

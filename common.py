@@ -1,0 +1,689 @@
+"""common.py: the plumbing both trainers (and evaluate.py) share; nothing of the RL algorithm lives here.
+
+- Data: MAYE jsonl, verl parquet and chat-`messages` jsonl rows -> validated `Sample`s (file:line and field named in
+  every error; `--data.skip-invalid` skips and reports), and `batch_indices`, the step's data as a pure function of
+  (seed, step) so that resuming replays exactly what an uninterrupted run would have seen.
+- Processes: `launch` starts the training ranks with torch.multiprocessing (or runs in place under torchrun);
+  `init_distributed` joins the process group.
+- Model: `load_model` (fp32 master weights, frozen parts), `shard_model` (FSDP2 per vision block and decoder layer),
+  `build_optimizer` (AdamW + warm-up/cosine), `full_state_dict`.
+- Checkpoints: HF weights via `save_pretrained`, optimizer via torch.distributed.checkpoint (reshards when the rank
+  count changes), atomic rename; `latest_checkpoint`, `load_trainer_state`.
+- Logging: `MetricsLogger` (metrics.jsonl, one greppable line per step, optional TensorBoard / wandb), `print0`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+
+MAYE_INSTRUCTION = ("\nSolve the above mathematics problem, write out the solution process according to the question, "
+                    "and use the same LaTeX format as the question in the solution process. Please display the final "
+                    "answer in the format \\boxed{}.")
+IMAGE_TAG = "<image>"
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "toy/data/train.jsonl"
+    """Training set (MAYE jsonl, verl parquet, or jsonl with `messages`)."""
+    validation: str = "toy/data/validation.jsonl"
+    """Validation set."""
+    test: str = "toy/data/test.jsonl"
+    """Test set."""
+    format: Literal["auto", "maye", "verl", "messages"] = "auto"
+    """Row format; auto: .parquet is verl, jsonl rows with `messages` are messages, else MAYE."""
+    skip_invalid: bool = False
+    """Skip invalid rows (and report which) instead of failing at the first one."""
+    instruction: str = MAYE_INSTRUCTION
+    """Text appended to the question of MAYE-format rows (verl/messages rows carry their own prompt)."""
+    min_pixels: int = 0
+    """Minimum image pixels after resizing; 0 = the processor's own. Passed identically to HF and vLLM."""
+    max_pixels: int = 0
+    """Maximum image pixels after resizing; 0 = the processor's own. Passed identically to HF and vLLM."""
+
+
+
+@dataclass
+class Sample:
+    """One problem: chat messages (user turn with {"type": "image"} items + text), its images and answer."""
+    id: str
+    messages: list[dict]
+    images: list[Any]            # PIL.Image.Image, RGB, decoded
+    answer: str
+    solution: str | None
+    source: str                  # "file:line" (1-based line / parquet row)
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+class DataError(ValueError):
+    """A row failed validation; the message names file:line and the field."""
+
+
+def _fail(source: str, field_name: str, msg: str) -> DataError:
+    return DataError(f"{source}: field '{field_name}': {msg}")
+
+
+def _open_image(src: bytes | str | Path, source: str, field_name: str):
+    """Decode an image fully (so corruption shows up now, not mid-training) and convert to RGB."""
+    from PIL import Image, UnidentifiedImageError
+    if isinstance(src, (str, Path)) and not Path(src).is_file():
+        raise _fail(source, field_name, f"image file not found: {src}")
+    try:
+        img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+        img.load()
+        return img.convert("RGB")
+    # PIL's errors for truncated / corrupt data, and for images so large that decoding them is an attack
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise _fail(source, field_name, f"cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def _str_field(row: dict, key: str, source: str, required: bool = True, number_ok: bool = False) -> str | None:
+    """A string field; with number_ok also a number (answers and ids: json `12` -> "12"), never a bool/container."""
+    if key not in row or row[key] is None:
+        if required:
+            raise _fail(source, key, "missing")
+        return None
+    v = row[key]
+    if isinstance(v, bool) or not isinstance(v, (str, int, float) if number_ok else str):
+        raise _fail(source, key, f"expected a string, got {type(v).__name__}")
+    v = str(v)
+    if required and not v.strip():
+        raise _fail(source, key, "empty")
+    return v
+
+
+def _content_items(text: str, images_left: int, source: str, field_name: str) -> tuple[list[dict], int]:
+    """Split text at `<image>` tags into chat items [text, image, text, ...]; returns (items, tags)."""
+    parts = text.split(IMAGE_TAG)
+    tags = len(parts) - 1
+    if tags > images_left:
+        raise _fail(source, field_name, f"{tags} {IMAGE_TAG} tag(s) but only {images_left} image(s) left")
+    items: list[dict] = []
+    for k, part in enumerate(parts):
+        if k > 0:
+            items.append({"type": "image"})
+        if part:
+            items.append({"type": "text", "text": part})
+    return items, tags
+
+
+def _user_turn(question: str, n_images: int, source: str, field_name: str) -> dict:
+    """MAYE's prompt: image(s) first unless the question places them with <image> tags."""
+    items, tags = _content_items(question, n_images, source, field_name)
+    if tags == 0:
+        items = [{"type": "image"}] * n_images + items
+    elif tags != n_images:
+        raise _fail(source, field_name, f"{tags} {IMAGE_TAG} tag(s) for {n_images} image(s)")
+    return {"role": "user", "content": items}
+
+
+def _parse_maye(row: dict, source: str, base: Path, cfg: DataConfig) -> Sample:
+    question = _str_field(row, "question", source)
+    answer = _str_field(row, "answer", source, number_ok=True)
+    image = row.get("image")
+    paths = [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise _fail(source, "image", f"expected a path or a non-empty list of paths, got {image!r:.80}")
+    images = [_open_image(base / p, source, "image") for p in paths]
+    messages = [_user_turn(question + cfg.instruction, len(images), source, "question")]
+    sid = _str_field(row, "id", source, required=False, number_ok=True) or source
+    return Sample(sid, messages, images, answer, _str_field(row, "solution", source, required=False), source)
+
+
+def _image_source(item: Any, base: Path, source: str, field_name: str) -> bytes | Path:
+    """verl stores {"bytes": ..., "path": ...}; messages rows store paths relative to the file."""
+    if isinstance(item, dict) and item.get("bytes") is not None:
+        item = item["bytes"]
+    elif isinstance(item, dict) and isinstance(item.get("path"), str):
+        item = item["path"]
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return base / item
+    raise _fail(source, field_name, f"expected image bytes or a path, got {type(item).__name__}")
+
+
+def _parse_chat(row: dict, source: str, base: Path, msg_key: str, answer: str | None) -> Sample:
+    """verl (`prompt`) and messages rows: chat messages whose string contents may contain <image> tags."""
+    msgs, imgs = row.get(msg_key), row.get("images", [])
+    if imgs is None:
+        imgs = []
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise _fail(source, msg_key, "expected a non-empty list of {role, content} messages")
+    if not isinstance(imgs, list):
+        raise _fail(source, "images", f"expected a list, got {type(imgs).__name__}")
+    images = [_open_image(_image_source(x, base, source, "images"), source, "images") for x in imgs]
+    solution = None
+    if msgs[-1].get("role") == "assistant":   # SFT-style row: the last turn is the reference solution
+        solution = msgs[-1].get("content") if isinstance(msgs[-1].get("content"), str) else None
+        msgs = msgs[:-1]
+    messages, used = [], 0
+    for m in msgs:
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant") or not isinstance(content, (str, list)):
+            raise _fail(source, msg_key, f"bad message {str(m)[:80]}")
+        if isinstance(content, str):
+            items, tags = _content_items(content, len(images) - used, source, msg_key)
+            used += tags
+            content = items if role == "user" or tags else content
+        else:
+            used += sum(1 for c in content if isinstance(c, dict) and c.get("type") == "image")
+        messages.append({"role": role, "content": content})
+    if used != len(images):
+        raise _fail(source, "images", f"{len(images)} image(s) but {used} image placeholder(s) in '{msg_key}'")
+    if answer is None and solution is not None:
+        from reward import extract_boxed   # the answer of an SFT-style row: its solution's last \boxed{}
+        answer = extract_boxed(solution) or solution
+    if answer is None or not answer.strip():
+        raise _fail(source, "answer", "missing")
+    sid = _str_field(row, "id", source, required=False, number_ok=True) or source
+    return Sample(sid, messages, images, answer, solution, source)
+
+
+def _parse_verl(row: dict, source: str, base: Path) -> Sample:
+    rm = row.get("reward_model")
+    key = "reward_model.ground_truth"
+    answer = _str_field({key: rm.get("ground_truth") if isinstance(rm, dict) else None}, key, source, number_ok=True)
+    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    if "id" not in row and extra.get("index") is not None:
+        row = {**row, "id": str(extra["index"])}
+    return _parse_chat(row, source, base, "prompt", answer)
+
+
+def _rows(path: Path) -> Iterable[tuple[str, dict | DataError]]:
+    """(source, row) for each row; an unparsable line yields a DataError instead of a row."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}:row{i}", row
+        return
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            source = f"{path}:{i}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield source, DataError(f"{source}: not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield source, DataError(f"{source}: not valid JSON ({e})")
+                continue
+            yield source, row if isinstance(row, dict) else DataError(f"{source}: expected a JSON object")
+
+
+def read_dataset(path: str, cfg: DataConfig = DataConfig(),
+                 check: Callable[[Sample], object] | None = None) -> tuple[list[Sample], list[str]]:
+    """All valid samples of `path` and, with cfg.skip_invalid, the error messages of skipped rows. `check(sample)`,
+    when given, is the caller's own test (and preparation) of each parsed row, e.g. `fits_model`: a DataError it
+    raises counts like the loader's own."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    samples, skipped = [], []
+    for source, row in _rows(p):
+        try:
+            if isinstance(row, DataError):
+                raise row
+            fmt = cfg.format
+            if fmt == "auto":
+                fmt = "verl" if p.suffix == ".parquet" else "messages" if "messages" in row else "maye"
+            if fmt == "maye":
+                sample = _parse_maye(row, source, p.parent, cfg)
+            elif fmt == "verl":
+                sample = _parse_verl(row, source, p.parent)
+            else:
+                answer = _str_field(row, "answer", source, required=False, number_ok=True)
+                sample = _parse_chat(row, source, p.parent, "messages", answer)
+            if check is not None:
+                check(sample)
+            samples.append(sample)
+        except DataError as e:
+            if not cfg.skip_invalid:
+                raise
+            skipped.append(str(e))
+    if not samples:
+        raise DataError(f"{path}: no valid rows ({len(skipped)} skipped)")
+    return samples, skipped
+
+
+def load_dataset(path: str, cfg: DataConfig = DataConfig(), check: Callable[[Sample], object] | None = None,
+                 verbose: bool = True) -> list[Sample]:
+    """read_dataset, printing (when verbose) how many rows were skipped with --data.skip-invalid, and which."""
+    samples, skipped = read_dataset(path, cfg, check)
+    if skipped and verbose:
+        print(f"[data] {path}: skipped {len(skipped)} invalid row(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
+    return samples
+
+
+def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> tuple[int, list[int]]:
+    """(epoch, indices) of global step `step`: epoch = step // (num_items // batch_size); each epoch is a
+    permutation seeded by (seed, epoch); the last partial batch is dropped. A pure function, so resuming at
+    step s replays exactly the data a run that never stopped would have seen (EasyR1 #57: resume repeats data)."""
+    per_epoch = num_items // batch_size if batch_size > 0 else 0
+    if per_epoch == 0:
+        raise ValueError(f"batch_size={batch_size} must be in 1..num_items={num_items}")
+    epoch, k = divmod(step, per_epoch)
+    perm = list(range(num_items))
+    random.Random(f"vlrl:{seed}:{epoch}").shuffle(perm)   # str seeds hash with sha512: stable across runs
+    return epoch, perm[k * batch_size:(k + 1) * batch_size]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompts, tokens and padded batches (train.py, sft.py and the engines build the same prompts)
+# --------------------------------------------------------------------------------------------------------------
+def mm_kwargs(data_cfg: DataConfig) -> dict:
+    """min/max pixels for the processor call and vLLM's mm_processor_kwargs (the same dict, so that both count the
+    same image tokens: a mismatch is the "image features and image tokens do not match" error of verl #3469)."""
+    return {k: v for k, v in (("min_pixels", data_cfg.min_pixels), ("max_pixels", data_cfg.max_pixels)) if v > 0}
+
+
+def prompt_text(processor, sample: Sample) -> str:
+    """The chat-templated prompt (one <|image_pad|> per image; the processor expands it), ending in the assistant
+    header (add_generation_prompt=True)."""
+    return processor.apply_chat_template(sample.messages, tokenize=False, add_generation_prompt=True)
+
+
+def fits_model(processor, data_cfg: DataConfig, max_new_tokens: int = 0,
+               max_model_len: int | None = None) -> Callable[[Sample], None]:
+    """A `check` for load_dataset. Images larger than the model will see are downscaled now, to the size the
+    processor would resize them to (smart_resize at the pixel limits), so that memory holds no unseen pixels; then
+    (unless max_model_len is None) the prompt's tokens, image tokens included, + max_new_tokens must fit in it."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    ip = processor.image_processor
+    factor = ip.patch_size * ip.merge_size
+    lo, hi = data_cfg.min_pixels or ip.size["shortest_edge"], data_cfg.max_pixels or ip.size["longest_edge"]
+
+    def check(sample: Sample) -> None:
+        image_tokens = 0
+        for k, img in enumerate(sample.images):
+            h, w = smart_resize(img.height, img.width, factor=factor, min_pixels=lo, max_pixels=hi)
+            if h * w < img.height * img.width:
+                sample.images[k] = img.resize((w, h), Image.BICUBIC)
+            image_tokens += h * w // factor ** 2
+        if max_model_len is None:
+            return
+        n = len(processor.tokenizer(prompt_text(processor, sample))["input_ids"]) - len(sample.images) + image_tokens
+        if n + max_new_tokens > max_model_len:
+            raise DataError(f"{sample.source}: the prompt is {n} tokens ({image_tokens} for images at most {hi} "
+                            f"pixels) + {max_new_tokens} new tokens > max_model_len {max_model_len}: raise --rollout."
+                            f"max-model-len, lower --data.max-pixels, or skip such rows with --data.skip-invalid")
+    return check
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """eos (<|im_end|> for Qwen chat models) and <|endoftext|>."""
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS} | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
+def blocked_token_ids(tokenizer, vocab_size: int) -> list[int]:
+    """Never sampled: vision special tokens and the output rows beyond the tokenizer (Qwen pads 151665 -> 151936)."""
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    ids = {i for i in ids if i is not None and i != tokenizer.unk_token_id and i < vocab_size}
+    return sorted(ids | set(range(len(tokenizer), vocab_size)))
+
+
+def collate(processor, samples: list[Sample], responses: list[list[int]], data_cfg: DataConfig = DataConfig()) -> dict:
+    """Batch B = len(responses) (prompt_i + response_i) sequences for an HF forward.
+
+    Layout (as verl): prompts LEFT-padded to P = max prompt length, responses RIGHT-padded to R, so every response
+    occupies columns [P, P + R) and the logits can be computed on that block only. `mm_token_type_ids` is the
+    processor's, extended with zeros over the response: the model builds 3-D M-RoPE positions from it (without it
+    Qwen2.5-VL silently uses 1-D positions, MAYE's released bug). Prompts are processed once per distinct sample.
+    Returns input_ids, attention_mask, mm_token_type_ids (B, P+R), pixel_values, image_grid_thw,
+    response_mask (B, P+R) float (1 on response tokens), response_start = P, and for compute_logprobs' mask the
+    vision token ids (blocked_token_ids) and tokenizer_len (output rows >= it are padding, also blocked)."""
+    if len(samples) != len(responses):
+        raise ValueError(f"collate: {len(samples)} samples for {len(responses)} responses")
+    cache: dict[int, dict] = {}
+    prompts = []
+    for s in samples:
+        if id(s) not in cache:   # train.py repeats each sample n times: process its image once
+            cache[id(s)] = processor(text=[prompt_text(processor, s)], images=s.images or None, return_tensors="pt",
+                                     **mm_kwargs(data_cfg))
+        prompts.append(cache[id(s)])
+    P = max(p["input_ids"].shape[1] for p in prompts)
+    R = max(1, max(len(r) for r in responses))
+    B, pad = len(samples), processor.tokenizer.pad_token_id or 0
+    input_ids = torch.full((B, P + R), pad, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    mm_types = torch.zeros((B, P + R), dtype=torch.long)
+    response_mask = torch.zeros((B, P + R), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        L = p["input_ids"].shape[1]
+        input_ids[i, P - L:P] = p["input_ids"][0]
+        attention_mask[i, P - L:P] = 1
+        if "mm_token_type_ids" in p:
+            mm_types[i, P - L:P] = p["mm_token_type_ids"][0]
+        input_ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, P:P + len(r)] = 1
+        response_mask[i, P:P + len(r)] = 1.0
+    n_tok = len(processor.tokenizer)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_types,
+             "response_mask": response_mask, "response_start": P, "tokenizer_len": n_tok,
+             "blocked_token_ids": torch.tensor(blocked_token_ids(processor.tokenizer, n_tok), dtype=torch.long)}
+    with_images = [p for p in prompts if "pixel_values" in p]
+    if with_images:   # concatenated in batch order, as the model consumes them
+        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images])
+        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images])
+    return batch
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model, optimizer, processes, checkpoints, logging
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "toy/models/qwen2_5_vl-small"
+    """HF model folder (Qwen2-VL or Qwen2.5-VL): the policy's start and the frozen reference."""
+    freeze_vision: bool = True
+    """Freeze the vision tower (MAYE trains the language model only)."""
+    freeze_connector: bool = False
+    """Also freeze the vision-language connector (the patch merger)."""
+    mixed_precision: bool = True
+    """bf16 compute with fp32 master weights on GPU (CPU always runs fp32)."""
+    activation_checkpointing: bool = False
+    """Recompute decoder-layer activations in the backward pass (saves memory, costs ~30% time)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-6
+    """AdamW learning rate (MAYE: 5e-6)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    eps: float = 1e-5
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.1
+    """Linear warm-up over this fraction of the steps, then cosine decay."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 = off; the norm is logged either way)."""
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*a, **k, flush=True)
+
+
+def check_model_dir(path: str, flag: str = "--model.path") -> None:
+    """A local Hugging Face folder of a vision-language model, or a SystemExit that says what is wrong with it."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"{flag} {path}: {'no config.json in that folder' if p.is_dir() else 'no such folder'} "
+                         f"(a local Hugging Face model folder is needed; nothing is downloaded)")
+    config = json.loads((p / "config.json").read_text())
+    if "vision_config" not in config:
+        raise SystemExit(f"{flag} {path}: a {config.get('model_type', '?')!r} model has no vision tower; vlrl trains "
+                         f"vision-language models (Qwen2-VL, Qwen2.5-VL)")
+
+
+def prepare_out_dir(out_dir: str, resume: bool, restart: bool) -> None:
+    """Never overwrite a run silently: an out_dir that holds metrics or checkpoints needs --resume (continue it) or
+    --restart (first move it aside to OUT_DIR.old-TIME). Global rank 0 only (under torchrun every rank calls main)."""
+    p = Path(out_dir)
+    if int(os.environ.get("RANK", "0")) != 0 or resume or not any(
+            (x.is_file() and x.stat().st_size) or (x.is_dir() and any(x.iterdir()))
+            for x in (p / "metrics.jsonl", p / "checkpoints")):
+        return
+    if not restart:
+        raise SystemExit(f"--out-dir {out_dir} already holds a run: continue it with --resume, choose another "
+                         f"--out-dir, or pass --restart to move it aside first")
+    aside = p.with_name(f"{p.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(p, aside)
+    print(f"[vlrl] moved the previous run in {p} to {aside}", flush=True)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG), so that ranks and the engine
+    never outlive a launcher killed by an OOM killer or a scheduler. A no-op on other systems."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+
+
+def launch(worker, nproc: int, *args) -> None:
+    """Run `worker(*args)` on `nproc` local ranks with torch.multiprocessing.spawn, which stops every rank and raises
+    the failing rank's traceback here if one fails. Under torchrun (RANK is set) just call `worker(*args)`."""
+    if "RANK" in os.environ:
+        return worker(*args)
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc), OMP_WAIT_POLICY="PASSIVE")   # idle ranks must not spin
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # per-shard bars at every load and save
+    mp.spawn(_rank_main, args=(worker, *args), nprocs=nproc)
+
+
+def _rank_main(rank: int, worker, *args) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    die_with_parent()
+    worker(*args)
+
+
+def init_distributed(threads: int = 0) -> tuple[int, int, torch.device]:
+    """Join the process group; returns (rank, world_size, device). Sets CPU threads so ranks don't oversubscribe."""
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    from datetime import timedelta
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    return rank, world, device
+
+
+def broadcast(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (pickled; for per-step results such as completions and scores)."""
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sums(sums: dict[str, float], keys: Iterable[str]) -> dict[str, float]:
+    """Sum the named float `keys` of `sums` over ranks (one all-reduce; every rank passes the same keys)."""
+    import torch.distributed as dist
+    keys = list(keys)
+    t = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: bool = True):
+    """An HF Qwen-VL model in fp32 (master weights), with the configured parts frozen."""
+    from transformers import AutoModelForImageTextToText
+    attn = "sdpa"
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            attn = "flash_attention_2"
+        except ImportError:
+            pass
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    for name, p in model.named_parameters():
+        frozen = (not trainable or (cfg.freeze_vision and name.startswith("model.visual.") and ".merger." not in name)
+                  or (cfg.freeze_connector and ".merger." in name))
+        p.requires_grad_(not frozen)
+    if cfg.activation_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def shard_model(model, cfg: ModelConfig, device: torch.device):
+    """FSDP2: shard each vision block and decoder layer, then the root; move to `device`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (int(os.environ["WORLD_SIZE"]),))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device.type == "cuda" and cfg.mixed_precision else MixedPrecisionPolicy())
+    model.to(device)
+    for block in [*model.model.visual.blocks, *model.model.language_model.layers]:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def build_optimizer(model, cfg: OptimConfig, total_steps: int):
+    """AdamW over trainable parameters + linear warm-up and cosine decay (a LambdaLR stepped once per step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_grad_norm(params: list, max_norm: float, step: int) -> float:
+    """Clip to `max_norm` (0 = no clipping) and return the norm before clipping; a non-finite norm raises, so that no
+    checkpoint is ever written from a step that produced it."""
+    gn = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)     # a DTensor under FSDP2
+    if not math.isfinite(gn):
+        raise FloatingPointError(f"step {step + 1}: non-finite gradient norm ({gn}); stopping before any checkpoint "
+                                 f"is written with it")
+    return gn
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Gather the full (unsharded) weights on rank 0 (CPU); other ranks get {}. A collective: call on all ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, optimizer, scheduler, processor,
+                    weights: dict | None = None, keep: int = 0) -> Path:
+    """Write out_dir/checkpoints/step_NNNNNN, complete or not at all (written as step_NNNNNN.tmp, then renamed):
+    an HF model folder (`save_pretrained` of the full weights, the processor), the optimizer state sharded as each rank
+    holds it (torch.distributed.checkpoint: a run resumed on another number of ranks reshards it), the scheduler and
+    vlrl_state.json. Then only the newest `keep` checkpoints stay (0 = all). A collective: call on all ranks."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    weights = full_state_dict(model) if weights is None else weights
+    root = Path(out_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
+    if dist.get_rank() == 0:
+        model.save_pretrained(tmp, state_dict=weights)
+        processor.save_pretrained(tmp)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "vlrl_state.json").write_text(json.dumps({"step": step, "epoch": epoch, "kind": kind}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))
+        for old in done[:-keep] if keep else []:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(out_dir: str) -> Path | None:
+    done = sorted(p for p in (Path(out_dir) / "checkpoints").glob("step_*") if (p / "vlrl_state.json").exists())
+    return done[-1] if done else None
+
+
+def load_trainer_state(ckpt: Path, model, optimizer, scheduler) -> dict:
+    """Restore optimizer and scheduler from a checkpoint (the weights were loaded with the model); returns its
+    vlrl_state.json. A collective: call on all ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}   # the layout to load into
+    dcp.load(state, checkpoint_id=ckpt / "optimizer")
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    return json.loads((ckpt / "vlrl_state.json").read_text())
+
+
+class MetricsLogger:
+    """Rank 0 only: metrics.jsonl (always), one greppable line per step, optional TensorBoard / wandb (lazy)."""
+
+    def __init__(self, out_dir: str, config: dict, resume_step: int | None, tensorboard=False, wandb_project=""):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        if resume_step is not None and self.path.exists():
+            # Lines logged after the checkpoint by the killed run are moved aside (kept, not lost) and redone.
+            keep, drop = [], []
+            for line in self.path.read_text().splitlines():
+                (keep if json.loads(line)["step"] <= resume_step else drop).append(line + "\n")
+            self.path.write_text("".join(keep))
+            if drop:
+                with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
+                    f.writelines(drop)
+        elif resume_step is None:
+            self.path.write_text("")
+        self.tb = self.wandb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+        if wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, config=config)
+
+    def log(self, metrics: dict, line: str | None = None) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if line:
+            print(line, flush=True)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and self.tb:
+                self.tb.add_scalar(k, v, metrics["step"])
+        if self.wandb:
+            self.wandb.log(metrics, step=metrics["step"])
+
+
+def format_line(step: int, total: int, metrics: dict, fields) -> str:
+    """The step's one greppable console line: `step N/M | epoch 0.50 | score 0.625 | ...` from (template, key) fields,
+    skipping keys the step did not log."""
+    return " | ".join([f"step {step:5d}/{total}"] + [t.format(metrics[k]) for t, k in fields if k in metrics])
+
+
+def micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
