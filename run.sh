@@ -78,7 +78,8 @@ toy_chain() {
   #         apart, and training it at this rate collapsed them (measured: stuck at chance for 240 steps).
   #         180 steps stop it half-way on purpose (~55% greedy; a 300-step run reached 100% at step 248), so RL has
   #         room to improve.
-  "$PY" sft.py --model.path "$MODEL" "${DATA[@]}" --out-dir "$RUNS/sft" --max-steps "$SFT_STEPS" \
+  # --restart: a rerun of the demo moves the previous runs aside (runs/sft.old-TIME) instead of refusing to start.
+  "$PY" sft.py --model.path "$MODEL" "${DATA[@]}" --out-dir "$RUNS/sft" --restart --max-steps "$SFT_STEPS" \
       --batch-size 32 --micro-batch-size 32 --optim.lr 1e-3 --cache-prompts \
       --val-every "$(( SFT_STEPS / 4 > 0 ? SFT_STEPS / 4 : 1 ))" --val-limit "$VAL" --rollout.engine hf --rollout.max-tokens 32
   SFT_CKPT=$(ls -d "$RUNS"/sft/checkpoints/step_* | tail -n 1)
@@ -86,7 +87,7 @@ toy_chain() {
   #         reference is a half-trained model); the engine is vLLM. Sampling at T=0.3, not MAYE's 1.0: a half-trained
   #         0.8M model's T=1 samples are mostly garbled (9% correct at 59% greedy) and RL at T=1 made it worse
   #         (measured), while at T=0.3 training accuracy climbs from 40% to 70% in 120 steps.
-  "$PY" train.py --model.path "$SFT_CKPT" "${DATA[@]}" --out-dir "$RUNS/rl" --max-steps "$RL_STEPS" \
+  "$PY" train.py --model.path "$SFT_CKPT" "${DATA[@]}" --out-dir "$RUNS/rl" --restart --max-steps "$RL_STEPS" \
       --prompts-per-step "$PROMPTS" --rollout.n 8 --rollout.temperature 0.3 --rollout.max-tokens 32 \
       --mini-batch-size $(( PROMPTS * 8 )) --micro-batch-size 32 --optim.lr 1e-4 --advantage.estimator grpo --advantage.kl-coef 0 \
       --val-every "$(( RL_STEPS / 5 > 0 ? RL_STEPS / 5 : 1 ))" --val-limit "$VAL" --save-every "$(( RL_STEPS / 5 > 0 ? RL_STEPS / 5 : 1 ))"
