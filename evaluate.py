@@ -7,8 +7,7 @@ Table 3 (per run the mean and max over epochs, then mean ± sample std across an
 
 Run alone:
     python evaluate.py --model toy/models/qwen2_5_vl-tiny --data-file toy/data/validation.jsonl --eval.max-tokens 64
-    python evaluate.py --runs runs/rl_s0 runs/rl_s1 runs/sft_s0 toy/models/qwen2_5_vl-small --out report \\
-        --eval.max-tokens 64 --data.validation toy/data/validation.jsonl --data.test toy/data/test.jsonl
+    python evaluate.py --runs runs/rl runs/sft toy/models/qwen2_5_vl-tiny --out report --eval.max-tokens 64
     python evaluate.py --runs ... --out report --report-only      # redraw from existing eval.jsonl files
 """
 import gc
@@ -20,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from reward import RewardConfig, reflection_stats, score_batch
 from common import DataConfig, load_dataset
+from reward import RewardConfig, reflection_stats, score_batch
 from rollout import RolloutConfig, make_engine
 
 
@@ -353,6 +352,8 @@ def main(args: Args) -> None:
         raise SystemExit("give either --model DIR --data-file FILE [--out DIR], or --runs DIR [DIR ...] --out DIR")
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit(f"--labels has {len(args.labels)} entries for {len(args.runs)} --runs")
+    if bad := [sp for sp in args.eval.splits if sp not in ("train", "validation", "test")]:
+        raise SystemExit(f"--eval.splits {bad}: each must be one of train, validation, test (a --data.<split> file)")
     if args.model:
         samples = load_dataset(args.data_file, args.data)[:args.eval.limit or None]
         check_answers(samples, args.data_file)
