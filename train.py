@@ -218,16 +218,16 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     steps_per_epoch = len(train_set) // args.prompts_per_step
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     n, B = args.rollout.n, args.prompts_per_step * args.rollout.n
+    engine = EngineClient(str(ckpt or args.model.path), args.rollout, args.data, args.out_dir) if rank == 0 else None
 
     policy = shard_model(load_model(str(ckpt or args.model.path), args.model, device), args.model, device)
     ref = shard_model(load_model(args.model.path, args.model, device, trainable=False), args.model, device) \
         if args.advantage.kl_coef > 0 else None
     optimizer, scheduler = build_optimizer(policy, args.optim, total_steps)
     start = load_trainer_state(ckpt, policy, optimizer, scheduler)["step"] if ckpt else 0
-    engine = logger = None
+    logger = None
     if rank == 0:
         logger = MetricsLogger(args.out_dir, asdict(args), start if args.resume else None, args.tensorboard, args.wandb)
-        engine = EngineClient(str(ckpt or args.model.path), args.rollout, args.data, args.out_dir)
         print0(f"[train] {world} rank(s) on {device}, engine pid {engine.proc.pid}, steps {start}->{total_steps}, "
                f"{B} responses/step, resume={ckpt}")
     epoch_acc: list[float] = []

@@ -71,7 +71,7 @@ def test_a_used_out_dir_is_refused_then_moved_aside(toy_world, tmp_path):
     assert {q: q.read_bytes() for q in out.rglob("*") if q.is_file()} == before      # untouched
     common.prepare_out_dir(str(out), resume=False, restart=True)
     aside = [q for q in tmp_path.iterdir() if q.name.startswith("run.old-")]
-    assert not out.exists() and len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert not any(out.iterdir()) and len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
     common.prepare_out_dir(str(aside[0]), resume=True, restart=False)                 # --resume: no objection
 
 
