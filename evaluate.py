@@ -1,25 +1,25 @@
 """evaluate.py: MAYE's evaluation scheme (stage 6): accuracy under three decodings, length, reflection; reports.
 
-MAYE (arXiv 2504.02587, sec. 4): `evaluate_model` gives reward.py's accuracy at pass@1 T=0.01 (top_p 0.001), pass@1
-T=0.6, pass@8 T=1.0, mean length, truncation, reflection ratios and words (`validate`: the trainers' pass@1 T=0.01).
-`evaluate_run` fills a resumable RUN/eval.jsonl (a line per checkpoint x split x setting; fixed seeds). `write_report`:
-Table 3 (per run the mean and max over epochs, then mean ± sample std across an arm's runs), Figures 4, 5, report.md.
-
-Run alone:
+MAYE (arXiv 2504.02587, sec. 4): `evaluate_model`: reward.py's accuracy at pass@1 T=0.01 (top_p 0.001), pass@1 T=0.6,
+pass@8 T=1.0, length, truncation, reflection (`validate`: the trainers' pass@1 T=0.01). `evaluate_run`: a resumable
+RUN/eval.jsonl (a line per checkpoint x split x setting). `write_report`: Table 3 (per run mean and max over epochs,
+then mean ± sample std across an arm's runs), Figures 4 and 5, report.md. Run alone (--report-only: redraw only):
     python evaluate.py --model toy/models/qwen2_5_vl-tiny --data-file toy/data/validation.jsonl --eval.max-tokens 64
     python evaluate.py --runs runs/rl runs/sft toy/models/qwen2_5_vl-tiny --out report --eval.max-tokens 64
-    python evaluate.py --runs ... --out report --report-only      # redraw from existing eval.jsonl files
 """
 import gc
 import json
 import math
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
-from common import DataConfig, load_dataset
+from transformers import AutoProcessor
+
+from common import DataConfig, fits_model, load_dataset
 from reward import RewardConfig, reflection_stats, score_batch
 from rollout import RolloutConfig, make_engine
 
@@ -29,7 +29,7 @@ class EvalConfig:
     settings: tuple[str, ...] = ("pass@1_t0.01", "pass@1_t0.6", "pass@8_t1.0")
     """Decodings 'pass@K_tT[_pP][_nN]': pass@K at temperature T, top_p P (0.001 if T<=0.01 else 1), N samples (K)."""
     max_tokens: int = 2048  # Max new tokens per response (MAYE 2048; the toy task needs 64).
-    splits: tuple[str, ...] = ("validation", "test")  # --runs: splits to evaluate, as DataConfig fields (--data.X).
+    splits: tuple[Literal["train", "validation", "test"], ...] = ("validation", "test")  # --runs: --data.X files
     every_k: int = 1  # Evaluate every k-th checkpoint of a run (the last one always).
     limit: int = 0  # Evaluate only the first `limit` problems of each split (0 = all).
     seed: int | None = 0  # Sampling seed: prompt i gets seed + i*n, as in one engine call (None = unseeded).
@@ -74,8 +74,7 @@ def pass_at_k(correct: list[list[bool]], k: int, unbiased: bool = False) -> floa
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample std (ddof=1; 0 for a single value)."""
-    m = sum(values) / len(values)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def check_answers(samples, where: str) -> None:
@@ -135,7 +134,7 @@ def list_checkpoints(run_dir: str | Path) -> list[dict]:
         if (run / "config.json").is_file() and "model_type" in json.loads((run / "config.json").read_text()):
             return [{"name": "model", "path": str(run), "step": 0, "epoch": 0.0, "kind": "vanilla"}]
         raise ValueError(f"{run}: neither a run dir (checkpoints/) nor an HF model dir (config.json with model_type)")
-    for d in sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir()):
+    for d in sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir() and p.suffix != ".tmp"):  # complete
         st = json.loads((d / "vlrl_state.json").read_text())
         out.append({"name": d.name, "path": str(d), "step": int(st["step"]), "epoch": float(st["epoch"]),
                     "kind": str(st["kind"])})
@@ -171,9 +170,10 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
                          f"this call asks for {cfg.max_tokens}, {cfg.limit}: move that file away first")
     done = {(r["checkpoint"], r["split"], r["setting"]) for r in rows}
     todo = [(c, sp, s) for c in ckpts for sp in cfg.splits for s in settings if (c["name"], sp, s.name) not in done]
-    data = {}
+    data, fits = {}, None if engine_fn else fits_model(  # prompt lengths against our engines' limit; images downscaled
+        AutoProcessor.from_pretrained(ckpts[-1]["path"]), data_cfg, cfg.max_tokens, rollout_cfg.max_model_len)
     for sp in dict.fromkeys(sp for _, sp, _ in todo):  # load and check every split before any model is loaded
-        data[sp] = load_dataset(getattr(data_cfg, sp), data_cfg)[:cfg.limit or None]  # --data.<split>
+        data[sp] = load_dataset(getattr(data_cfg, sp), data_cfg, fits)[:cfg.limit or None]  # --data.<split>
         check_answers(data[sp], f"split {sp!r} ({getattr(data_cfg, sp)})")
     task = progress.add_task(Path(run_dir).name, total=sum(len(data[sp]) for _, sp, _ in todo)) if progress else None
     for ck in ckpts:
@@ -352,10 +352,9 @@ def main(args: Args) -> None:
         raise SystemExit("give either --model DIR --data-file FILE [--out DIR], or --runs DIR [DIR ...] --out DIR")
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit(f"--labels has {len(args.labels)} entries for {len(args.runs)} --runs")
-    if bad := [sp for sp in args.eval.splits if sp not in ("train", "validation", "test")]:
-        raise SystemExit(f"--eval.splits {bad}: each must be one of train, validation, test (a --data.<split> file)")
     if args.model:
-        samples = load_dataset(args.data_file, args.data)[:args.eval.limit or None]
+        samples = load_dataset(args.data_file, args.data, fits_model(AutoProcessor.from_pretrained(args.model),
+                               args.data, args.eval.max_tokens, args.rollout.max_model_len))[:args.eval.limit or None]
         check_answers(samples, args.data_file)
         settings = [parse_setting(s) for s in args.eval.settings]  # a bad one fails before the model loads
         engine = make_engine(args.model, args.rollout, args.data)
