@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
-from transformers import AutoProcessor
-
 from common import DataConfig, fits_model, load_dataset
 from reward import RewardConfig, reflection_stats, score_batch
 from rollout import RolloutConfig, make_engine
@@ -170,6 +168,7 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
                          f"this call asks for {cfg.max_tokens}, {cfg.limit}: move that file away first")
     done = {(r["checkpoint"], r["split"], r["setting"]) for r in rows}
     todo = [(c, sp, s) for c in ckpts for sp in cfg.splits for s in settings if (c["name"], sp, s.name) not in done]
+    from transformers import AutoProcessor  # here: importing it takes seconds
     data, fits = {}, None if engine_fn else fits_model(  # prompt lengths against our engines' limit; images downscaled
         AutoProcessor.from_pretrained(ckpts[-1]["path"]), data_cfg, cfg.max_tokens, rollout_cfg.max_model_len)
     for sp in dict.fromkeys(sp for _, sp, _ in todo):  # load and check every split before any model is loaded
@@ -346,6 +345,7 @@ class Args:
 def main(args: Args) -> None:
     import rich.progress as rp
     from rich.table import Column, Table
+    from transformers import AutoProcessor
     progress = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
                            rp.TimeElapsedColumn(), rp.TimeRemainingColumn())
     if bool(args.model) == bool(args.runs) or not (args.data_file if args.model else args.out):
