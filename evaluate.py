@@ -169,7 +169,7 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
     done = {(r["checkpoint"], r["split"], r["setting"]) for r in rows}
     todo = [(c, sp, s) for c in ckpts for sp in cfg.splits for s in settings if (c["name"], sp, s.name) not in done]
     from transformers import AutoProcessor  # here: importing it takes seconds
-    data, fits = {}, None if engine_fn else fits_model(  # prompt lengths against our engines' limit; images downscaled
+    data, fits = {}, None if engine_fn or not todo else fits_model(  # prompt lengths vs our engines' limit; images
         AutoProcessor.from_pretrained(ckpts[-1]["path"]), data_cfg, cfg.max_tokens, rollout_cfg.max_model_len)
     for sp in dict.fromkeys(sp for _, sp, _ in todo):  # load and check every split before any model is loaded
         data[sp] = load_dataset(getattr(data_cfg, sp), data_cfg, fits)[:cfg.limit or None]  # --data.<split>

@@ -182,10 +182,11 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
     return sums
 
 
-def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, keep: list[int],
+def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, keep: list[int], times: list,
                  args: Args) -> dict[str, float]:
     """The step's named metrics (README's table): rewards, losses and PPO statistics (token-weighted means over all
-    ranks), KL to the reference, entropy, engine-vs-trainer log-prob mismatch, lengths and MAYE's reflection ratios."""
+    ranks), KL to the reference, entropy, engine-vs-trainer log-prob mismatch, lengths, MAYE's reflection ratios and
+    the phases' seconds (times: [(phase, time.time() at its end)], "start" first)."""
     B, T = mask.shape
     tokens, n_tok = mask.sum().item(), max(sums["training/n_tokens"], 1.0)
     engine_lp = torch.full((B, T), float("nan"))          # NaN on forced (rethinking trigger) tokens
@@ -193,7 +194,9 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
         engine_lp[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
     sampled = mask * engine_lp.isfinite()
     acc = [r["accuracy"] for r in scored]
-    return {"rews/scores": scores.mean().item(), "rews/acc_rewards": sum(acc) / B,
+    step_s = times[-1][1] - times[0][1]
+    return {**{f"time/{b[0]}": b[1] - a[1] for a, b in zip(times, times[1:])}, "time/step": step_s,
+            "perf/tokens_per_s": tokens / step_s,"rews/scores": scores.mean().item(), "rews/acc_rewards": sum(acc) / B,
             "rews/format_rewards": sum(r["format"] for r in scored) / B,
             "loss/policy_loss": sums["loss/policy_loss"] / args.ppo_epochs,
             "loss/kl_loss": sums["loss/kl_loss"] / args.ppo_epochs,
@@ -225,11 +228,9 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
         if args.advantage.kl_coef > 0 else None
     optimizer, scheduler = build_optimizer(policy, args.optim, total_steps)
     start = load_trainer_state(ckpt, policy, optimizer, scheduler)["step"] if ckpt else 0
-    logger = None
-    if rank == 0:
-        logger = MetricsLogger(args.out_dir, asdict(args), start if args.resume else None, args.tensorboard, args.wandb)
-        print0(f"[train] {world} rank(s) on {device}, engine pid {engine.proc.pid}, steps {start}->{total_steps}, "
-               f"{B} responses/step, resume={ckpt}")
+    logger = MetricsLogger(args.out_dir, asdict(args), start if args.resume else None, args.tensorboard,
+                           args.wandb) if rank == 0 else None
+    print0(f"[train] {world} rank(s) on {device}, steps {start}->{total_steps}, {B} responses/step, resume={ckpt}")
     epoch_acc: list[float] = []
     try:
         for step in range(start, total_steps):
@@ -257,7 +258,8 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             fused = fuse_old_logprobs(args, B, world)
             old_lp, ref_lp, ent = old_and_ref_logprobs(policy, ref, samples, comps, mask.shape[1], fused, processor,
                                                        args, rank, world, device)                 # (B, T) each
-            kl = kl_penalty(old_lp, ref_lp, args.advantage.kl_type) * mask if ref is not None else None
+            kl = kl_penalty(old_lp, ref_lp, args.advantage.kl_type) * mask \
+                if ref is not None and not args.advantage.kl_in_loss else None                    # reward KL only
             adv = compute_advantages(scores, mask, n, args.advantage, kl=kl)                      # (B, T)
             generator = torch.Generator().manual_seed(args.seed * 7919 + step)
             keep = select_samples(scores, adv, mask, n, args.advantage, generator, multiple_of=world)   # (K,)
@@ -283,10 +285,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             epoch_acc += [r["accuracy"] for r in scored]
             if rank == 0:
                 metrics = {"step": done, "epoch": done / steps_per_epoch, "training/lr": lr, **rethink,
-                           **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, args)}
-                metrics.update({f"time/{b[0]}": b[1] - a[1] for a, b in zip(times, times[1:])})
-                metrics["time/step"] = times[-1][1] - times[0][1]
-                metrics["perf/tokens_per_s"] = lengths.sum().item() / metrics["time/step"]
+                           **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
                 if done % steps_per_epoch == 0:
                     metrics["train/epoch_accuracy"], epoch_acc = sum(epoch_acc) / len(epoch_acc), []
                 if val_set and ((args.val_every > 0 and done % args.val_every == 0) or done == total_steps):
