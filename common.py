@@ -602,11 +602,12 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, optimizer, scheduler, processor,
-                    weights: dict | None = None, keep: int = 0) -> Path:
+                    weights: dict | None = None, keep: int = 0, metrics: dict | None = None) -> Path:
     """Write out_dir/checkpoints/step_NNNNNN, complete or not at all (written as step_NNNNNN.tmp, then renamed):
     an HF model folder (`save_pretrained` of the full weights, the processor), the optimizer state sharded as each rank
     holds it (torch.distributed.checkpoint: a run resumed on another number of ranks reshards it), the scheduler and
-    vlrl_state.json. Then only the newest `keep` checkpoints stay (0 = all). A collective: call on all ranks."""
+    vlrl_state.json (with the step's `metrics` line: a run killed before it logged that line gets it back on resume).
+    Then only the newest `keep` checkpoints stay (0 = all). A collective: call on all ranks."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -622,7 +623,8 @@ def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, opt
         model.save_pretrained(tmp, state_dict=weights)
         processor.save_pretrained(tmp)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "vlrl_state.json").write_text(json.dumps({"step": step, "epoch": epoch, "kind": kind}))
+        (tmp / "vlrl_state.json").write_text(json.dumps({"step": step, "epoch": epoch, "kind": kind,
+                                                                   "metrics": metrics}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         done = sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))
@@ -652,21 +654,23 @@ def load_trainer_state(ckpt: Path, model, optimizer, scheduler) -> dict:
 class MetricsLogger:
     """Rank 0 only: metrics.jsonl (always), one greppable line per step, optional TensorBoard / wandb (lazy)."""
 
-    def __init__(self, out_dir: str, config: dict, resume_step: int | None, tensorboard=False, wandb_project=""):
+    def __init__(self, out_dir: str, config: dict, resumed: dict | None, tensorboard=False, wandb_project=""):
+        """resumed: None for a new run, else the vlrl_state.json of the checkpoint resumed from ({"step": 0} if none)."""
         self.path = Path(out_dir) / "metrics.jsonl"
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=1, default=str))
-        if resume_step is not None and self.path.exists():
-            # Lines logged after the checkpoint by the killed run are moved aside (kept, not lost) and redone.
-            keep, drop = [], []
-            for line in self.path.read_text().splitlines():
-                (keep if json.loads(line)["step"] <= resume_step else drop).append(line + "\n")
-            self.path.write_text("".join(keep))
-            if drop:
-                with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
-                    f.writelines(drop)
-        elif resume_step is None:
-            self.path.write_text("")
+        # On resume, lines logged after the checkpoint by the killed run are moved aside (kept, not lost) and redone;
+        # the checkpoint's own line comes from the checkpoint if the run was killed before logging it.
+        step = -1 if resumed is None else resumed["step"]                # a new run keeps no line
+        rows = [json.loads(line) for line in self.path.read_text().splitlines()] \
+            if step >= 0 and self.path.exists() else []
+        keep = [r for r in rows if r["step"] <= step]
+        if step >= 0 and resumed.get("metrics") and step not in {r["step"] for r in keep}:
+            keep.append(resumed["metrics"])
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        if drop := [r for r in rows if r["step"] > step]:
+            with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in drop)
         self.tb = self.wandb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

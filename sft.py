@@ -207,10 +207,11 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
 
     model = shard_model(load_model(str(ckpt or args.model.path), args.model, device), args.model, device)
     optimizer, scheduler = build_optimizer(model, args.optim, total_steps)
-    start = load_trainer_state(ckpt, model, optimizer, scheduler)["step"] if ckpt else 0
+    state = load_trainer_state(ckpt, model, optimizer, scheduler) if ckpt else {"step": 0}
+    start = state["step"]
     params = [p for p in model.parameters() if p.requires_grad]
     batch_processor = CachedProcessor(processor) if args.cache_prompts else processor
-    logger = MetricsLogger(args.out_dir, asdict(args), start if args.resume else None, args.tensorboard, args.wandb) \
+    logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard, args.wandb) \
         if rank == 0 else None
     engine = None                                          # the validation engine, started at the first validation
     print0(f"[sft] {world} rank(s) on {device}, {len(train_set)} train / {len(val_set)} val rows, steps "
@@ -248,7 +249,7 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
                 weights = full_state_dict(model) if (do_val or do_save) else None   # collective; {} off rank 0
                 if do_save:                  # before validating: a failed validation loses no training
                     save_checkpoint(args.out_dir, done, done / steps_per_epoch, "sft", model, optimizer, scheduler,
-                                    processor, weights, args.keep_checkpoints)
+                                    processor, weights, args.keep_checkpoints, metrics)
                 if do_val:
                     metrics["val/loss"] = validation_loss(model, batch_processor, val_set, val_resp, args.data,
                                                           args.micro_batch_size, rank, world, device)

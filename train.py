@@ -227,8 +227,9 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     ref = shard_model(load_model(args.model.path, args.model, device, trainable=False), args.model, device) \
         if args.advantage.kl_coef > 0 else None
     optimizer, scheduler = build_optimizer(policy, args.optim, total_steps)
-    start = load_trainer_state(ckpt, policy, optimizer, scheduler)["step"] if ckpt else 0
-    logger = MetricsLogger(args.out_dir, asdict(args), start if args.resume else None, args.tensorboard,
+    state = load_trainer_state(ckpt, policy, optimizer, scheduler) if ckpt else {"step": 0}
+    start = state["step"]
+    logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard,
                            args.wandb) if rank == 0 else None
     print0(f"[train] {world} rank(s) on {device}, steps {start}->{total_steps}, {B} responses/step, resume={ckpt}")
     epoch_acc: list[float] = []
@@ -277,17 +278,17 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
                 engine.update_weights(weights)
             times.append(("sync", time.time()))
 
-            # checkpoint, then log (rank 0) and validate
+            # metrics, checkpoint (with the metrics line: a kill before logging loses nothing), then validate and log
             done = step + 1
+            epoch_acc += [r["accuracy"] for r in scored]
+            metrics = {"step": done, "epoch": done / steps_per_epoch, "training/lr": lr, **rethink,
+                       **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
+            if done % steps_per_epoch == 0:
+                metrics["train/epoch_accuracy"], epoch_acc = sum(epoch_acc) / len(epoch_acc), []
             if (args.save_every and done % args.save_every == 0) or done == total_steps:
                 save_checkpoint(args.out_dir, done, done / steps_per_epoch, "rl", policy, optimizer, scheduler,
-                                processor, weights, args.keep_checkpoints)
-            epoch_acc += [r["accuracy"] for r in scored]
+                                processor, weights, args.keep_checkpoints, metrics)
             if rank == 0:
-                metrics = {"step": done, "epoch": done / steps_per_epoch, "training/lr": lr, **rethink,
-                           **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
-                if done % steps_per_epoch == 0:
-                    metrics["train/epoch_accuracy"], epoch_acc = sum(epoch_acc) / len(epoch_acc), []
                 if val_set and ((args.val_every > 0 and done % args.val_every == 0) or done == total_steps):
                     metrics.update(validate(engine, val_set, args.reward, args.rollout.max_tokens))
                 logger.log(metrics, format_line(done, total_steps, metrics, LOG_LINE))

@@ -75,6 +75,20 @@ def test_a_used_out_dir_is_refused_then_moved_aside(toy_world, tmp_path):
     common.prepare_out_dir(str(aside[0]), resume=True, restart=False)                 # --resume: no objection
 
 
+def test_resume_keeps_every_line_up_to_its_checkpoint_and_moves_later_ones_aside(tmp_path):
+    """Killed after checkpoint 2 was written but before its line was logged, with a stray line 3 from an older
+    attempt: the resumed log is lines 1 and 2 (2 from the checkpoint), and line 3 is kept aside."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "a": 1}\n{"step": 3, "a": 3}\n')
+    common.MetricsLogger(str(tmp_path), {}, {"step": 2, "metrics": {"step": 2, "a": 2}})
+    rows = lambda name: [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]
+    assert rows("metrics.jsonl") == [{"step": 1, "a": 1}, {"step": 2, "a": 2}]
+    assert rows("metrics.discarded.jsonl") == [{"step": 3, "a": 3}]
+    common.MetricsLogger(str(tmp_path), {}, {"step": 2, "metrics": {"step": 2, "a": -1}})   # logged: kept as it is
+    assert rows("metrics.jsonl") == [{"step": 1, "a": 1}, {"step": 2, "a": 2}]
+    common.MetricsLogger(str(tmp_path), {}, None)                                            # a new run
+    assert rows("metrics.jsonl") == []
+
+
 def test_an_over_long_prompt_fails_fast_naming_its_row(toy_world, tmp_path):
     rows = [json.loads(x) for x in (toy_world / "data" / "train.jsonl").read_text().splitlines()[:8]]
     rows[5]["question"] = "<image>" + "How many? " * 300
