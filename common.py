@@ -13,13 +13,18 @@
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import io
+import itertools
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,9 +192,7 @@ def _parse_chat(row: dict, source: str, base: Path, msg_key: str, answer: str | 
         messages.append({"role": role, "content": content})
     if used != len(images):
         raise _fail(source, "images", f"{len(images)} image(s) but {used} image placeholder(s) in '{msg_key}'")
-    if answer is None and solution is not None:
-        from reward import extract_boxed   # the answer of an SFT-style row: its solution's last \boxed{}
-        answer = extract_boxed(solution) or solution
+    answer = solution if answer is None else answer  # an SFT-style row: the judge takes the solution's last \boxed{}
     if answer is None or not answer.strip():
         raise _fail(source, "answer", "missing")
     sid = _str_field(row, "id", source, required=False, number_ok=True) or source
@@ -273,6 +276,24 @@ def load_dataset(path: str, cfg: DataConfig = DataConfig(), check: Callable[[Sam
     if skipped and verbose:
         print(f"[data] {path}: skipped {len(skipped)} invalid row(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
     return samples
+
+
+def read_jsonl(path, need: tuple[str, ...] = (), check: Callable[[dict], str] = lambda row: "") -> list[dict]:
+    """The JSON objects of a jsonl file (blank lines skipped), each holding the keys `need` and passing
+    `check(row) -> error or ''`; an error names path:line."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:  # an interrupted write, say
+            raise ValueError(f"{path}:{i}: invalid JSON ({e.msg}); fix or delete that line") from e
+        missing = [k for k in need if not isinstance(row, dict) or k not in row]
+        if why := f"missing field {missing[0]!r}" if missing else check(row):
+            raise ValueError(f"{path}:{i}: {why}")
+        rows.append(row)
+    return rows
 
 
 def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> tuple[int, list[int]]:
@@ -480,6 +501,110 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
 
 
+_POOLS: dict = {}  # fn -> [[process, connection, the thread that forked it] per worker]; made by process _POOLS_PID
+_POOLS_PID, _POOLS_LOCK = 0, threading.Lock()
+
+
+def _serve(fn, conn) -> None:
+    """A pool process: answer each item from conn with fn(*item) (or the exception it raised), until EOF. It dies with
+    the thread that forked it; Ctrl-C is its parent's."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    gc.freeze()  # the inherited heap (torch's, in a trainer) is never garbage here: no collection walks it again
+    try:
+        while True:
+            item = conn.recv()
+            try:
+                conn.send(fn(*item))
+            except Exception as e:
+                conn.send(e)
+    except EOFError:
+        return
+
+
+def _fork(fn, k: int) -> None:
+    """(Re)start process k of fn's pool: killed if alive, then forked (spawn would re-import the caller's __main__)."""
+    import multiprocessing as mp
+    if pool := _POOLS[fn][k]:
+        pool[0].kill()
+        pool[0].join()
+    conn, child = mp.Pipe()
+    _POOLS[fn][k] = [mp.get_context("fork").Process(target=_serve, args=(fn, child), daemon=True), conn,
+                     threading.current_thread()]
+    _POOLS[fn][k][0].start()
+    child.close()  # only the child holds that end now: its death is EOF here
+
+
+def close_pools() -> None:
+    """Kill every bounded_map process (registered with atexit); the next call forks new ones."""
+    for proc, *_ in [w for ws in _POOLS.values() for w in ws if w] if _POOLS_PID == os.getpid() else []:
+        proc.kill()
+        proc.join()
+    _POOLS.clear()
+
+
+def bounded_map(fn, items: list[tuple], workers: int, timeout_s: float, warm_up=None) -> list:
+    """[fn(*item) for item in items], each computed in one of `workers` processes forked by the calling thread and
+    reused by its later calls (`warm_up()` runs here once, before the first fork, so that the imports it pays are
+    shared). This thread gives each idle process the next item and waits on them all: past timeout_s on an item (one
+    C call that never returns included), or dead, a process is killed and replaced, and that item's result is the
+    reason, a str starting 'timeout:' or 'worker_died:' (so fn must not return a str). fn's exceptions raise here."""
+    global _POOLS_PID
+    from multiprocessing.connection import wait
+    # Each process holds up to two items (the second waits in its pipe, so it never idles on this thread's round
+    # trip); `queued[k]` are process k's items in order, `deadline[k]` is its head item's (from when it started).
+    out, todo, queued, deadline = [None] * len(items), list(range(len(items)))[::-1], {}, {}
+    with _POOLS_LOCK:
+        if _POOLS_PID != os.getpid():  # a new process, or a forked child of the one that made the pools
+            close_pools()
+            atexit.unregister(close_pools)  # registered once, however many pools a process makes
+            atexit.register(close_pools)
+            _POOLS_PID = os.getpid()
+        if len(_POOLS.get(fn, ())) != workers:
+            for proc, *_ in [w for w in _POOLS.pop(fn, []) if w]:
+                proc.kill()
+                proc.join()
+            if warm_up:
+                warm_up()
+            _POOLS[fn] = [None] * workers
+        try:
+            for k, w in enumerate(_POOLS[fn]):  # a process dies with the thread that forked it: fork this thread's
+                if not w or not w[0].is_alive() or w[2] is not threading.current_thread():
+                    _fork(fn, k)
+            while todo or any(queued.values()):
+                for depth, k in itertools.product((1, 2), range(workers)):  # each process one item, then a second
+                    if todo and len(queued.setdefault(k, [])) < depth:
+                        queued[k].append(i := todo.pop())
+                        _POOLS[fn][k][1].send(items[i])
+                        deadline[k] = deadline[k] if depth > 1 else time.monotonic() + timeout_s
+                busy = [k for k in queued if queued[k]]
+                wait_s = max(0.0, min(deadline[k] for k in busy) - time.monotonic())
+                ready = wait([_POOLS[fn][k][1] for k in busy], wait_s)
+                for k in busy:
+                    proc, conn, _ = _POOLS[fn][k]
+                    if conn in ready:
+                        try:
+                            res = conn.recv()
+                        except (EOFError, OSError):
+                            res = f"worker_died: process exited with code {proc.join(1) or proc.exitcode}"
+                    elif time.monotonic() >= deadline[k]:
+                        res = f"timeout: exceeded {timeout_s} s"
+                    else:
+                        continue
+                    if isinstance(res, BaseException):
+                        raise res
+                    out[queued[k].pop(0)] = res
+                    if isinstance(res, str):  # the item after it goes back to the queue, to a new process
+                        todo += queued[k][::-1]
+                        queued[k] = []
+                        _fork(fn, k)
+                    deadline[k] = time.monotonic() + timeout_s
+        except BaseException:  # an item in flight would leak into the next call: start afresh
+            close_pools()
+            raise
+    return out
+
+
 def launch(worker, nproc: int, *args) -> None:
     """Run `worker(*args)` on `nproc` local ranks with torch.multiprocessing.spawn, which stops every rank and raises
     the failing rank's traceback here if one fails. Under torchrun (RANK is set) just call `worker(*args)`."""
@@ -655,7 +780,7 @@ class MetricsLogger:
     """Rank 0 only: metrics.jsonl (always), one greppable line per step, optional TensorBoard / wandb (lazy)."""
 
     def __init__(self, out_dir: str, config: dict, resumed: dict | None, tensorboard=False, wandb_project=""):
-        """resumed: None for a new run, else the vlrl_state.json of the checkpoint resumed from ({"step": 0} if none)."""
+        """resumed: None for a new run, else the resumed checkpoint's vlrl_state.json ({"step": 0} if none)."""
         self.path = Path(out_dir) / "metrics.jsonl"
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=1, default=str))

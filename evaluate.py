@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
-from common import DataConfig, fits_model, load_dataset
-from reward import RewardConfig, reflection_stats, score_batch
+from common import DataConfig, fits_model, load_dataset, read_jsonl
+from reward import RewardConfig, score_batch
 from rollout import RolloutConfig, make_engine
 
 
@@ -36,6 +36,8 @@ class EvalConfig:
     save_responses: bool = True  # Write responses and verdicts to RUN/eval_responses/CHECKPOINT/SPLIT_SETTING.jsonl.
 
 
+REFLECTION_WORDS = ("re-check", "re-evaluate", "re-examine", "re-think", "recheck", "reevaluate", "reexamine",
+                    "reevaluation", "rethink", "check again", "think again", "try again", "verify", "wait", "yet")
 Setting = NamedTuple("Setting", [("name", str), ("k", int), ("n", int), ("temperature", float), ("top_p", float)])
 EVAL_KEYS = ("checkpoint", "step", "epoch", "kind", "split", "setting", "max_tokens", "limit", "accuracy")  # eval.jsonl
 ARM_COLOURS = {"vanilla": "0.35", "sft": "tab:blue", "rl": "tab:red"}  # in MAYE's column order; others: C3, C4...
@@ -75,19 +77,30 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def check_answers(samples, where: str) -> None:
-    """Clear error if a sample lacks a gold answer (a split without answers cannot be evaluated)."""
-    if missing := [s.id for s in samples if not isinstance(s.answer, str) or not s.answer.strip()]:
-        raise ValueError(f"{where}: {len(missing)} of {len(samples)} samples have no `answer` "
-                         f"(first: {missing[0]!r}); a split without answers cannot be evaluated")
+def reflection_stats(responses: list[str], correct: list[bool], words=REFLECTION_WORDS) -> dict:
+    """MAYE's reflection statistics: five ratios (0 when a denominator is 0) and per-word total occurrences `words/<w>`.
+    N responses, R = contain any word (lower-case substring), C = correct, RC = both: reflection_ratio R/N,
+    ..._in_correct_answers RC/C, ..._in_incorrect_answers (R-RC)/(N-C), correct_ratio_in_reflection_texts RC/R,
+    correct_ratio_in_no_reflection_texts (C-RC)/(N-R)."""
+    if len(responses) != len(correct) or not all(isinstance(t, str) for t in responses):
+        raise ValueError(f"reflection_stats: {len(responses)} responses (strings needed), {len(correct)} correct flags")
+    hits = [{w: low.count(w) for w in words} for low in map(str.lower, responses)]
+    refl, ok = [any(h.values()) for h in hits], [bool(c) for c in correct]
+    n, r, c, rc = len(ok), sum(refl), sum(ok), sum(x and y for x, y in zip(refl, ok))
+    ratios = {"reflection_ratio": (r, n), "reflection_ratio_in_correct_answers": (rc, c),
+              "reflection_ratio_in_incorrect_answers": (r - rc, n - c), "correct_ratio_in_reflection_texts": (rc, r),
+              "correct_ratio_in_no_reflection_texts": (c - rc, n - r)}
+    return {**{k: a / b if b else 0.0 for k, (a, b) in ratios.items()},
+            **{f"words/{w}": sum(h[w] for h in hits) for w in words}}
 
 
 def evaluate_model(engine, samples, cfg: EvalConfig = EvalConfig(), reward_cfg: RewardConfig = RewardConfig(),
                    settings: tuple[str, ...] | None = None, on_batch: Callable[[int], None] = lambda m: None) -> dict:
     """{setting: {accuracy (pass_at_k; a response is correct if its reward accuracy > 0.5, truncated or not, as in
     MAYE), mean_length (generated tokens), length_clip_ratio, format_ratio, response_accuracy, n_problems, n_responses,
-    reflection/* (reward.reflection_stats), records}}. on_batch(prompts done) drives a progress bar."""
-    check_answers(samples, "evaluate_model")
+    reflection/* (reflection_stats), records}}. on_batch(prompts done) drives a progress bar."""
+    if missing := [s.id for s in samples if not isinstance(s.answer, str) or not s.answer.strip()]:
+        raise ValueError(f"evaluate_model: {len(missing)} of {len(samples)} samples lack an `answer`: {missing[0]!r}")
     out = {}
     for s in map(parse_setting, settings if settings is not None else cfg.settings):
         comps = []
@@ -114,7 +127,7 @@ def evaluate_model(engine, samples, cfg: EvalConfig = EvalConfig(), reward_cfg: 
             "length_clip_ratio": sum(c.finish_reason == "length" for _, _, c in flat) / N,
             "format_ratio": sum(r["format"] for r in scores) / N, "response_accuracy": sum(ok) / N,
             "n_problems": len(samples), "n_responses": N, "records": records,
-            **{f"reflection/{k}": v for k, v in reflection_stats(texts, ok, reward_cfg.reflection_words).items()}}
+            **{f"reflection/{k}": v for k, v in reflection_stats(texts, ok).items()}}
     return out
 
 
@@ -139,20 +152,6 @@ def list_checkpoints(run_dir: str | Path) -> list[dict]:
     return sorted(out, key=lambda c: c["step"])
 
 
-def read_jsonl(path: str | Path, need: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a jsonl file, each checked to have the keys `need`; errors name the file and the line or row."""
-    rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:  # an interrupted write, say
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix or delete that line") from e
-            if missing := [k for k in need if k not in rows[-1]]:
-                raise ValueError(f"{path}: row {len(rows)} lacks {missing}; not a file written by vlrl?")
-    return rows
-
-
 def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollout_cfg: RolloutConfig = RolloutConfig(),
                  cfg: EvalConfig = EvalConfig(), reward_cfg: RewardConfig = RewardConfig(),
                  engine_fn: Callable[[str], object] | None = None, progress=None, eval_dir=None) -> list[dict]:
@@ -173,7 +172,6 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
         AutoProcessor.from_pretrained(ckpts[-1]["path"]), data_cfg, cfg.max_tokens, rollout_cfg.max_model_len)
     for sp in dict.fromkeys(sp for _, sp, _ in todo):  # load and check every split before any model is loaded
         data[sp] = load_dataset(getattr(data_cfg, sp), data_cfg, fits)[:cfg.limit or None]  # --data.<split>
-        check_answers(data[sp], f"split {sp!r} ({getattr(data_cfg, sp)})")
     task = progress.add_task(Path(run_dir).name, total=sum(len(data[sp]) for _, sp, _ in todo)) if progress else None
     for ck in ckpts:
         if not (mine := [(sp, s) for c, sp, s in todo if c is ck]):
@@ -355,7 +353,6 @@ def main(args: Args) -> None:
     if args.model:
         samples = load_dataset(args.data_file, args.data, fits_model(AutoProcessor.from_pretrained(args.model),
                                args.data, args.eval.max_tokens, args.rollout.max_model_len))[:args.eval.limit or None]
-        check_answers(samples, args.data_file)
         settings = [parse_setting(s) for s in args.eval.settings]  # a bad one fails before the model loads
         engine = make_engine(args.model, args.rollout, args.data)
         with progress:

@@ -44,8 +44,8 @@ from common import (DataConfig, MetricsLogger, ModelConfig, OptimConfig, all_red
                     full_state_dict, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
                     load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
                     to_device)
-from evaluate import validate
-from reward import RewardConfig, reflection_stats, score_batch
+from evaluate import reflection_stats, validate
+from reward import RewardConfig, score_batch
 from rollout import EngineClient, RolloutConfig, compute_logprobs, rollout
 
 
@@ -193,10 +193,9 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
     for i, c in enumerate(comps):
         engine_lp[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
     sampled = mask * engine_lp.isfinite()
-    acc = [r["accuracy"] for r in scored]
-    step_s = times[-1][1] - times[0][1]
+    acc, step_s = [r["accuracy"] for r in scored], times[-1][1] - times[0][1]
     return {**{f"time/{b[0]}": b[1] - a[1] for a, b in zip(times, times[1:])}, "time/step": step_s,
-            "perf/tokens_per_s": tokens / step_s,"rews/scores": scores.mean().item(), "rews/acc_rewards": sum(acc) / B,
+            "perf/tokens_per_s": tokens / step_s, "rews/scores": scores.mean().item(), "rews/acc_rewards": sum(acc) / B,
             "rews/format_rewards": sum(r["format"] for r in scored) / B,
             "loss/policy_loss": sums["loss/policy_loss"] / args.ppo_epochs,
             "loss/kl_loss": sums["loss/kl_loss"] / args.ppo_epochs,
@@ -209,8 +208,8 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             / max(1.0, sampled.sum().item()),
             "response/lengths": mask.sum(1).mean().item(),
             "response/length_clip_ratio": sum(c.finish_reason == "length" for c in comps) / B,
-            **{f"reflection/{k}": v for k, v in reflection_stats([c.text for c in comps], [a > 0 for a in acc],
-                                                                 args.reward.reflection_words).items()}}
+            **{f"reflection/{k}": v for k, v in reflection_stats([c.text for c in comps], [a > 0 for a in acc]).items()}
+            }
 
 
 def rl_worker(args: Args, train_set: list, val_set: list) -> None:

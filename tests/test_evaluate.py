@@ -123,7 +123,7 @@ def test_evaluate_model_fake_engine():
 
 def test_evaluate_model_bad_input():
     eng = FakeEngine({"p0": [comp("\\boxed{1}")], "p1": [comp("\\boxed{1}")]})
-    with pytest.raises(ValueError, match="no `answer`.*'p1'"):
+    with pytest.raises(ValueError, match="lack an `answer`: 'p1'"):
         ev.evaluate_model(eng, [sample(0, "1"), sample(1, "")], ev.EvalConfig(settings=("pass@1_t0.6",)), RCFG)
 
     class Short(FakeEngine):
@@ -238,10 +238,10 @@ def test_series_and_jsonl_errors(tmp_path):
         ev.series([{"step": 4, "response/lengths": "x"}], "response/lengths", "step", "run/metrics.jsonl")
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "epoch": 0.5}\n\n{"epoch": 1.0}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl: row 2 lacks \['step'\]"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl:3: missing field 'step'"):
         ev.read_jsonl(path, ("step", "epoch"))
     path.write_text('{"step": 1, "epoch": 0.5}\n{"step": 2, "ep')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: invalid JSON"):
         ev.read_jsonl(path)
 
 
@@ -346,7 +346,7 @@ def test_evaluate_run_errors(tmp_path):
     with pytest.raises(AttributeError, match="'nope'"):  # --eval.splits names a DataConfig field
         ev.evaluate_run(run, DataConfig(), cfg=ev.EvalConfig(splits=("nope",)), reward_cfg=RCFG, engine_fn=eng)
     (run / "eval.jsonl").write_text('{"checkpoint": "step_000001", "split": "validation"}\n')
-    with pytest.raises(ValueError, match=r"eval.jsonl: row 1 lacks \['step', 'epoch'"):
+    with pytest.raises(ValueError, match=r"eval.jsonl:1: missing field 'step'"):
         ev.evaluate_run(run, DataConfig(), reward_cfg=RCFG, engine_fn=eng)
     (run / "checkpoints" / "step_000002").mkdir()
     with pytest.raises(FileNotFoundError, match="step_000002/vlrl_state.json"):
@@ -387,3 +387,31 @@ def test_hf_engine_on_toy_model(toy_world, tmp_path):
     for row in rows:
         assert (row["accuracy"], row["mean_length"]) == (res[row["setting"]]["accuracy"],
                                                          res[row["setting"]]["mean_length"])
+
+
+def test_reflection_stats_hand_worked():
+    responses = ["Wait, let me recheck.", "The answer is 3.", "I verify: yes, WAIT.", "Done.", "try again"]
+    correct = [True, True, False, False, False]
+    s = ev.reflection_stats(responses, correct)
+    # N=5; reflective R = {0, 2, 4} -> 3 ("yet" is not in any); correct C = {0, 1} -> 2; RC = {0} -> 1
+    assert s["reflection_ratio"] == 3 / 5
+    assert s["reflection_ratio_in_correct_answers"] == 1 / 2  # RC / C
+    assert s["reflection_ratio_in_incorrect_answers"] == 2 / 3  # (R - RC) / (N - C) = 2 / 3
+    assert s["correct_ratio_in_reflection_texts"] == 1 / 3  # RC / R
+    assert s["correct_ratio_in_no_reflection_texts"] == 1 / 2  # (C - RC) / (N - R) = 1 / 2
+    # total occurrences: "wait" in 0 and 2 ("WAIT"), "recheck" once, "verify" once, "try again" once
+    assert (s["words/wait"], s["words/recheck"], s["words/verify"], s["words/try again"]) == (2, 1, 1, 1)
+    assert s["words/yet"] == 0 and len([k for k in s if k.startswith("words/")]) == 15
+
+
+def test_reflection_stats_zero_denominators_and_custom_words():
+    s = ev.reflection_stats(["plain"], [True])
+    assert s["reflection_ratio"] == 0.0 and s["correct_ratio_in_reflection_texts"] == 0.0  # R = 0
+    assert s["reflection_ratio_in_incorrect_answers"] == 0.0  # N - C = 0
+    s = ev.reflection_stats(["hmm hmm", "ok"], [False, True], words=("hmm",))
+    assert s["words/hmm"] == 2 and s["reflection_ratio"] == 0.5
+    assert ev.reflection_stats([], [])["reflection_ratio"] == 0.0
+    with pytest.raises(ValueError):
+        ev.reflection_stats(["a"], [])
+    with pytest.raises(ValueError, match="strings needed"):
+        ev.reflection_stats(["a", None], [True, False])

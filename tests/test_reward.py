@@ -1,6 +1,6 @@
 """Tests for reward.py: extraction, a 60-case judgement table (through the judge pool and by a direct call), bad
 inputs within the time limit, timeouts from a non-main thread, workers that spin, hang in C code or die,
-penalties/format, reflection statistics (hand-worked), custom reward functions, pool lifecycle and the CLI.
+penalties/format, custom reward functions, pool lifecycle and the CLI.
 ~45-60 s on the 2-core box, most of it judge start-up (every replaced worker pays it again)."""
 import json
 import os
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import common
 import reward
-from reward import RewardConfig, extract_boxed, numbers_match, reflection_stats, score_batch, score_response
+from reward import RewardConfig, extract_boxed, numbers_match, score_batch, score_response
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = RewardConfig(num_workers=2, timeout_s=5.0)
@@ -68,6 +69,21 @@ CASES = [
     (B % "25\\pi \\text{ cm}^2", "25\\pi", 1), (B % "-\\frac{\\sqrt{3}}{3}", "\\frac{\\sqrt{3}}{3}", 0),
     (B % "\\$12", "12", 1), (B % "\\frac{\\pi}{2}", "\\frac{1}{2}π", 1),
 ]
+
+
+# issue 14's table: answer forms of geometry3k, MM-Math and MathVerse and cases from public answer-checker test suites
+# (math-verify, Qwen2.5-Math, NeMo-Skills, Hendrycks MATH), each with a human verdict; bench/bench_judge.py compares.
+TABLE = [json.loads(x) for x in (ROOT / "tests" / "fixtures" / "judge_table.jsonl").read_text().splitlines() if x]
+KNOWN_MISSES = {("12 cm", "120 mm")}  # (gold, boxed answer) judged wrong though right: no unit conversion
+
+
+def test_judge_table_never_calls_a_wrong_answer_right():
+    res = score_batch([r["response"] for r in TABLE], [r["gold"] for r in TABLE], cfg=POOL)
+    false_pos = [(r["category"], r["gold"], r["response"]) for r, x in zip(TABLE, res) if x["accuracy"] and
+                 not r["expected"]]
+    assert false_pos == []
+    assert {(r["gold"], extract_boxed(r["response"])) for r, x in zip(TABLE, res) if not x["accuracy"] and
+            r["expected"]} == KNOWN_MISSES
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +278,7 @@ def test_worker_hung_in_c_or_dead_is_killed_replaced_and_reported(tmp_path):
     hung = score_batch([B % "1"] * 2, ["1"] * 2, [True, False], cfg=RewardConfig(timeout_s=2.0, fn=f"{f}:c_hang"))
     assert [(r["reason"][:8], r["score"]) for r in hung] == [("timeout:", 0.0), ("timeout:", -0.1)]
     dead = score_batch([B % "1"], ["1"], cfg=RewardConfig(timeout_s=2.0, fn=f"{f}:die"))[0]
-    assert dead["reason"] == "worker_died: judge process exited with code 3" and dead["accuracy"] == 0.0
+    assert dead["reason"] == "worker_died: process exited with code 3" and dead["accuracy"] == 0.0
     for pid in before:                         # the first pool's processes were killed, not leaked
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -304,8 +320,8 @@ def test_pool_reused_restarted_and_closed(tmp_path):
     assert [r["accuracy"] for r in res] == [1.0] * 4
     assert victim not in _pids(8, f)
     last = _pids(8, f)
-    reward.close_pool()
-    assert reward._POOL == []
+    common.close_pools()
+    assert common._POOLS == {}
     time.sleep(0.5)
     for pid in last:                      # no judge left behind
         with pytest.raises(ProcessLookupError):
@@ -326,35 +342,6 @@ def test_workers_are_killed_at_exit(tmp_path):
             os.kill(pid, 0)
 
 
-# --------------------------------------------------------------------------------------------------- reflection
-def test_reflection_stats_hand_worked():
-    responses = ["Wait, let me recheck.", "The answer is 3.", "I verify: yes, WAIT.", "Done.", "try again"]
-    correct = [True, True, False, False, False]
-    s = reflection_stats(responses, correct)
-    # N=5; reflective R = {0, 2, 4} -> 3 ("yet" is not in any); correct C = {0, 1} -> 2; RC = {0} -> 1
-    assert s["reflection_ratio"] == 3 / 5
-    assert s["reflection_ratio_in_correct_answers"] == 1 / 2  # RC / C
-    assert s["reflection_ratio_in_incorrect_answers"] == 2 / 3  # (R - RC) / (N - C) = 2 / 3
-    assert s["correct_ratio_in_reflection_texts"] == 1 / 3  # RC / R
-    assert s["correct_ratio_in_no_reflection_texts"] == 1 / 2  # (C - RC) / (N - R) = 1 / 2
-    # total occurrences: "wait" in 0 and 2 ("WAIT"), "recheck" once, "verify" once, "try again" once
-    assert (s["words/wait"], s["words/recheck"], s["words/verify"], s["words/try again"]) == (2, 1, 1, 1)
-    assert s["words/yet"] == 0 and len([k for k in s if k.startswith("words/")]) == 15
-
-
-def test_reflection_stats_zero_denominators_and_custom_words():
-    s = reflection_stats(["plain"], [True])
-    assert s["reflection_ratio"] == 0.0 and s["correct_ratio_in_reflection_texts"] == 0.0  # R = 0
-    assert s["reflection_ratio_in_incorrect_answers"] == 0.0  # N - C = 0
-    s = reflection_stats(["hmm hmm", "ok"], [False, True], words=("hmm",))
-    assert s["words/hmm"] == 2 and s["reflection_ratio"] == 0.5
-    assert reflection_stats([], [])["reflection_ratio"] == 0.0
-    with pytest.raises(ValueError):
-        reflection_stats(["a"], [])
-    with pytest.raises(ValueError, match=r"responses\[1\] is NoneType"):
-        reflection_stats(["a", None], [True, False])
-
-
 # ---------------------------------------------------------------------------------------------------------- CLI
 def test_cli(tmp_path):
     rows = [{"response": B % "11", "answer": 11, "id": 0}, {"response": "Wait. \\boxed{3}", "answer": "4"},
@@ -366,7 +353,7 @@ def test_cli(tmp_path):
     assert p.returncode == 0, p.stderr
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [s["score"] for s in scored] == [1.0, 0.0, -0.1] and scored[0]["id"] == 0
-    assert "accuracy" in p.stdout and "reflection_ratio" in p.stdout
+    assert "accuracy" in p.stdout and "mean score" in p.stdout
     inp.write_text(json.dumps({"response": "x"}) + "\n")
     p = subprocess.run([sys.executable, "reward.py", "--responses", str(inp)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
@@ -378,5 +365,5 @@ def test_cli(tmp_path):
 
 
 def test_import_has_no_side_effects():
-    code = "import reward, threading, sys; assert reward._POOL == [] and threading.active_count() == 1"
+    code = "import reward, common, threading; assert common._POOLS == {} and threading.active_count() == 1"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

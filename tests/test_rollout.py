@@ -395,7 +395,8 @@ def test_verl_parquet_and_messages_jsonl(data_dir, hf):
                          {"role": "assistant", "content": "It is \\boxed{3}."}], "images": ["good.png"]}
     path = write_jsonl(data_dir / "m.jsonl", [msgs, {**msgs, "answer": "three"}, {**msgs, "messages": "hi"}])
     samples, skipped = C.read_dataset(path, C.DataConfig(skip_invalid=True))
-    assert [(s.answer, s.solution) for s in samples] == [("3", "It is \\boxed{3}."), ("three", "It is \\boxed{3}.")]
+    assert [(s.answer, s.solution) for s in samples] == [("It is \\boxed{3}.", "It is \\boxed{3}."),  # judged by its box
+                                                         ("three", "It is \\boxed{3}.")]
     assert samples[0].messages == [{"role": "user", "content": [
         {"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " what is 3?"}]}]
     assert len(skipped) == 1 and "m.jsonl:3: field 'messages'" in skipped[0]
