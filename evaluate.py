@@ -2,8 +2,8 @@
 
 MAYE (arXiv 2504.02587, sec. 4): `evaluate_model`: reward.py's accuracy at pass@1 T=0.01 (top_p 0.001), pass@1 T=0.6,
 pass@8 T=1.0, length, truncation, reflection (`validate`: the trainers' pass@1 T=0.01). `evaluate_run`: a resumable
-RUN/eval.jsonl (a line per checkpoint x split x setting). `write_report`: Table 3 (per run mean and max over epochs,
-then mean ± sample std across an arm's runs), Figures 4 and 5, report.md. Run alone (--report-only: redraw only):
+RUN/eval.jsonl (a line per checkpoint x split x setting; one engine per run). `write_report`: Table 3 (per run mean and
+max over epochs, then mean ± std across an arm's runs), Figures 4 and 5, report.md. Run alone (--report-only redraws):
     python evaluate.py --model toy/models/qwen2_5_vl-tiny --data-file toy/data/validation.jsonl --eval.max-tokens 64
     python evaluate.py --runs runs/rl runs/sft toy/models/qwen2_5_vl-tiny --out report --eval.max-tokens 64
 """
@@ -99,8 +99,6 @@ def evaluate_model(engine, samples, cfg: EvalConfig = EvalConfig(), reward_cfg: 
     """{setting: {accuracy (pass_at_k; a response is correct if its reward accuracy > 0.5, truncated or not, as in
     MAYE), mean_length (generated tokens), length_clip_ratio, format_ratio, response_accuracy, n_problems, n_responses,
     reflection/* (reflection_stats), records}}. on_batch(prompts done) drives a progress bar."""
-    if missing := [s.id for s in samples if not isinstance(s.answer, str) or not s.answer.strip()]:
-        raise ValueError(f"evaluate_model: {len(missing)} of {len(samples)} samples lack an `answer`: {missing[0]!r}")
     out = {}
     for s in map(parse_setting, settings if settings is not None else cfg.settings):
         comps = []
@@ -173,11 +171,17 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
     for sp in dict.fromkeys(sp for _, sp, _ in todo):  # load and check every split before any model is loaded
         data[sp] = load_dataset(getattr(data_cfg, sp), data_cfg, fits)[:cfg.limit or None]  # --data.<split>
     task = progress.add_task(Path(run_dir).name, total=sum(len(data[sp]) for _, sp, _ in todo)) if progress else None
+    engine = None  # a vLLM engine serves the whole run
     for ck in ckpts:
         if not (mine := [(sp, s) for c, sp, s in todo if c is ck]):
             continue
         try:
-            engine = engine_fn(ck["path"]) if engine_fn else make_engine(ck["path"], rollout_cfg, data_cfg)
+            if engine is None or engine_fn or rollout_cfg.engine != "vllm":
+                engine = engine_fn(ck["path"]) if engine_fn else make_engine(ck["path"], rollout_cfg, data_cfg)
+            else:  # the checkpoint's weights into the run's vLLM engine: no second start-up
+                from safetensors.torch import load_file
+                engine.update_weights({k: v for f in sorted(Path(ck["path"]).glob("*.safetensors"))
+                                       for k, v in load_file(f).items()})
         except Exception as e:  # re-raised with the checkpoint named: the caller sees which one is broken
             raise RuntimeError(f"checkpoint {ck['path']} failed to load: {type(e).__name__}: {e}") from e
         for sp, s in mine:
@@ -193,8 +197,8 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
                                     "epoch": ck["epoch"], "kind": ck["kind"], "split": sp, "setting": s.name, "k": s.k,
                                     "n": s.n, "temperature": s.temperature, "top_p": s.top_p,
                                     "max_tokens": cfg.max_tokens, "limit": cfg.limit, **res}) + "\n")
-        del engine
-        gc.collect()
+    del engine
+    gc.collect()
     return read_jsonl(eval_path, EVAL_KEYS) if eval_path.exists() else []
 
 

@@ -1,8 +1,8 @@
 """evaluate.py: pass@k, MAYE metrics on a fake engine, aggregation, figures/report, evaluate_run resume and errors.
 
 Expected numbers are worked by hand (arithmetic in the comments) or by brute force (all k-subsets), never by
-calling the code under test twice. No vLLM: a fake engine returns chosen completions; one test uses the HF engine
-on the tiny toy model.
+calling the code under test twice. A fake engine returns chosen completions; one test uses the HF engine on the tiny
+toy model, one the session's vLLM engine (a run's checkpoints share one engine).
 """
 import itertools
 import json
@@ -123,8 +123,8 @@ def test_evaluate_model_fake_engine():
 
 def test_evaluate_model_bad_input():
     eng = FakeEngine({"p0": [comp("\\boxed{1}")], "p1": [comp("\\boxed{1}")]})
-    with pytest.raises(ValueError, match="lack an `answer`: 'p1'"):
-        ev.evaluate_model(eng, [sample(0, "1"), sample(1, "")], ev.EvalConfig(settings=("pass@1_t0.6",)), RCFG)
+    res = ev.evaluate_model(eng, [sample(0, "1"), sample(1, "")], ev.EvalConfig(settings=("pass@1_t0.6",)), RCFG)
+    assert [r["reason"] for r in res["pass@1_t0.6"]["records"]] == ["", "bad_input: answer is empty"]  # named, not lost
 
     class Short(FakeEngine):
         def generate(self, samples, n, **kw):
@@ -415,3 +415,38 @@ def test_reflection_stats_zero_denominators_and_custom_words():
         ev.reflection_stats(["a"], [])
     with pytest.raises(ValueError, match="strings needed"):
         ev.reflection_stats(["a", None], [True, False])
+
+
+def test_one_vllm_engine_serves_a_run(toy_world, tmp_path, vllm_engine, monkeypatch):
+    """evaluate_run starts one vLLM engine per run and loads each later checkpoint's weights into it: checkpoint 2
+    then gives exactly the responses a freshly started engine on checkpoint 2 gives."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import rollout
+    from common import DataConfig, load_dataset
+    src = toy_world / "models" / "qwen2_5_vl-tiny"
+    run = make_run(tmp_path, [1, 2])
+    for step, scale in ((1, 1.0), (2, 1.5)):  # checkpoint 2: other weights
+        ckpt = run / "checkpoints" / f"step_{step:06d}"
+        shutil.copytree(src, ckpt, dirs_exist_ok=True)
+        save_file({k: v * scale if ".layers." in k else v for k, v in load_file(src / "model.safetensors").items()},
+                  ckpt / "model.safetensors")
+    engine, started = vllm_engine("qwen2_5_vl"), []
+    monkeypatch.setattr(ev, "make_engine", lambda path, *a: started.append(Path(path).name) or engine)
+    data, rcfg = DataConfig(validation=str(toy_world / "data" / "validation.jsonl")), rollout.RolloutConfig()
+    cfg = ev.EvalConfig(settings=("pass@1_t0.01",), splits=("validation",), max_tokens=8, limit=8)
+    try:
+        ev.evaluate_run(run, data, rcfg, cfg, RCFG)
+    finally:
+        engine.update_weights(load_file(src / "model.safetensors"))   # the session's engine, as it was
+    assert started == ["step_000001"]
+    reused = [ev.read_jsonl(run / "eval_responses" / f"step_00000{step}" / "validation_pass@1_t0.01.jsonl")
+              for step in (1, 2)]
+    fresh = rollout.VLLMEngine(str(run / "checkpoints" / "step_000002"), rollout.RolloutConfig(dtype="float32",
+                                                                                              max_model_len=1024))
+    samples = load_dataset(data.validation, data)[:8]
+    ref = ev.evaluate_model(fresh, samples, cfg, RCFG)["pass@1_t0.01"]["records"]
+    assert [r["response"] for r in reused[1]] == [r["response"] for r in ref]
+    assert [r["response"] for r in reused[0]] != [r["response"] for r in reused[1]]   # the weights did change
