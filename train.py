@@ -122,11 +122,12 @@ def fuse_old_logprobs(args: Args, B: int, world: int) -> bool:
 
 
 @torch.no_grad()
-def old_and_ref_logprobs(policy, ref, samples, comps, T: int, fused: bool, processor, args: Args, rank: int,
-                         world: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def old_and_ref_logprobs(policy, ref, samples, comps, T: int, processor, args: Args, rank: int, world: int,
+                         device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T) pi_old log-probs, pi_ref log-probs and pi_old entropies: each rank computes its rows (rank::world), a
-    sum over ranks gathers them. With `fused`, pi_old and the entropies stay 0 here (the update fills them in)."""
-    B = len(comps)
+    sum over ranks gathers them. When fused (fuse_old_logprobs), pi_old and the entropies stay 0 here (the update
+    fills them in)."""
+    B, fused = len(comps), fuse_old_logprobs(args, len(comps), world)
     old_lp, ref_lp, ent = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
     for mb in micro_batches(list(range(rank, B, world)), args.micro_batch_size) if not fused or ref else []:
         if not fused:
@@ -143,14 +144,14 @@ def old_and_ref_logprobs(policy, ref, samples, comps, T: int, fused: bool, proce
     return old_lp, ref_lp, ent
 
 
-def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, old_lp, ref_lp, ent, fused: bool,
-               generator, processor, args: Args, step: int, rank: int, world: int, device) -> dict[str, float]:
+def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, old_lp, ref_lp, ent, generator,
+               processor, args: Args, step: int, rank: int, world: int, device) -> dict[str, float]:
     """PPO epochs over shuffled mini-batches of `keep` (rows of the (B, T) tensors), each rank taking every world-th
     response of a mini-batch, micro-batch by micro-batch. The loss is normalised by the GLOBAL mini-batch count
     (advantage.loss_normalizer over all ranks' masks), and multiplied by the world size because FSDP2 averages
-    gradients over ranks, so 1 rank and N ranks take the same step. With `fused`, pi_old and the entropies are this
-    forward's values (written into old_lp / ent). Returns sums over this rank's micro-batches (SUM_KEYS)."""
-    sums = dict.fromkeys(SUM_KEYS, 0.0)
+    gradients over ranks, so 1 rank and N ranks take the same step. When fused (fuse_old_logprobs), pi_old and the
+    entropies are this forward's values (written into old_lp / ent). Returns sums over this rank's micro-batches."""
+    sums, fused = dict.fromkeys(SUM_KEYS, 0.0), fuse_old_logprobs(args, len(samples), world)
     params = [p for p in policy.parameters() if p.requires_grad]
     for _ in range(args.ppo_epochs if keep else 0):
         order = [keep[j] for j in torch.randperm(len(keep), generator=generator)]
@@ -227,13 +228,12 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
         if args.advantage.kl_coef > 0 else None
     optimizer, scheduler = build_optimizer(policy, args.optim, total_steps)
     state = load_trainer_state(ckpt, policy, optimizer, scheduler) if ckpt else {"step": 0}
-    start = state["step"]
     logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard,
                            args.wandb) if rank == 0 else None
-    print0(f"[train] {world} rank(s) on {device}, steps {start}->{total_steps}, {B} responses/step, resume={ckpt}")
+    print0(f"[train] {world} rank(s) on {device}, steps {state['step']}->{total_steps}, {B} responses/step ({ckpt})")
     epoch_acc: list[float] = []
     try:
-        for step in range(start, total_steps):
+        for step in range(state["step"], total_steps):
             times = [("start", time.time())]
             _, idx = batch_indices(len(train_set), args.prompts_per_step, args.seed, step)
             prompts = [train_set[i] for i in idx]                                                 # (P,)
@@ -255,9 +255,8 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
 
             # step 3: advantage -- pi_old / pi_ref log-probs of each rank's rows, then advantages and sample
             # selection on the full batch (the same on every rank)
-            fused = fuse_old_logprobs(args, B, world)
-            old_lp, ref_lp, ent = old_and_ref_logprobs(policy, ref, samples, comps, mask.shape[1], fused, processor,
-                                                       args, rank, world, device)                 # (B, T) each
+            old_lp, ref_lp, ent = old_and_ref_logprobs(policy, ref, samples, comps, mask.shape[1], processor, args,
+                                                       rank, world, device)                       # (B, T) each
             kl = kl_penalty(old_lp, ref_lp, args.advantage.kl_type) * mask \
                 if ref is not None and not args.advantage.kl_in_loss else None                    # reward KL only
             adv = compute_advantages(scores, mask, n, args.advantage, kl=kl)                      # (B, T)
@@ -266,11 +265,8 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             times.append(("logprobs", time.time()))
 
             # step 4: policy update -- PPO over shuffled mini-batches, then the new weights go to the engine
-            sums = all_reduce_sums(ppo_update(policy, optimizer, samples, comps, keep, adv, mask, old_lp, ref_lp,
-                                              ent, fused, generator, processor, args, step, rank, world, device),
-                                   SUM_KEYS)
-            lr = scheduler.get_last_lr()[0]                        # the lr this step used
-            scheduler.step()
+            sums = all_reduce_sums(ppo_update(policy, optimizer, samples, comps, keep, adv, mask, old_lp, ref_lp, ent,
+                                              generator, processor, args, step, rank, world, device), SUM_KEYS)
             times.append(("update", time.time()))
             weights = full_state_dict(policy)                      # full weights on rank 0, {} elsewhere
             if rank == 0:
@@ -280,6 +276,8 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             # metrics, checkpoint (with the metrics line: a kill before logging loses nothing), then validate and log
             done = step + 1
             epoch_acc += [r["accuracy"] for r in scored]
+            lr = optimizer.param_groups[0]["lr"]                   # the lr this step used; then the next one's
+            scheduler.step()
             metrics = {"step": done, "epoch": done / steps_per_epoch, "training/lr": lr, **rethink,
                        **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
             if done % steps_per_epoch == 0:
