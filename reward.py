@@ -5,7 +5,7 @@ Score of one response (MAYE, arXiv 2504.02587: accuracy + format + language pena
     score = penalty                       if the response has no stop token (finished=False)
 accuracy is 1/0 from `judge`: the last \\boxed{...} (all boxes, for a gold of several parts) vs the gold answer after
 MAYE-style normalisation (degrees, %, units, \\text{}, `x=5`, choice letters), part by part (`x=1, y=2`: every part
-must match); numbers within rel_tol (exact for two integers), also inside tuples, intervals, sets and matrices; the
+must match); numbers within rel_tol (exact for an integer gold), also inside tuples, intervals, sets and matrices; the
 rest by math-verify. Each judgement runs in a judge process (common.bounded_map), bounded by timeout_s whichever
 thread calls: past it (a Python loop or one C call alike), or if it dies, the process is killed and replaced and the
 item gets accuracy 0 with the reason.
@@ -36,7 +36,7 @@ class RewardConfig:
     language_penalty: float = 0.0  # Added to the score when a response contains CJK characters; 0 disables.
     timeout_s: float = 5.0  # Wall-clock limit per judgement; past it the judge process is killed (reason 'timeout').
     num_workers: int = 2  # Judge processes, started once per process and reused (0 is taken as 1).
-    rel_tol: float = 1e-2  # Numbers match if |pred-gold| <= rel_tol*|gold| (MAYE); two integers must be equal.
+    rel_tol: float = 1e-2  # Numbers match if |pred-gold| <= rel_tol*|gold| (MAYE); an integer gold must be equal.
     answer_fallback: bool = False  # Without a \boxed{}, take the answer from 'the answer is X' / 'answer: X'.
     require_think: bool = False  # The format reward also requires <think>...</think> before the boxed answer.
     fn: str = ""  # Custom accuracy 'path/file.py:func', func(response, answer) -> float; empty = built-in judge.
@@ -175,10 +175,11 @@ def to_number(s: str) -> tuple[float, bool, bool] | None:
     return None
 
 
-def numbers_match(p: float, g: float, rel_tol: float, both_int: bool = False) -> bool:
-    """|p - g| <= rel_tol * |g| (MAYE's relative tolerance); exact when both are integer literals, so that `101` vs
-    `100` stays wrong (a 1% band around an integer answer would reward near misses), and when g is 0."""
-    return p == g if both_int or g == 0 else abs(p - g) <= rel_tol * abs(g)
+def numbers_match(p: float, g: float, rel_tol: float, gold_int: bool = False) -> bool:
+    """|p - g| <= rel_tol * |g| (MAYE's relative tolerance, for golds rounded to a few decimals); exact for an integer
+    gold, so that `101` or `3.03` for `100` or `3` stay wrong (a 1% band around it would reward near misses), and
+    for a gold of 0."""
+    return p == g if gold_int or g == 0 else abs(p - g) <= rel_tol * abs(g)
 
 
 def _too_big(s: str) -> str:
@@ -214,7 +215,7 @@ def same_part(p: str, g: str, cfg: RewardConfig) -> tuple[float, str]:
         return float(p == g), ""
     if (pn := to_number(p)) is not None and (gn := to_number(g)) is not None:
         pv, gv = ([x[0], x[0] / 100] if x[2] else [x[0]] for x in (pn, gn))
-        return float(any(numbers_match(a, b, cfg.rel_tol, pn[1] and gn[1]) for a in pv for b in gv)), ""
+        return float(any(numbers_match(a, b, cfg.rel_tol, gn[1]) for a in pv for b in gv)), ""
     if (pe := elements(p)) and (ge := elements(g)) and pe[0] == ge[0]:
         return match_all([normalize(x) for x in pe[1]], [normalize(x) for x in ge[1]],
                          lambda a, b: same_part(a, b, cfg), ordered=pe[0] != "set")
@@ -231,7 +232,7 @@ def same_part(p: str, g: str, cfg: RewardConfig) -> tuple[float, str]:
         gv, pv = (complex(sympy.N(x[0], 15)) if x and isinstance(x[0], sympy.Expr) and x[0].is_number else None
                   for x in (G, P))  # two finite numbers: our tolerance decides (and verify's slow simplify is skipped)
         if gv is not None and pv is not None and all(abs(v.imag) < 1e-12 and math.isfinite(v.real) for v in (gv, pv)):
-            return float(numbers_match(pv.real, gv.real, cfg.rel_tol, bool(G[0].is_Integer and P[0].is_Integer))), ""
+            return float(numbers_match(pv.real, gv.real, cfg.rel_tol, bool(G[0].is_Integer))), ""
         # allow_set_relation_comp: `x \geq 2` vs `[2, \infty)` in either order
         return float(mv.verify(G, P, timeout_seconds=None, raise_on_error=True, allow_set_relation_comp=True)), ""
     except Exception as e:  # third-party parser/sympy failure on odd text: per-item, reported in `reason`
@@ -262,7 +263,8 @@ def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[flo
         return float(bool(pm) and pm.group(1) == gm.group(1) and len(split_parts(pred)) == 1), ""
 
     def parts(text: str, normalised: str) -> list[tuple[str, str, str]]:  # a one-part answer is normalised already
-        return [named_part(normalised)] if (ps := split_parts(text)) == [text] else [named_part(normalize(x)) for x in ps]
+        ps = split_parts(text)
+        return [named_part(normalised)] if ps == [text] else [named_part(normalize(x)) for x in ps]
 
     def same(a, b):  # a, b: named parts; a named value vs an equation: compare the whole parts
         if a[0] and b[0] and a[0] != b[0]:

@@ -27,6 +27,7 @@ CASES = [
     (B % "11", "11", 1), (B % "11", "\\boxed{11}", 1), (B % "12", "11", 0), (B % "-3", "-3", 1), (B % "3", "-3", 0),
     (B % "101", "100", 0),  # integers must match exactly, a 1% band would accept this near miss
     (B % "1,000", "1000", 1), (B % "5.0", "5", 1),
+    (B % "3.03", "3", 0), (B % "\\sqrt{9}", "3", 1),  # an integer gold: exact (3.03 is within 1% but wrong)
     # tricky negatives from the issue
     (B % "12", "1.2", 0), (B % "", "5", 0),
     ("First \\boxed{3}, wait, recheck: \\boxed{4}", "4", 1),  # two boxes: the last one counts
@@ -74,7 +75,8 @@ CASES = [
 # issue 14's table: answer forms of geometry3k, MM-Math and MathVerse and cases from public answer-checker test suites
 # (math-verify, Qwen2.5-Math, NeMo-Skills, Hendrycks MATH), each with a human verdict; bench/bench_judge.py compares.
 TABLE = [json.loads(x) for x in (ROOT / "tests" / "fixtures" / "judge_table.jsonl").read_text().splitlines() if x]
-KNOWN_MISSES = {("12 cm", "120 mm")}  # (gold, boxed answer) judged wrong though right: no unit conversion
+KNOWN_MISSES = {("12 cm", "120 mm"),  # (gold, boxed answer) judged wrong though right: no unit conversion,
+                ("\\begin{pmatrix} 3 \\\\ 0 \\\\ -2 \\end{pmatrix}", "(3, 0, -2)")}  # nor vectors as tuples
 
 
 def test_judge_table_never_calls_a_wrong_answer_right():
@@ -141,7 +143,7 @@ def test_answer_fallback():
 def test_numbers_match_hand_worked():
     assert numbers_match(3.46, 3.4641016, 1e-2)  # |diff| = 0.0041 <= 0.0346
     assert not numbers_match(3.46, 3.4641016, 1e-3)  # 0.0041 > 0.00346
-    assert not numbers_match(101.0, 100.0, 1e-2, both_int=True)
+    assert not numbers_match(101.0, 100.0, 1e-2, gold_int=True) and not numbers_match(3.03, 3.0, 1e-2, gold_int=True)
     assert numbers_match(100.5, 100.0, 1e-2)  # 0.5 <= 1.0
     assert not numbers_match(0.001, 0.0, 1e-2)  # gold 0: exact
 
