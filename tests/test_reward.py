@@ -1,4 +1,5 @@
-"""Tests for reward.py: extraction, a 60-case judgement table (through the judge pool and by a direct call), bad
+"""Tests for reward.py: extraction, a 60-case judgement table (through the judge pool and by a direct call), the
+353-case table of tests/fixtures/judge_table.jsonl (no false positive), bad
 inputs within the time limit, timeouts from a non-main thread, workers that spin, hang in C code or die,
 penalties/format, custom reward functions, pool lifecycle and the CLI.
 ~45-60 s on the 2-core box, most of it judge start-up (every replaced worker pays it again)."""
