@@ -1,10 +1,11 @@
 """common.py: the plumbing both trainers (and evaluate.py) share; nothing of the RL algorithm lives here.
 
 - Data: MAYE jsonl, verl parquet and chat-`messages` jsonl rows -> validated `Sample`s (file:line and field named in
-  every error; `--data.skip-invalid` skips and reports), and `batch_indices`, the step's data as a pure function of
+  every error; `--data.skip-invalid` skips and reports), `read_jsonl` (our own files), and `batch_indices`, the step's data as a pure function of
   (seed, step) so that resuming replays exactly what an uninterrupted run would have seen.
 - Processes: `launch` starts the training ranks with torch.multiprocessing (or runs in place under torchrun);
-  `init_distributed` joins the process group.
+  `init_distributed` joins the process group; `bounded_map` runs a function in forked processes with a time limit
+  per item (the reward judges: a stuck one is killed and replaced).
 - Model: `load_model` (fp32 master weights, frozen parts), `shard_model` (FSDP2 per vision block and decoder layer),
   `build_optimizer` (AdamW + warm-up/cosine), `full_state_dict`.
 - Checkpoints: HF weights via `save_pretrained`, optimizer via torch.distributed.checkpoint (reshards when the rank
