@@ -220,7 +220,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
     steps_per_epoch = len(train_set) // args.prompts_per_step
     total_steps = args.max_steps or steps_per_epoch * args.epochs
-    n, B = args.rollout.n, args.prompts_per_step * args.rollout.n
+    n = args.rollout.n                                     # responses per prompt: B = P * n per step
     engine = EngineClient(str(ckpt or args.model.path), args.rollout, args.data, args.out_dir) if rank == 0 else None
 
     policy = shard_model(load_model(str(ckpt or args.model.path), args.model, device), args.model, device)
@@ -230,7 +230,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     state = load_trainer_state(ckpt, policy, optimizer, scheduler) if ckpt else {"step": 0}
     logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard,
                            args.wandb) if rank == 0 else None
-    print0(f"[train] {world} rank(s) on {device}, steps {state['step']}->{total_steps}, {B} responses/step ({ckpt})")
+    print0(f"[train] {world} rank(s) on {device}, steps {state['step']}->{total_steps} from {ckpt or args.model.path}")
     epoch_acc: list[float] = []
     try:
         for step in range(state["step"], total_steps):
