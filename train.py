@@ -30,9 +30,11 @@ Run:
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -73,6 +75,11 @@ class Args:
     """Responses per forward/backward on one rank (gradient accumulation up to the mini-batch)."""
     ppo_epochs: int = 1
     """Passes over each generation batch."""
+    tis: Literal["off", "token", "sequence"] = "off"
+    """Rollout correction: weight the policy-gradient loss by min(pi_old / pi_engine, tis_cap) per token or per
+    response (truncated importance sampling, `rollout_correction`); off in fp32, where engine and trainer agree."""
+    tis_cap: float = 2.0
+    """The truncation C of --tis (>= 1; 2 as in verl's TIS)."""
     epochs: int = 1
     """Passes over the training set."""
     max_steps: int = 0
@@ -100,7 +107,7 @@ LOG_LINE = (("epoch {:.2f}", "epoch"), ("score {:.3f}", "rews/scores"), ("acc {:
             ("gnorm {:.3f}", "training/grad_norm"), ("lr {:.2e}", "training/lr"),
             ("mismatch {:.1e}", "training/rollout_mismatch"), ("{:.1f}s", "time/step"), ("val {:.3f}", "val/accuracy"))
 SUM_KEYS = ("loss/policy_loss", "loss/kl_loss", "training/clipfrac", "training/approx_kl", "training/ratios",
-            "training/n_tokens", "training/grad_norm", "optimizer_steps")
+            "training/tis_weight", "training/tis_capped", "training/n_tokens", "training/grad_norm", "optimizer_steps")
 
 
 def response_logprobs(model, rows: list[int], samples, comps, processor, args: Args, device, entropy: bool = False):
@@ -111,6 +118,27 @@ def response_logprobs(model, rows: list[int], samples, comps, processor, args: A
     out = compute_logprobs(model, batch, args.rollout.temperature, return_entropy=entropy)
     P = batch["response_start"]
     return (out[0][:, P:], out[1][:, P:]) if entropy else out[:, P:]
+
+
+def engine_logprobs(comps, T: int) -> torch.Tensor:
+    """(B, T) the engine's log-probs of its sampled tokens; NaN on tokens it did not sample (forced rethinking
+    prefixes) and past each response."""
+    engine_lp = torch.full((len(comps), T), float("nan"))
+    for i, c in enumerate(comps):
+        engine_lp[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
+    return engine_lp
+
+
+def rollout_correction(old_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor, args: Args) -> torch.Tensor:
+    """(B, T) truncated importance weights (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training"; verl's TIS): the engine samples from pi_engine, not the trainer's pi_old (bf16 kernels
+    differ), so the policy-gradient loss is weighted by w_t = min(pi_old(y_t) / pi_engine(y_t), C) (--tis token) or,
+    for every token of a response, w = min(prod_t pi_old(y_t) / pi_engine(y_t), C) (--tis sequence); C = --tis-cap.
+    A token the engine did not sample counts as ratio 1. No gradient; ones when --tis is off."""
+    log_w = (old_lp - engine_lp).nan_to_num(0.0) * mask                                # (B, T) log ratio
+    if args.tis == "sequence":
+        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w) * mask
+    return log_w.clamp(max=math.log(args.tis_cap)).exp() if args.tis != "off" else torch.ones_like(log_w)
 
 
 def fuse_old_logprobs(args: Args, B: int, world: int) -> bool:
@@ -152,6 +180,7 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
     gradients over ranks, so 1 rank and N ranks take the same step. When fused (fuse_old_logprobs), pi_old and the
     entropies are this forward's values (written into old_lp / ent). Returns sums over this rank's micro-batches."""
     sums, fused = dict.fromkeys(SUM_KEYS, 0.0), fuse_old_logprobs(args, len(samples), world)
+    engine_lp = engine_logprobs(comps, mask.shape[1])                                       # (B, T)
     params = [p for p in policy.parameters() if p.requires_grad]
     for _ in range(args.ppo_epochs if keep else 0):
         order = [keep[j] for j in torch.randperm(len(keep), generator=generator)]
@@ -162,8 +191,13 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
                 R = lp.shape[1]
                 if fused:                    # pi_old = the policy before this step's only update
                     old_lp[mb, :R], ent[mb, :R] = lp.detach().float().cpu(), e.detach().float().cpu()
-                loss, m = policy_loss(lp, old_lp[mb, :R].to(device), adv[mb, :R].to(device), mask[mb, :R].to(device),
-                                      args.advantage, normalizer=normalizer,
+                w = rollout_correction(old_lp[mb, :R], engine_lp[mb, :R], mask[mb, :R], args)     # (b, R)
+                sums["training/tis_weight"] += float((w * mask[mb, :R]).sum())
+                capped = (w >= args.tis_cap * (1 - 1e-6)) * mask[mb, :R] if args.tis != "off" else w.new_zeros(())
+                sums["training/tis_capped"] += float(capped.sum())
+                # w > 0 scales both PPO branches alike: weighting A weights the clipped policy-gradient loss, not KL
+                loss, m = policy_loss(lp, old_lp[mb, :R].to(device), (adv[mb, :R] * w).to(device),
+                                      mask[mb, :R].to(device), args.advantage, normalizer=normalizer,
                                       ref_logp=ref_lp[mb, :R].to(device) if args.advantage.kl_coef > 0 else None)
                 (loss * world).backward()
                 n_tok = m["training/n_tokens"]
@@ -190,9 +224,7 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
     the phases' seconds (times: [(phase, time.time() at its end)], "start" first)."""
     B, T = mask.shape
     tokens, n_tok = mask.sum().item(), max(sums["training/n_tokens"], 1.0)
-    engine_lp = torch.full((B, T), float("nan"))          # NaN on forced (rethinking trigger) tokens
-    for i, c in enumerate(comps):
-        engine_lp[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
+    engine_lp = engine_logprobs(comps, T)                  # NaN on forced (rethinking trigger) tokens
     sampled = mask * engine_lp.isfinite()
     acc, step_s = [r["accuracy"] for r in scored], times[-1][1] - times[0][1]
     return {**{f"time/{b[0]}": b[1] - a[1] for a, b in zip(times, times[1:])}, "time/step": step_s,
@@ -200,7 +232,8 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             "rews/format_rewards": sum(r["format"] for r in scored) / B,
             "loss/policy_loss": sums["loss/policy_loss"] / args.ppo_epochs,
             "loss/kl_loss": sums["loss/kl_loss"] / args.ppo_epochs,
-            **{k: sums[k] / n_tok for k in ("training/clipfrac", "training/approx_kl", "training/ratios")},
+            **{k: sums[k] / n_tok for k in ("training/clipfrac", "training/approx_kl", "training/ratios",
+                                            "training/tis_weight", "training/tis_capped")},
             "training/kl": ((old_lp - ref_lp) * mask).sum().item() / tokens if args.advantage.kl_coef > 0 else 0.0,
             "training/entropy": (ent * mask).sum().item() / tokens,
             "training/grad_norm": sums["training/grad_norm"] / max(sums["optimizer_steps"], 1.0),
@@ -306,6 +339,7 @@ def check_args(args: Args, world: int, train_size: int) -> None:
             (mini < 1 or mini % world, f"--mini-batch-size {mini} must be a positive multiple of the {world} ranks"),
             (mini >= 1 and (P * n) % mini, f"--mini-batch-size {mini} must divide the {P * n} responses of a step "
                                            f"(--prompts-per-step x --rollout.n), or the last optimizer step is uneven"),
+            (args.tis_cap < 1, f"--tis-cap {args.tis_cap} must be >= 1 (a cap below 1 would down-weight every token)"),
             (min(args.micro_batch_size, args.ppo_epochs, args.epochs) < 1 or args.max_steps < 0,
              "--micro-batch-size, --ppo-epochs and --epochs must be >= 1, --max-steps >= 0"),
             (args.resume and args.restart, "--resume continues the run in --out-dir, --restart moves it aside")):

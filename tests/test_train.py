@@ -224,7 +224,7 @@ def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     cmd = train_cmd(toy_world, tmp_path / "run", "--nproc", "1", "--max-steps", "2", "--rollout.engine", "hf",
                     "--val-every", "-1", "--rollout.rethink-fraction", "1", "--rollout.rethink-min-new-tokens", "1",
                     "--rollout.rethink-max-new-tokens", "12", "--rollout.max-tokens", "32", "--prompts-per-step", "8",
-                    "--mini-batch-size", "16", "--rollout.temperature", "1.0")
+                    "--mini-batch-size", "16", "--rollout.temperature", "1.0", "--tis", "sequence")
     cmd[cmd.index("--model.path") + 1] = str(stop_prone)
     p = run(cmd)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -232,3 +232,39 @@ def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     assert sum(m["rethink/tried"] for m in ms) > 0 and sum(m["rethink/kept"] for m in ms) > 0, ms
     assert all(m["rethink/kept"] <= m["rethink/tried"] for m in ms)
     assert all(m["training/rollout_mismatch"] < 1e-4 and m["training/grad_norm"] > 0 for m in ms)
+    # --tis sequence (forced tokens count as ratio 1): in fp32 engine and trainer agree, so every weight is ~1
+    assert all(abs(m["training/tis_weight"] - 1) < 1e-3 and m["training/tis_capped"] == 0 for m in ms), ms
+
+
+def test_rollout_correction_hand_worked():
+    """Truncated importance weights: pi_old / pi_engine = 0.5 / 0.25 = 2 and 0.2 / 0.4 = 0.5; a token the engine did
+    not sample (NaN) counts as 1; padding is ignored."""
+    import train
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.3, 0.9], [0.5, 0.4, 0.3, 0.9]]))
+    eng = torch.log(torch.tensor([[0.25, 0.4, float("nan"), 0.1], [0.25, 0.4, 0.3, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])      # the 4th token is padding
+    w = lambda kind, cap=1.5: train.rollout_correction(old, eng, mask, train.Args(tis=kind, tis_cap=cap))
+    assert torch.allclose(w("token"), torch.tensor([[1.5, 0.5, 1.0, 1.0], [1.5, 1.0, 1.0, 1.0]]))  # 2 capped at 1.5
+    # sequence: row 0: 2 * 0.5 * 1 = 1; row 1: 2 * 1 * 1 = 2 -> capped at 1.5 (padding: 1, and masked in the loss)
+    assert torch.allclose(w("sequence"), torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.5, 1.5, 1.5, 1.0]]))
+    assert torch.allclose(w("sequence", cap=4.0)[1, :3], torch.tensor([2.0, 2.0, 2.0]))
+    assert torch.equal(w("off"), torch.ones(2, 4))
+
+
+def test_weighting_advantages_weights_the_clipped_loss():
+    """train.py applies the weights w > 0 as advantage.policy_loss(A * w): both PPO branches and the dual clip are
+    linear in A, so that equals the w-weighted clipped loss, computed here by hand in float64."""
+    from advantage import AdvantageConfig, policy_loss
+    g = torch.Generator().manual_seed(0)
+    logp, old = -torch.rand(3, 5, generator=g, dtype=torch.float64), -torch.rand(3, 5, generator=g, dtype=torch.float64)
+    adv = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    w = 0.5 + torch.rand(3, 5, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 5, dtype=torch.float64)
+    mask[2, 3:] = 0
+    cfg = AdvantageConfig(kl_coef=0.0, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    r = (logp - old).exp()
+    per_token = torch.maximum(-adv * r, -adv * r.clamp(0.8, 1.28))
+    per_token = torch.where(adv < 0, torch.minimum(per_token, -3.0 * adv), per_token)   # dual clip
+    expected = (w * per_token * mask).sum() / mask.sum()                                 # token-mean
+    loss, _ = policy_loss(logp, old, adv * w, mask, cfg)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
