@@ -79,7 +79,7 @@ class Args:
     """Rollout correction: weight the policy-gradient loss by min(pi_old / pi_engine, tis_cap) per token or per
     response (truncated importance sampling, `rollout_correction`); off in fp32, where engine and trainer agree."""
     tis_cap: float = 2.0
-    """The truncation C of --tis (>= 1; 2 as in verl's TIS)."""
+    """The truncation C of --tis (>= 1; 2 is the usual choice)."""
     epochs: int = 1
     """Passes over the training set."""
     max_steps: int = 0
@@ -131,8 +131,9 @@ def engine_logprobs(comps, T: int) -> torch.Tensor:
 
 def rollout_correction(old_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor, args: Args) -> torch.Tensor:
     """(B, T) truncated importance weights (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
-    Off-Policy RL Training"; verl's TIS): the engine samples from pi_engine, not the trainer's pi_old (bf16 kernels
-    differ), so the policy-gradient loss is weighted by w_t = min(pi_old(y_t) / pi_engine(y_t), C) (--tis token) or,
+    Off-Policy RL Training", fengyao.notion.site/off-policy-rl; verl PR 2953 multiplies its PPO losses by the same
+    ratio): the engine samples from pi_engine, not the trainer's pi_old (bf16 kernels differ), so the
+    policy-gradient loss is weighted by w_t = min(pi_old(y_t) / pi_engine(y_t), C) (--tis token) or,
     for every token of a response, w = min(prod_t pi_old(y_t) / pi_engine(y_t), C) (--tis sequence); C = --tis-cap.
     A token the engine did not sample counts as ratio 1. No gradient; ones when --tis is off."""
     log_w = (old_lp - engine_lp).nan_to_num(0.0) * mask                                # (B, T) log ratio
