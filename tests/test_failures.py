@@ -158,6 +158,7 @@ def test_bad_flags_fail_before_start_up_naming_the_flag(toy_world, tmp_path, fla
     ({"mini_batch_size": 8}, 3, "--mini-batch-size 8 must be a positive multiple of the 3 ranks"),
     ({"resume": True, "restart": True}, 1, "--restart"),
     ({"ppo_epochs": 0}, 1, "--ppo-epochs"),
+    ({"tis": "token", "tis_cap": 0.5}, 1, "--tis-cap 0.5 must be >= 1"),
 ])
 def test_check_args(changes, world, words):
     import dataclasses
