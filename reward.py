@@ -133,7 +133,8 @@ def split_parts(s: str) -> list[str]:
     s, parts, depth, start = _SEP_RE.sub(",", s), [], 0, 0
     for m in _SPLIT_RE.finditer(s):
         if m.group() == "," and depth == 0:
-            parts, start = parts + [s[start:m.start()]], m.end()
+            parts.append(s[start:m.start()])
+            start = m.end()
         elif m.group() != ",":
             depth += 1 if m.group() in ("\\begin", "\\{", "(", "[", "{") else -1
     return [q for p in parts + [s[start:]] if p.strip() for q in
