@@ -325,27 +325,69 @@ def prompt_text(processor, sample: Sample) -> str:
     return processor.apply_chat_template(sample.messages, tokenize=False, add_generation_prompt=True)
 
 
-def fits_model(processor, data_cfg: DataConfig, max_new_tokens: int = 0,
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The (height, width) Qwen-VL's image processor resizes an image to: both multiples of `factor` (patch x merge),
+    pixels within [min_pixels, max_pixels], aspect ratio kept. Copied from transformers' qwen2_vl
+    image_processing_qwen2_vl.smart_resize, because importing that module takes ~10 s (torch._dynamo) and the launcher
+    validates data before any rank starts; tests/test_data.py checks that both count the same image tokens."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _model_json(model_dir: Path, name: str) -> dict:
+    return json.loads((model_dir / name).read_text()) if (model_dir / name).is_file() else {}
+
+
+def fits_model(model_dir: str, data_cfg: DataConfig, max_new_tokens: int = 0,
                max_model_len: int | None = None) -> Callable[[Sample], None]:
     """A `check` for load_dataset. Images larger than the model will see are downscaled now, to the size the
     processor would resize them to (smart_resize at the pixel limits), so that memory holds no unseen pixels; then
-    (unless max_model_len is None) the prompt's tokens, image tokens included, + max_new_tokens must fit in it."""
+    (unless max_model_len is None) the prompt's tokens, image tokens included, + max_new_tokens must fit in it.
+    Reads the model folder's tokenizer.json, chat template and image-processor config with `tokenizers` and jinja2,
+    as transformers' processor would, without importing transformers (~13 s): the launcher checks every row in
+    seconds, before any rank or engine starts."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
     from PIL import Image
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-    ip = processor.image_processor
-    factor = ip.patch_size * ip.merge_size
-    lo, hi = data_cfg.min_pixels or ip.size["shortest_edge"], data_cfg.max_pixels or ip.size["longest_edge"]
+    from tokenizers import Tokenizer
+    d = Path(model_dir)
+    ip = _model_json(d, "preprocessor_config.json") or _model_json(d, "processor_config.json").get("image_processor")
+    template = (d / "chat_template.jinja").read_text() if (d / "chat_template.jinja").is_file() else next(
+        (t for n in ("chat_template.json", "processor_config.json", "tokenizer_config.json")
+         if isinstance(t := _model_json(d, n).get("chat_template"), str)), None)
+    if not ip or not template or not (d / "tokenizer.json").is_file():
+        raise SystemExit(f"{model_dir}: a Qwen-VL model folder needs tokenizer.json, a chat template and an image "
+                         f"processor config (preprocessor_config.json or processor_config.json)")
+    factor, size = ip["patch_size"] * ip["merge_size"], ip.get("size") or {}
+    lo = data_cfg.min_pixels or size.get("shortest_edge") or ip["min_pixels"]
+    hi = data_cfg.max_pixels or size.get("longest_edge") or ip["max_pixels"]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))   # as transformers defines
+    render, tokenizer = env.from_string(template).render, Tokenizer.from_file(str(d / "tokenizer.json"))
 
     def check(sample: Sample) -> None:
         image_tokens = 0
         for k, img in enumerate(sample.images):
-            h, w = smart_resize(img.height, img.width, factor=factor, min_pixels=lo, max_pixels=hi)
+            try:
+                h, w = smart_resize(img.height, img.width, factor, lo, hi)
+            except ValueError as e:
+                raise DataError(f"{sample.source}: image {k + 1}: {e}") from e
             if h * w < img.height * img.width:
                 sample.images[k] = img.resize((w, h), Image.BICUBIC)
             image_tokens += h * w // factor ** 2
         if max_model_len is None:
             return
-        n = len(processor.tokenizer(prompt_text(processor, sample))["input_ids"]) - len(sample.images) + image_tokens
+        text = render(messages=sample.messages, add_generation_prompt=True)
+        n = len(tokenizer.encode(text).ids) - len(sample.images) + image_tokens
         if n + max_new_tokens > max_model_len:
             raise DataError(f"{sample.source}: the prompt is {n} tokens ({image_tokens} for images at most {hi} "
                             f"pixels) + {max_new_tokens} new tokens > max_model_len {max_model_len}: raise --rollout."

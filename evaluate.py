@@ -165,9 +165,8 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
                          f"this call asks for {cfg.max_tokens}, {cfg.limit}: move that file away first")
     done = {(r["checkpoint"], r["split"], r["setting"]) for r in rows}
     todo = [(c, sp, s) for c in ckpts for sp in cfg.splits for s in settings if (c["name"], sp, s.name) not in done]
-    from transformers import AutoProcessor  # here: importing it takes seconds
     data, fits = {}, None if engine_fn or not todo else fits_model(  # prompt lengths vs our engines' limit; images
-        AutoProcessor.from_pretrained(ckpts[-1]["path"]), data_cfg, cfg.max_tokens, rollout_cfg.max_model_len)
+        ckpts[-1]["path"], data_cfg, cfg.max_tokens, rollout_cfg.max_model_len)
     for sp in dict.fromkeys(sp for _, sp, _ in todo):  # load and check every split before any model is loaded
         data[sp] = load_dataset(getattr(data_cfg, sp), data_cfg, fits)[:cfg.limit or None]  # --data.<split>
     task = progress.add_task(Path(run_dir).name, total=sum(len(data[sp]) for _, sp, _ in todo)) if progress else None
@@ -347,7 +346,6 @@ class Args:
 def main(args: Args) -> None:
     import rich.progress as rp
     from rich.table import Column, Table
-    from transformers import AutoProcessor
     progress = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
                            rp.TimeElapsedColumn(), rp.TimeRemainingColumn())
     if bool(args.model) == bool(args.runs) or not (args.data_file if args.model else args.out):
@@ -355,7 +353,7 @@ def main(args: Args) -> None:
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit(f"--labels has {len(args.labels)} entries for {len(args.runs)} --runs")
     if args.model:
-        samples = load_dataset(args.data_file, args.data, fits_model(AutoProcessor.from_pretrained(args.model),
+        samples = load_dataset(args.data_file, args.data, fits_model(args.model,
                                args.data, args.eval.max_tokens, args.rollout.max_model_len))[:args.eval.limit or None]
         settings = [parse_setting(s) for s in args.eval.settings]  # a bad one fails before the model loads
         engine = make_engine(args.model, args.rollout, args.data)

@@ -275,9 +275,9 @@ def main(args: Args) -> None:
     processor = AutoProcessor.from_pretrained(args.model.path)
     verbose = int(os.environ.get("RANK", "0")) == 0
     train = load_sft_data(args.data.train, args.data, processor.tokenizer, args.max_response_tokens,
-                          fits_model(processor, args.data), verbose)
+                          fits_model(args.model.path, args.data), verbose)
     val = load_sft_data(args.data.validation, args.data, processor.tokenizer, args.max_response_tokens,
-                        fits_model(processor, args.data, args.rollout.max_tokens, args.rollout.max_model_len),
+                        fits_model(args.model.path, args.data, args.rollout.max_tokens, args.rollout.max_model_len),
                         verbose) if args.val_every >= 0 else ([], [])
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     for bad, msg in ((args.batch_size < 1 or args.batch_size % world,

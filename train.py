@@ -350,10 +350,8 @@ def check_args(args: Args, world: int, train_size: int) -> None:
 
 def main(args: Args) -> None:
     """Check the flags, the model folder, the out-dir and every dataset row, then start the ranks."""
-    from transformers import AutoProcessor
     check_model_dir(args.model.path)
-    processor = AutoProcessor.from_pretrained(args.model.path)
-    fits = fits_model(processor, args.data, args.rollout.max_tokens, args.rollout.max_model_len)
+    fits = fits_model(args.model.path, args.data, args.rollout.max_tokens, args.rollout.max_model_len)
     verbose = int(os.environ.get("RANK", "0")) == 0
     train_set = load_dataset(args.data.train, args.data, fits, verbose)
     val_set = load_dataset(args.data.validation, args.data, fits, verbose)[:args.val_limit or None] \

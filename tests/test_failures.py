@@ -101,13 +101,13 @@ def test_an_over_long_prompt_fails_fast_naming_its_row(toy_world, tmp_path):
         p.stderr[-2000:]
     assert time.time() - t0 < 30 and not (tmp_path / "run" / "engine.pid").exists()   # no rank, no engine
     kept = common.load_dataset(str(data), common.DataConfig(skip_invalid=True), verbose=False,
-                               check=common.fits_model(_processor(toy_world), common.DataConfig(), 8, 512))
+                               check=common.fits_model(str(toy_world / "models" / "qwen2_5_vl-tiny"), common.DataConfig(), 8, 512))
     assert [s.source.rsplit(":", 1)[1] for s in kept] == ["1", "2", "3", "4", "5", "7", "8"]
 
 
-def _processor(world):
+def _processor(world, arch="qwen2_5_vl"):
     from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(world / "models" / "qwen2_5_vl-tiny")
+    return AutoProcessor.from_pretrained(world / "models" / f"{arch}-tiny")
 
 
 def test_non_utf8_and_bomb_rows_are_named_and_skippable(toy_world, tmp_path):
@@ -132,13 +132,40 @@ def test_images_are_downscaled_at_load_to_what_the_model_sees(toy_world, tmp_pat
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"question": "<image>What is 3?", "answer": "3", "image": "big.png"}) + "\n")
     cfg = common.DataConfig(max_pixels=112 * 112)
-    [s] = common.load_dataset(str(path), cfg, check=common.fits_model(_processor(toy_world), cfg))
+    [s] = common.load_dataset(str(path), cfg, check=common.fits_model(str(toy_world / "models" / "qwen2_5_vl-tiny"), cfg))
     # smart_resize(500, 700): beta = sqrt(350000 / 12544) = 5.28; floor(500 / beta / 28) * 28 = 84, 700 -> 112
     assert s.images[0].size == (112, 84)
     processor = _processor(toy_world)
     original = processor(text=["<|image_pad|>"], images=[Image.open(tmp_path / "big.png")], max_pixels=112 * 112)
     batch = common.collate(processor, [s], [[5]], cfg)
     assert batch["image_grid_thw"].tolist() == original["image_grid_thw"].tolist() == [[1, 6, 8]]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_prompt_length_check_counts_what_the_processor_counts(toy_world, tmp_path, arch):
+    """fits_model counts tokens without transformers (tokenizers + jinja2 + our smart_resize copy); the independent
+    count is the real processor's input_ids, image tokens expanded, at the same pixel limits."""
+    import re
+    from PIL import Image
+    Image.new("RGB", (700, 500), "white").save(tmp_path / "big.png")
+    Image.new("RGB", (30, 90), "black").save(tmp_path / "thin.png")
+    rows = (toy_world / "data" / "train.jsonl").read_text().splitlines()[:6]
+    rows = [{**json.loads(r), "image": str(toy_world / "data" / json.loads(r)["image"])} for r in rows] + [
+        {"messages": [{"role": "system", "content": "Be brief, {{ not jinja }}."},
+                      {"role": "user", "content": "<image> left, <image> right: which is 3?"}],
+         "images": ["big.png", "thin.png"], "answer": "3"}]
+    (path := tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = str(toy_world / "models" / f"{arch}-tiny")
+    processor = _processor(toy_world, arch)
+    for cfg in (common.DataConfig(), common.DataConfig(min_pixels=56 * 56, max_pixels=112 * 112)):
+        check, ours, theirs = common.fits_model(model, cfg, 0, 0), [], []   # max_model_len 0: every row "too long"
+        for s in common.load_dataset(str(path), cfg, verbose=False):
+            theirs.append(len(processor(text=[common.prompt_text(processor, s)], images=s.images or None,
+                                        **common.mm_kwargs(cfg))["input_ids"][0]))
+            with pytest.raises(common.DataError) as e:
+                check(s)
+            ours.append(int(re.search(r"the prompt is (\d+) tokens", str(e.value)).group(1)))
+        assert ours == theirs and len(set(theirs)) > 1, (ours, theirs)
 
 
 @pytest.mark.parametrize("flags,words", [
