@@ -178,9 +178,9 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
             if engine is None or engine_fn or rollout_cfg.engine != "vllm":
                 engine = engine_fn(ck["path"]) if engine_fn else make_engine(ck["path"], rollout_cfg, data_cfg)
             else:  # the checkpoint's weights into the run's vLLM engine: no second start-up
-                from safetensors.torch import load_file
-                engine.update_weights({k: v for f in sorted(Path(ck["path"]).glob("*.safetensors"))
-                                       for k, v in load_file(f).items()})
+                from safetensors import safe_open   # one tensor at a time
+                engine.update_weights((k, st.get_tensor(k)) for f in sorted(Path(ck["path"]).glob("*.safetensors"))
+                                      for st in [safe_open(f, "pt")] for k in st.keys())
         except Exception as e:  # re-raised with the checkpoint named: the caller sees which one is broken
             raise RuntimeError(f"checkpoint {ck['path']} failed to load: {type(e).__name__}: {e}") from e
         for sp, s in mine:

@@ -2,8 +2,9 @@
 
 What this stage does (MAYE, arXiv 2504.02587, Figure 2, step 1):
 1. `VLLMEngine` / `HFEngine` sample `n` responses per prompt (common.prompt_text's chat prompt): token ids, the
-   sampled tokens' log-probs under the masked `logits / temperature`, the finish reason. `EngineClient` runs either
-   in its own process (the last GPU) and forwards the same calls; `update_weights` takes the trainer's new weights.
+   sampled tokens' log-probs under the masked `logits / temperature`, the finish reason; `update_weights` takes the
+   trainer's new weights, (name, tensor) pairs. `common.EngineClient` runs either in its own process (the last GPU)
+   and forwards the same calls (the weights streamed in buckets).
 2. `rollout`: the step's completions, each prompt's n responses adjacent, with VL-Rethinker's Forced Rethinking.
 3. `compute_logprobs`: the trainer's log-probs of (prompt, response) (common.collate's batch, with the correct 3-D
    M-RoPE positions). Tests check that they equal both engines' log-probs to 1e-4 (fp32).
@@ -23,19 +24,17 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import random
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 import tyro
 
-from common import (DataConfig, Sample, blocked_token_ids, die_with_parent, load_dataset, mm_kwargs, prompt_text,
+from common import (DataConfig, Sample, blocked_token_ids, engine_dtype, load_dataset, mm_kwargs, prompt_text,
                     quiet_vllm_logs, stop_token_ids)
 from reward import RewardConfig, score_batch
 
@@ -103,14 +102,13 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.cpu_kvcache_gib))))  # vLLM wants an int
         from transformers import AutoProcessor
         from vllm import LLM
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
         self.cfg, self.data_cfg, self.processor = cfg, data_cfg, AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = self.processor.tokenizer
         cpu = not torch.cuda.is_available()
         # CPU: no chunked prefill (it rewinds seeded generators with set_offset, which CPU generators lack)
         extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 8192)} if cpu else {}
         quiet_vllm_logs()
-        self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
+        self.llm = LLM(model=model_dir, dtype=engine_dtype(cfg.dtype), max_model_len=cfg.max_model_len, seed=cfg.seed,
                        enforce_eager=cpu, gpu_memory_utilization=cfg.gpu_memory_utilization,
                        limit_mm_per_prompt={"image": cfg.max_images, "video": 0}, logprobs_mode="processed_logprobs",
                        **extra)
@@ -149,10 +147,10 @@ class VLLMEngine:
         budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(samples)
         return self._run(reqs, n, temperature, top_p, budgets, seeds)
 
-    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load new weights (HF or FSDP2 full-state-dict names), then reset the prefix, multimodal and encoder caches
-        (stale ones give "Encoder cache miss"); `apply_model(load_weights)` would empty packed CPU weights."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights, (HF name, tensor) pairs read one at a time, then reset the prefix, multimodal and encoder
+        caches (stale ones give "Encoder cache miss"); `apply_model(load_weights)` would empty packed CPU weights."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()
         self.llm.llm_engine.reset_encoder_cache()
@@ -167,8 +165,8 @@ class HFEngine:
         self.blocked = blocked_token_ids(self.tokenizer, getattr(model.config, "text_config", model.config).vocab_size)
         self.stops = stop_token_ids(self.tokenizer)
 
-    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(weights, strict=True)      # every parameter, by its in-memory name
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.model.load_state_dict(dict(weights), strict=True)      # every parameter, by its in-memory name
 
     def _inputs(self, samples: list[Sample]) -> dict:
         return dict(self.processor(text=[prompt_text(self.processor, s) for s in samples],
@@ -217,72 +215,9 @@ def make_engine(model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataC
     if cfg.engine == "vllm":
         return VLLMEngine(model_dir, cfg, data_cfg)
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=engine_dtype(cfg.dtype))
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return HFEngine(model, AutoProcessor.from_pretrained(model_dir), cfg, data_cfg)
-
-
-def engine_main(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig, env: dict) -> None:
-    """The engine process: build the engine, then answer (method, args) calls over `conn` until "close" or EOF."""
-    os.environ.update(env)
-    die_with_parent()
-    try:
-        engine = make_engine(model_dir, cfg, data_cfg)
-        conn.send(("started", None))
-        while (msg := conn.recv()) != "close":      # EOFError (rank 0 died) ends the process too
-            conn.send(("ok", getattr(engine, msg[0])(*msg[1])))
-    except EOFError:
-        return
-    except Exception:
-        conn.send(("error", traceback.format_exc()))   # rank 0 raises it
-        raise
-
-
-class EngineClient:
-    """Rank 0's handle on the engine process (the last GPU, or the CPU): the engines' methods, forwarded over a pipe,
-    so `rollout` and evaluate.py take either. A dead engine process raises RuntimeError at the next call."""
-
-    def __init__(self, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig, out_dir: str | None = None):
-        from transformers import AutoTokenizer
-        env = {"OMP_WAIT_POLICY": "PASSIVE"} | ({"CUDA_VISIBLE_DEVICES": str(torch.cuda.device_count() - 1)}
-               if torch.cuda.is_available() else
-               {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=engine_main, args=(child, model_dir, cfg, data_cfg, env), daemon=True)
-        self.proc.start()
-        child.close()              # only the engine holds that end now: its death is EOF here
-        if out_dir:
-            Path(out_dir, "engine.pid").write_text(str(self.proc.pid))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)     # for Forced Rethinking's triggers
-
-    def _call(self, method: str, *args):
-        """Forward one call. The engine starts while the caller goes on (rank 0 loads its models), so the first call's
-        answer comes after the start-up message."""
-        try:
-            self.conn.send((method, args))
-            status, result = self.conn.recv()
-            if status == "started":
-                status, result = self.conn.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError):
-            self.proc.join(5)
-            raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})") from None
-        if status == "error":
-            raise RuntimeError(f"the engine process failed:\n{result}")
-        return result
-
-    def generate(self, samples, n, temperature, top_p=1.0, max_tokens=2048, seed=None, prefixes=None):
-        return self._call("generate", samples, n, temperature, top_p, max_tokens, seed, prefixes)
-
-    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        return self._call("update_weights", weights)
-
-    def close(self) -> None:
-        if self.proc.is_alive():
-            self.conn.send("close")
-            self.proc.join(30)
-        self.proc.kill()          # a no-op once it has exited
 
 
 # ---- The rollout of one step, with Forced Rethinking (VL-Rethinker, optional)

@@ -15,7 +15,7 @@ What this stage does (MAYE, arXiv 2504.02587, Table 3's "SFT" arm; MAYE never re
 
 Validation engine: an FSDP-sharded model cannot generate on one rank, so rank 0 gathers the full state dict (a
 collective, also used for the checkpoint) and pushes it into ONE engine process kept for the whole run
-(rollout.EngineClient: `--rollout.engine vllm` or `hf`, started at the first validation, on the last GPU as in
+(common.EngineClient: `--rollout.engine vllm` or `hf`, started at the first validation, on the last GPU as in
 train.py: run --nproc (GPUs - 1)). The other ranks wait at a barrier meanwhile.
 
 Simplifications: padding, not packing (rollout.collate's left-padded prompts + right-padded responses); the LR
@@ -41,14 +41,14 @@ from dataclasses import asdict, dataclass
 import torch
 import tyro
 
-from common import (DataConfig, DataError, MetricsLogger, ModelConfig, OptimConfig, Sample, batch_indices,
+from common import (DataConfig, DataError, EngineClient, MetricsLogger, ModelConfig, OptimConfig, Sample, batch_indices,
                     blocked_token_ids, build_optimizer, check_model_dir, clip_grad_norm, collate, fits_model,
                     format_line, full_state_dict, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
                     load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
                     stop_token_ids, to_device)
 from evaluate import validate
 from reward import RewardConfig
-from rollout import EngineClient, RolloutConfig, compute_logprobs
+from rollout import RolloutConfig, compute_logprobs, make_engine
 
 END_OF_TURN = "<|im_end|>"
 LOG_LINE = (("epoch {:.2f}", "epoch"), ("loss {:.4f}", "train/loss"), ("gnorm {:.3f}", "training/grad_norm"),
@@ -254,8 +254,9 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
                     metrics["val/loss"] = validation_loss(model, batch_processor, val_set, val_resp, args.data,
                                                           args.micro_batch_size, rank, world, device)
                     if rank == 0:
-                        engine = engine or EngineClient(str(ckpt or args.model.path), args.rollout, args.data)
-                        engine.update_weights(weights)
+                        engine = engine or EngineClient(make_engine, str(ckpt or args.model.path), args.rollout,
+                                                        args.data)
+                        engine.update_weights(weights.items())
                         metrics.update(validate(engine, val_set, args.reward, args.rollout.max_tokens))
                     dist.barrier()
                     metrics["time/val"] = time.time() - t1

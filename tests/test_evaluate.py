@@ -440,7 +440,7 @@ def test_one_vllm_engine_serves_a_run(toy_world, tmp_path, vllm_engine, monkeypa
     try:
         ev.evaluate_run(run, data, rcfg, cfg, RCFG)
     finally:
-        engine.update_weights(load_file(src / "model.safetensors"))   # the session's engine, as it was
+        engine.update_weights(load_file(src / "model.safetensors").items())   # the session's engine, as it was
     assert started == ["step_000001"]
     reused = [ev.read_jsonl(run / "eval_responses" / f"step_00000{step}" / "validation_pass@1_t0.01.jsonl")
               for step in (1, 2)]

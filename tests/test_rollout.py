@@ -236,6 +236,32 @@ def stop_prone_copy(model, processor, val):
     return new
 
 
+def streamed(pairs, bucket_bytes: int, dtype=torch.float32):
+    """`pairs` as the engine process receives them: EngineClient's bucket protocol over a real pipe (a thread sends)."""
+    import multiprocessing as mp
+    import threading
+    client = object.__new__(C.EngineClient)          # no engine process: only its sending half
+    client.conn, child = mp.Pipe()
+    client.dtype, client.bucket_bytes = dtype, bucket_bytes
+    threading.Thread(target=client._send_buckets, args=(list(pairs),), daemon=True).start()
+    return C._receive_weights(child)
+
+
+def test_weight_buckets_carry_every_tensor_in_the_engine_dtype():
+    g = torch.Generator().manual_seed(0)
+    pairs = [("a", torch.randn(3, 5, generator=g)), ("big", torch.randn(400, 100, generator=g)),    # 80 KB: alone
+             ("b", torch.randn(7, generator=g)), ("ids", torch.arange(10)), ("c", torch.randn(100, 50, generator=g)),
+             ("d", torch.randn(120, 100, generator=g)), ("e", torch.randn(1, generator=g).squeeze())]
+    got = [(name, t.clone(), t.untyped_storage().nbytes()) for name, t in streamed(pairs, 64 << 10, torch.bfloat16)]
+    assert [n for n, *_ in got] == [n for n, _ in pairs]
+    for (name, t, storage), (_, ref) in zip(got, pairs):
+        want = ref.to(torch.bfloat16) if ref.is_floating_point() else ref      # integer buffers keep their dtype
+        assert t.dtype == want.dtype and t.shape == want.shape and torch.equal(t, want), name
+    # by hand, bytes in bf16 at 64-byte aligned offsets: a (30) | big alone (80,000) | b 0+14, ids 64+80, c 192+10,000,
+    # d 10,240+24,000, e 34,240+2 -> each tensor is a view of its bucket's buffer
+    assert [s for *_, s in got] == [30, 80_000] + [34_242] * 5
+
+
 def test_vllm_update_weights(val, hf, vllm_engine):
     model, processor = hf("qwen2_5_vl")
     engine = vllm_engine("qwen2_5_vl")
@@ -243,7 +269,9 @@ def test_vllm_update_weights(val, hf, vllm_engine):
     samples = val[:4]
     before = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
     try:
-        engine.update_weights(new.state_dict())   # in-memory names (model.language_model.*, ...)
+        # in-memory names (model.language_model.*, ...), through the engine process's pipe protocol in 64 KB buckets,
+        # so that layers span buckets (vLLM holds a layer's tensors until the layer is complete)
+        engine.update_weights(streamed(new.state_dict().items(), 64 << 10))
         after = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
         assert [c.token_ids for c in flat(after)] != [c.token_ids for c in flat(before)]
         assert max_engine_vs_trainer(new, processor, samples, after, 1.0) <= 1e-4    # the NEW weights are used
@@ -252,7 +280,7 @@ def test_vllm_update_weights(val, hf, vllm_engine):
         assert stops and all(c.token_ids[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>") and
                              len(c.token_ids) < 16 for c in stops)     # the stop token is kept in the response
     finally:   # the engine is shared by the session: restore the original weights, and check they are back
-        engine.update_weights(model.state_dict())
+        engine.update_weights(model.state_dict().items())
     again = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
     assert [c.token_ids for c in flat(again)] == [c.token_ids for c in flat(before)]
 
