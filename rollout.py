@@ -223,7 +223,8 @@ def make_engine(model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataC
 # ---- The rollout of one step, with Forced Rethinking (VL-Rethinker, optional)
 def rollout(engine, prompts: list[Sample], cfg: RolloutConfig, seed: int,
             reward_cfg: RewardConfig = RewardConfig()) -> tuple[list[Completion], dict]:
-    """(P*n,) completions, each prompt's n adjacent, and Forced Rethinking's counts (its judge: reward.py's accuracy)."""
+    """(P*n,) completions, each prompt's n adjacent, and Forced Rethinking's counts (its judge: reward.py's
+    accuracy)."""
     comps = [c for group in engine.generate(prompts, cfg.n, cfg.temperature, cfg.top_p, cfg.max_tokens, seed)
              for c in group]
     if cfg.rethink_fraction <= 0:
@@ -266,33 +267,55 @@ def forced_rethinking(engine, samples: list[Sample], comps: list[Completion], cf
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
-def compute_logprobs(model, batch: dict, temperature: float = 1.0, return_entropy: bool = False):
+def _head_chunk(hidden, weight, bias, targets, blocked, temperature: float, entropy: bool):
+    """(C, 1 + entropy): log-probs of one tile of positions (and their entropies): hidden (C, H) -> logits (C, V) ->
+    masked log softmax at `targets`."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature                  # (C, V)
+    # finfo.min, not -inf: exp underflows to exactly 0. In the entropy, blocked entries' log p is replaced by 0, so
+    # that neither 0 * finfo.min nor its gradient (a weight > 1 times finfo.min overflows to inf, times p = 0: NaN) occur.
+    logp_all = logits.index_fill(-1, blocked, torch.finfo(logits.dtype).min).log_softmax(-1)        # (C, V)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                                   # (C,)
+    if not entropy:
+        return logp.unsqueeze(-1)                                                                   # (C, 1)
+    return torch.stack([logp, -(logp_all.exp() * logp_all.index_fill(-1, blocked, 0)).sum(-1)], -1)  # (C, 2)
+
+
+def compute_logprobs(model, batch: dict, temperature: float = 1.0, return_entropy: bool = False,
+                     chunk_tokens: int = 512):
     """log pi(y_t | x, y_<t) = log softmax(masked logits_{t-1} / temperature)[y_t] at response positions, 0 elsewhere,
     as (B, T) (T = batch["input_ids"].shape[1]); with return_entropy also H_t = -sum_v p_v log p_v, (B, T).
 
     The mask blocks the tokens the engines never sample, so this is the sampling distribution (MAYE/verl compute old,
     ref and new log-probs on logits / temperature alike). Only the response block [P-1, T-1) goes through lm_head
-    (`logits_to_keep`): logits cost B*R*V, not B*T*V. Works with and without autograd (call the root module, so that
-    FSDP2's root hook gathers lm_head and the embeddings)."""
+    (`logits_to_keep`), and in tiles of `chunk_tokens` positions: lm_head's forward is swapped for `_head_chunk` per
+    tile, under activation checkpointing when autograd is on, so no more than one tile's (chunk, V) logits exist at
+    a time, forward or backward (at V = 151,936 the whole (B, R, V) block is ~5 GB per copy; bench/bench_logprobs.py).
+    Works with and without autograd; the model's root module is called, so FSDP2's root hook gathers lm_head."""
+    from torch.utils.checkpoint import checkpoint
     P, T = batch["response_start"], batch["input_ids"].shape[1]
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-    # logits_to_keep=T-P+1 keeps positions [P-1, T); position t predicts token t+1, the last one predicts nothing.
-    logits = model(**inputs, logits_to_keep=T - P + 1, use_cache=False).logits[:, :-1]      # (B, R, V)
-    logits = logits.float() / temperature
-    V = logits.shape[-1]
-    blocked = torch.cat([batch["blocked_token_ids"], torch.arange(min(batch["tokenizer_len"], V), V)])
-    # finfo.min, not -inf: exp underflows to exactly 0 and 0 * finite keeps the entropy NaN-free.
-    logits = logits.index_fill(-1, blocked.to(logits.device), torch.finfo(logits.dtype).min)
-    logp_all = logits.log_softmax(-1)                                                       # (B, R, V)
-    targets = inputs["input_ids"][:, P:]                                                     # (B, R)
-    mask = batch["response_mask"][:, P:].to(device)                                          # (B, R)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask                     # (B, R)
-    logp = torch.cat([logp.new_zeros(logp.shape[0], P), logp], dim=1)                       # (B, T)
-    if not return_entropy:
-        return logp
-    ent = -(logp_all.exp() * logp_all).sum(-1) * mask                                        # (B, R)
-    return logp, torch.cat([ent.new_zeros(ent.shape[0], P), ent], dim=1)
+    targets = inputs["input_ids"][:, P:].reshape(-1)                                           # (B*R,)
+    head = model.get_output_embeddings()
+    V = head.weight.shape[0]
+    blocked = torch.cat([batch["blocked_token_ids"], torch.arange(min(batch["tokenizer_len"], V), V)]).to(device)
+
+    def tiled_head(hidden):                                         # (B, R+1, H): positions [P-1, T)
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                                       # (B*R, H)
+        tiles = [(h[i:i + chunk_tokens], head.weight, head.bias, targets[i:i + chunk_tokens], blocked, temperature,
+                  return_entropy) for i in range(0, h.shape[0], chunk_tokens)]
+        out = [checkpoint(_head_chunk, *t, use_reentrant=False) if torch.is_grad_enabled() else _head_chunk(*t)
+               for t in tiles]
+        return torch.cat(out).view(hidden.shape[0], h.shape[0] // hidden.shape[0], -1)        # (B, R, 1|2)
+
+    head.forward = tiled_head
+    try:
+        out = model(**inputs, logits_to_keep=T - P + 1, use_cache=False).logits                 # (B, R, 1|2)
+    finally:
+        del head.forward
+    mask = batch["response_mask"][:, P:].to(device)                                            # (B, R)
+    logp, *ent = (torch.cat([x.new_zeros(x.shape[0], P), x * mask], 1) for x in out.unbind(-1))  # (B, T) each
+    return (logp, *ent) if return_entropy else logp
 
 
 @dataclass(frozen=True)

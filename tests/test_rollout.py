@@ -151,6 +151,42 @@ def test_compute_logprobs_padded_equals_single_and_naive(arch, val, hf):
         assert (ent[i, P:P + len(r)].double() - torch.tensor(ref_ent)).abs().max().item() <= 1e-4
 
 
+def test_tiled_logprobs_equal_full_logits_values_and_gradients(val, hf):
+    """Tiles of 4 positions (straddling rows, the last one partial) against the whole (B, R, V) logits from a plain
+    forward, log-softmaxed in float64: the log-probs, the entropies and the gradients of every parameter agree."""
+    model, processor = hf("qwen2_5_vl")
+    batch = C.collate(processor, val[:3], [[5, 6, 7, 8, 9], [11], [3, 4, 5, 6, 7, 8, 9, 10, 12]])
+    P, T, temp = batch["response_start"], batch["input_ids"].shape[1], 0.7
+    g = torch.Generator().manual_seed(1)
+    w_lp, w_ent = torch.randn(batch["input_ids"].shape, generator=g), torch.randn(batch["input_ids"].shape, generator=g)
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    lp, ent = R.compute_logprobs(model, batch, temp, return_entropy=True, chunk_tokens=4)
+    ours = grads((lp * w_lp).sum() + (ent * w_ent).sum())
+    inputs = {k: batch[k] for k in R.MODEL_INPUTS if k in batch}
+    z = model(**inputs).logits[:, P - 1:T - 1].double() / temp                                  # (B, R, V)
+    keep = torch.ones(z.shape[-1], dtype=torch.bool)
+    keep[batch["blocked_token_ids"]] = False
+    keep[batch["tokenizer_len"]:] = False
+    logp_all = z.masked_fill(~keep, -math.inf).log_softmax(-1)
+    mask = batch["response_mask"][:, P:].double()
+    ref_lp = logp_all.gather(-1, batch["input_ids"][:, P:, None])[..., 0] * mask
+    ref_ent = -(logp_all.exp() * logp_all.masked_fill(~keep, 0)).sum(-1) * mask
+    assert (lp[:, P:].double() - ref_lp).abs().max().item() <= 1e-5
+    assert (ent[:, P:].double() - ref_ent).abs().max().item() <= 1e-5
+    assert (lp[:, :P] == 0).all() and (ent[:, :P] == 0).all()
+    ref = grads((ref_lp * w_lp[:, P:]).sum() + (ref_ent * w_ent[:, P:]).sum())
+    assert ours.keys() == ref.keys() and "lm_head.weight" in ours
+    for name in ref:
+        scale = ref[name].abs().max().item() + 1e-12
+        assert (ours[name] - ref[name]).abs().max().item() <= 1e-5 * scale, name
+    model.zero_grad(set_to_none=True)
+
+
 def test_compute_logprobs_autograd_and_mrope(val, hf):
     model, processor = hf("qwen2_5_vl")
     batch = C.collate(processor, [val[0], val[1]], [[5, 6, 7], [8, 9]])

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,20 +92,6 @@ def test_bad_rows_name_file_line_and_field(tiny, toy_world, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # the loss: response tokens only, exact value
 # ---------------------------------------------------------------------------------------------------------------
-class FullLogits(torch.nn.Module):
-    """Wraps the model: computes the logits at EVERY position (kept, with .grad) and hands compute_logprobs the
-    slice it asked for, so the test can see the gradient w.r.t. logits at prompt and image positions."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.full = inner, None
-
-    def forward(self, logits_to_keep=0, **kw):
-        self.full = self.inner(**kw, logits_to_keep=0).logits                                # (B, T, V)
-        self.full.retain_grad()
-        return SimpleNamespace(logits=self.full[:, -logits_to_keep:])
-
-
 def test_loss_is_response_only_and_matches_naive_float64(tiny, toy_world):
     model, proc = tiny
     tok = proc.tokenizer
@@ -115,11 +100,19 @@ def test_loss_is_response_only_and_matches_naive_float64(tiny, toy_world):
     responses = [sft.response_ids(tok, s, 2048) for s in samples]
     responses[1] = responses[1][:4]                      # a shorter response: padding after it must not count
     batch = collate(proc, samples, responses)
-    wrapped = FullLogits(model)
-    nll = sft.response_nll(wrapped, batch)
+    seen = {}                                            # the final norm's output: lm_head's input at EVERY position
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        seen["h"] = output                                                                  # (B, T, H)
+    hook = model.model.language_model.norm.register_forward_hook(keep)
+    try:
+        nll = sft.response_nll(model, batch)
+    finally:
+        hook.remove()
     N = sum(len(r) for r in responses)
     (nll / N).backward()
-    grad = wrapped.full.grad                                                                # (B, T, V)
+    grad = seen["h"].grad                                                                   # (B, T, H)
     P, ids = batch["response_start"], batch["input_ids"]
     image_id = model.config.image_token_id
     assert (ids[:, :P] == image_id).sum() == 4 * 3       # the prompts do hold image tokens
@@ -130,12 +123,14 @@ def test_loss_is_response_only_and_matches_naive_float64(tiny, toy_world):
         assert grad[i, P - 1 + len(r):].abs().max() == 0
         assert (grad[i, P - 1:P - 1 + len(r)].abs().amax(-1) > 0).all()
     # Independent value: naive float64 loop over the full logits with the engines' blocked tokens removed.
-    blocked = set(blocked_token_ids(tok, wrapped.full.shape[-1]))
-    allowed = torch.tensor([v for v in range(wrapped.full.shape[-1]) if v not in blocked])
+    with torch.no_grad():
+        full = model.lm_head(seen["h"]).double()                                            # (B, T, V)
+    blocked = set(blocked_token_ids(tok, full.shape[-1]))
+    allowed = torch.tensor([v for v in range(full.shape[-1]) if v not in blocked])
     total = 0.0
     for i, r in enumerate(responses):
         for k, y in enumerate(r):
-            row = wrapped.full[i, P - 1 + k].detach().double()
+            row = full[i, P - 1 + k]
             total += -(row[y] - torch.logsumexp(row[allowed], 0)).item()
     assert abs(nll.item() - total) < 1e-4 * max(1.0, abs(total))
 
