@@ -76,6 +76,7 @@ SIZES = {
     # name: (text hidden, text layers, heads, kv heads, intermediate, vision hidden, vision depth, vision heads)
     "tiny": (128, 2, 2, 1, 256, 64, 2, 2),
     "small": (256, 5, 4, 2, 768, 256, 4, 4),
+    "mid": (768, 12, 12, 2, 2048, 384, 4, 6),      # ~90M: benchmarks and the GPU smoke run, not built by default
 }
 
 
@@ -87,8 +88,8 @@ class Args:
     """Seed for the model weights, the tokenizer corpus and the dataset."""
     archs: tuple[Literal["qwen2_5_vl", "qwen2_vl"], ...] = ("qwen2_5_vl", "qwen2_vl")
     """Architectures to build."""
-    sizes: tuple[Literal["tiny", "small"], ...] = ("tiny", "small")
-    """Model sizes to build (tiny ~1M params for tests, small ~10M for the demo)."""
+    sizes: tuple[Literal["tiny", "small", "mid"], ...] = ("tiny", "small")
+    """Model sizes to build (tiny ~1M params for tests, small ~10M for the demo, mid ~90M for benchmarks)."""
     vocab_size: int = 1024
     """BPE vocabulary size (before the special tokens)."""
     train_size: int = 2000
