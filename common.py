@@ -552,8 +552,15 @@ class EngineClient:
             if status == "started":
                 status, result = self.conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError):
-            self.proc.join(5)
-            raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})") from None
+            status, result = "died", None
+            while status in ("died", "started") and self.conn.poll(1):   # it stopped reading: was it an error?
+                try:
+                    status, result = self.conn.recv()
+                except (EOFError, OSError):
+                    break
+            if status != "error":
+                self.proc.join(5)
+                raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})") from None
         if status == "error":
             raise RuntimeError(f"the engine process failed:\n{result}")
         return result
@@ -594,9 +601,11 @@ class EngineClient:
             self.conn.send(None)
 
     def close(self) -> None:
-        if self.proc.is_alive():
+        try:
             self.conn.send("close")
             self.proc.join(30)
+        except OSError:           # it is gone already (BrokenPipeError)
+            pass
         self.proc.kill()          # a no-op once it has exited
 
 
