@@ -179,6 +179,10 @@ def test_tiled_logprobs_equal_full_logits_values_and_gradients(val, hf):
     assert (lp[:, P:].double() - ref_lp).abs().max().item() <= 1e-5
     assert (ent[:, P:].double() - ref_ent).abs().max().item() <= 1e-5
     assert (lp[:, :P] == 0).all() and (ent[:, :P] == 0).all()
+    with torch.no_grad():   # one tile holding every position: the untiled computation, fp32 against fp32
+        lp1, ent1 = R.compute_logprobs(model, batch, temp, return_entropy=True, chunk_tokens=10**9)
+    assert (lp - lp1).abs().max().item() <= 1e-6                  # entropies ~6.5: a few fp32 ulps of their sum
+    assert ((ent - ent1).abs() / ent1.abs().clamp(min=1)).max().item() <= 1e-6
     ref = grads((ref_lp * w_lp[:, P:]).sum() + (ref_ent * w_ent[:, P:]).sum())
     assert ours.keys() == ref.keys() and "lm_head.weight" in ours
     for name in ref:
