@@ -48,8 +48,11 @@ def main():
     engine = R.VLLMEngine(a.model, R.RolloutConfig(dtype="float32", max_model_len=1024))
     startup = time.perf_counter() - t0
     # the bare requests: exactly what VLLMEngine sends, built once outside the timed region
-    requests = [engine._request(s, R.prompt_text(engine.processor, s)) for s in samples]
-    params = [engine._params(a.n, 1.0, 1.0, a.max_tokens, 100 + i * a.n) for i in range(len(samples))]
+    requests = [engine._request(s) for s in samples]
+    from vllm import SamplingParams   # as VLLMEngine._run builds them
+    params = [SamplingParams(n=a.n, temperature=1.0, top_p=1.0, max_tokens=a.max_tokens, seed=100 + i * a.n, logprobs=0,
+                             stop_token_ids=engine.stops, allowed_token_ids=engine.allowed, detokenize=False)
+              for i in range(len(samples))]
     t0 = time.perf_counter()
     engine.llm.generate(requests[:1], params[:1], use_tqdm=False)
     warmup = time.perf_counter() - t0
