@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -401,7 +402,10 @@ def fits_model(model_dir: str, data_cfg: DataConfig, max_new_tokens: int = 0,
 # thread count, and the advice to preload tcmalloc / Intel OpenMP (a possible speed-up; ../shared/notes/cpu-stack.md).
 # "Failed to load weights" comes at each weight sync for layers whose weights are aliases or buffers: the sync does
 # load every parameter (training/rollout_mismatch stays ~1e-7; tests/test_rollout.py's update test checks it).
+# "already registered" comes when a second engine starts in one process (evaluate.py: one per run) and vLLM registers
+# the same kernel overrides again.
 HARMLESS_VLLM_WARNINGS = {
+    "vllm.triton_utils.dispatcher": ("is already registered. Overwriting",),
     "vllm.v1.worker.cpu_worker": ("torch.set_num_threads", "LD_PRELOAD"),
     "vllm.model_executor.model_loader.reload.layerwise": ("Failed to load weights",),
     "vllm.engine.arg_utils": ("global random seed", "disabling chunked prefill"),
@@ -1040,3 +1044,45 @@ def micro_batches(indices: list[int], size: int) -> list[list[int]]:
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reports (evaluate.py's figures)
+# --------------------------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1; 0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def figure(path: Path, title: str, panels: list, arms: dict[str, str], colours: dict[str, str], ncols: int, figsize,
+           empty: str, ylim=None):
+    """PNG of panels (title, xlabel, ylabel, [(label suffix, line style, {run: {x: y}})]): per arm (in the order and
+    colours of `colours`), mean ± std (shaded, clipped at 0 for non-negative data) across its runs (`arms`: run ->
+    arm); a vanilla arm with one point per run as a dashed level."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
+    fig = Figure(figsize=figsize, constrained_layout=True)
+    axes = fig.subplots(-(-len(panels) // ncols), ncols, squeeze=False)
+    for ax, (panel_title, xlabel, ylabel, curves) in zip(axes.flat, panels):
+        for arm, colour in colours.items():
+            for suffix, style, data in curves:
+                if not (per_run := [s for run, s in data.items() if arms[run] == arm and s]):
+                    continue
+                xs = sorted({x for s in per_run for x in s})  # mean, std at each x over the runs that have it
+                m, sd = zip(*[mean_std([s[x] for s in per_run if x in s]) for x in xs])
+                label = f"{arm}{suffix} (n={len(per_run)})"
+                if arm == "vanilla" and len(xs) == 1:  # an untrained model: a level across the panel
+                    ax.axhline(m[0], color=colour, ls="--", lw=1.8, label=label)
+                    ax.axhspan(m[0] - sd[0], m[0] + sd[0], color=colour, alpha=0.12 if sd[0] else 0, lw=0)
+                    continue
+                ax.plot(xs, m, style, color=colour, label=label, lw=1.8, marker="o" if len(xs) < 12 else None, ms=3)
+                floor = 0.0 if min(v for s in per_run for v in s.values()) >= 0 else -math.inf
+                ax.fill_between(xs, [max(a - b, floor) for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                                color=colour, alpha=0.18, lw=0)
+        ax.set(title=panel_title, xlabel=xlabel, ylabel=ylabel, **({"ylim": ylim} if ylim else {}))
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=9)
+        else:
+            ax.text(0.5, 0.5, empty, ha="center", va="center", color="0.4", transform=ax.transAxes)
+    fig.suptitle(title, fontsize=14)
+    fig.savefig(path, dpi=110)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
-from common import DataConfig, fits_model, load_dataset, read_jsonl
+from common import DataConfig, figure, fits_model, load_dataset, mean_std, read_jsonl
 from reward import RewardConfig, score_batch
 from rollout import RolloutConfig, make_engine
 
@@ -70,11 +70,6 @@ def pass_at_k(correct: list[list[bool]], k: int, unbiased: bool = False) -> floa
         return sum(any(c[:k]) for c in correct) / len(correct)
     return sum(1.0 if (wrong := len(c) - sum(map(bool, c))) < k else
                1.0 - math.prod(1.0 - k / i for i in range(wrong + 1, len(c) + 1)) for c in correct) / len(correct)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1; 0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def reflection_stats(responses: list[str], correct: list[bool], words=REFLECTION_WORDS) -> dict:
@@ -246,37 +241,41 @@ def series(rows: list[dict], key: str, x: str, where: str = "") -> dict[float, f
     return {float(r[x]): float(r[key]) for r in rows if key in r}
 
 
-def figure(path: Path, title: str, panels: list, arms: dict[str, str], ncols: int, figsize, empty: str, ylim=None):
-    """PNG of panels (title, xlabel, ylabel, [(label suffix, line style, {run: {x: y}})]): per arm, mean ± std (shaded,
-    clipped at 0 for non-negative data) across its runs; a vanilla arm with one point per run as a dashed level."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
-    fig = Figure(figsize=figsize, constrained_layout=True)
-    axes = fig.subplots(-(-len(panels) // ncols), ncols, squeeze=False)
-    for ax, (panel_title, xlabel, ylabel, curves) in zip(axes.flat, panels):
-        for k, arm in enumerate(arm_order(set(arms.values()))):
-            colour = ARM_COLOURS.get(arm, f"C{(k + 3) % 10}")
-            for suffix, style, data in curves:
-                if not (per_run := [s for run, s in data.items() if arms[run] == arm and s]):
-                    continue
-                xs = sorted({x for s in per_run for x in s})  # mean, std at each x over the runs that have it
-                m, sd = zip(*[mean_std([s[x] for s in per_run if x in s]) for x in xs])
-                label = f"{arm}{suffix} (n={len(per_run)})"
-                if arm == "vanilla" and len(xs) == 1:  # an untrained model: a level across the panel
-                    ax.axhline(m[0], color=colour, ls="--", lw=1.8, label=label)
-                    ax.axhspan(m[0] - sd[0], m[0] + sd[0], color=colour, alpha=0.12 if sd[0] else 0, lw=0)
-                    continue
-                ax.plot(xs, m, style, color=colour, label=label, lw=1.8, marker="o" if len(xs) < 12 else None, ms=3)
-                floor = 0.0 if min(v for s in per_run for v in s.values()) >= 0 else -math.inf
-                ax.fill_between(xs, [max(a - b, floor) for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
-                                color=colour, alpha=0.18, lw=0)
-        ax.set(title=panel_title, xlabel=xlabel, ylabel=ylabel, **({"ylim": ylim} if ylim else {}))
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=9)
-        else:
-            ax.text(0.5, 0.5, empty, ha="center", va="center", color="0.4", transform=ax.transAxes)
-    fig.suptitle(title, fontsize=14)
-    fig.savefig(path, dpi=110)
+def findings(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], arms: dict[str, str], splits,
+             settings) -> list[str]:
+    """'What this shows', written from the numbers: RL vs SFT per split (Table 3's mean over epochs; a gap counts when
+    it exceeds the larger std across runs) and per decoding on the last split; the last checkpoints' response length
+    and reflection ratio (first split, a sampled decoding where there is one); length vs reflection over RL steps."""
+    out, pct = [], lambda ms: f"{100 * ms[0]:.1f}" + (f" ± {100 * ms[1]:.1f}" if ms[1] else "")
+    for sp in splits:
+        if {"sft", "rl"} <= set(agg := aggregate(runs, arms, sp, settings[0])):
+            (r, rs), (f, fs), n = agg["rl"]["mean"], agg["sft"]["mean"], min(agg[a]["n"] for a in ("rl", "sft"))
+            out.append(f"- **{sp}**{' (out of distribution)' * (sp == 'test')}, {settings[0]}, mean over epochs: " +
+                       "".join(f"{a} {pct(agg[a]['mean'])}, " for a in arm_order(agg)) + f"so {'RL' if r > f else 'SFT'}"
+                       f" leads by {100 * abs(r - f):.1f} points: " + ("one run per arm, no spread to judge it by "
+                       "(`SEEDS=3`)." if n < 2 else "more than the spread across runs." if abs(r - f) > max(rs, fs)
+                       else "within the spread across runs, so not a clear difference."))
+    if both := {s: a for s in settings if {"sft", "rl"} <= set(a := aggregate(runs, arms, splits[-1], s))}:
+        wins = [s for s, a in both.items() if a["rl"]["mean"][0] > a["sft"]["mean"][0]]
+        out.append(f"- On {splits[-1]}, RL's mean beats SFT's in {len(wins)} of {len(both)} decodings" +
+                   (f" ({', '.join(wins)})." if wins else "."))
+    setting = next((s for s in settings if parse_setting(s).temperature > 0.01), settings[0])
+    for key, name, scale, unit in (("mean_length", "response length", 1, " tokens"),
+                                   ("reflection/reflection_ratio", "reflection ratio", 100, "%")):
+        last = {}  # arm -> [value at each run's last evaluated checkpoint]
+        for run, rows in runs.items():
+            if mine := [r for r in rows if (r["split"], r["setting"]) == (splits[0], setting) and key in r]:
+                last.setdefault(arms[run], []).append(scale * max(mine, key=lambda r: r["step"])[key])
+        out.append(f"- {name.capitalize()} at the last checkpoint ({splits[0]}, {setting}): " + ", ".join(
+            f"{a} {m:.1f}" + (f" ± {sd:.1f}" if sd else "") + unit for a in arm_order(last)
+            for m, sd in [mean_std(last[a])]) + ".")
+    corr = {run: statistics.correlation(*zip(*xy)) for run, rows in metrics.items() if arms[run] == "rl" and len(xy := [
+        [float(r[k]) for k in ("response/lengths", "reflection/reflection_ratio")] for r in rows if
+        "reflection/reflection_ratio" in r and "response/lengths" in r]) > 2 and all(len(set(v)) > 1 for v in zip(*xy))}
+    if corr:  # (Pearson's r is undefined for a constant series)
+        out.append("- Over RL's steps, response length and reflection ratio correlate at " + ", ".join(
+            f"{c:+.2f}" for c in corr.values()) + " (Pearson, one figure per run; MAYE Figure 4 pairs them).")
+    return out
 
 
 def write_report(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], arms: dict[str, str], out: str | Path,
@@ -293,21 +292,23 @@ def write_report(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], ar
     if not any("train/epoch_accuracy" in r for r in logged):  # no epoch finished yet: the rollouts' accuracy
         panels[0] = ("Training accuracy per step (no epoch finished)", "step", "accuracy",
                      [("rews/acc_rewards", "-", "")])
+    colours = {a: ARM_COLOURS.get(a, f"C{(k + 3) % 10}") for k, a in enumerate(arm_order(set(arms.values())))}
     figure(out / "training_curves.png", "Training dynamics (mean ± std across runs)", [
         (title, x, ylabel, [(suffix, style, {run: series(rows, key, x, f"{run}/metrics.jsonl")
                                              for run, rows in metrics.items()}) for key, style, suffix in keys])
-        for title, x, ylabel, keys in panels], arms, 3, (16, 8.5), "no data in metrics.jsonl")
+        for title, x, ylabel, keys in panels], arms, colours, 3, (16, 8.5), "no data in metrics.jsonl")
     figure(out / "accuracy_per_epoch.png", "Accuracy per epoch (mean ± std across runs)", [
         (f"{sp}: {setting}", "epoch", "accuracy", [("", "-", {run: {r["epoch"]: r["accuracy"] for r in rows
          if (r["split"], r["setting"]) == (sp, setting)} for run, rows in runs.items()})])
         for setting in settings for sp in splits],
-        arms, len(splits), (6.5 * len(splits), 3.6 * len(settings) + 0.6), "not evaluated", ylim=(-0.02, 1.02))
+        arms, colours, len(splits), (6.5 * len(splits), 3.6 * len(settings) + 0.6), "not evaluated", ylim=(-0.02, 1.02))
     lines = ["# vlrl evaluation report", "", "## Runs", "", "| run | arm | checkpoints evaluated | metrics lines |",
              "|---|---|---:|---:|", *[f"| `{run}` | {arms[run]} | {len({r['checkpoint'] for r in rows})} | "
                                        f"{len(metrics.get(run, []))} |" for run, rows in runs.items()],
              "", "## Accuracy (MAYE Table 3)", "",
              "Mean: per run, the mean over its epochs (checkpoints after epoch 0), then mean ± std across runs. "
              "Max: per run, the best epoch, then mean ± std across runs.", "", table,
+             "## What this shows", "", *findings(runs, metrics, arms, splits, settings), "",
              "## Training dynamics (MAYE Figure 4)", "", "![training curves](training_curves.png)", "",
              "## Accuracy per epoch (MAYE Figure 5)", "", "![accuracy per epoch](accuracy_per_epoch.png)", ""]
     check = []  # (run, step, logged accuracy, eval accuracy, logged mean length, eval mean length; NaN if absent)

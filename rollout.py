@@ -215,6 +215,8 @@ def make_engine(model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataC
     if cfg.engine == "vllm":
         return VLLMEngine(model_dir, cfg, data_cfg)
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils.logging import disable_progress_bar
+    disable_progress_bar()  # a per-shard loading bar at every checkpoint evaluate.py loads
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=engine_dtype(cfg.dtype))
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return HFEngine(model, AutoProcessor.from_pretrained(model_dir), cfg, data_cfg)

@@ -12,9 +12,16 @@ Nothing can be downloaded in CI, so every stage runs on this embedded default:
    - `train` and `validation`: digit colours from TRAIN_COLOURS, on a white background (in distribution).
    - `test`: out of distribution on purpose, like MAYE's MathVerse test set: digit colours from TEST_COLOURS (never
      seen in training) on a light-grey background, so it measures *generalisation*, the paper's RL-vs-SFT question.
+   - `instruct`: related but different data for the *vanilla instruct model* (the analogue of Qwen2.5-VL-Instruct,
+     made by `run.sh` with sft.py in about a minute): reading the digit, adding two numbers given in the text, and the
+     task under a phrasing the other splits never use. Both arms of the demo start from that model.
+3. Solutions are a short chain ("The image shows 3. 3 + 7 = 10. \\boxed{10}"). A fraction `--reflect` of them
+   reflects with MAYE's words: half misread the digit as a look-alike (one segment apart), doubt and correct it
+   ("The image shows 9. Wait, let me re-check the image. It shows 3. ..."), half verify the sum ("Let me verify:
+   10 - 7 = 3."). So responses vary in length, and reflection ratios and words have something to show.
 
 Simplifications: fixed digit position and size (random jitter made SFT unreliable at this model size); one question
-template family; solutions are a short chain ("The image shows 3. 3 + 7 = 10. \\boxed{10}").
+template family.
 
 Run alone:
     python toy.py --help
@@ -68,6 +75,9 @@ _SEGMENTS = {"a": (_L, _T, _R, _T + _W), "b": (_R - _W, _T, _R, _M), "c": (_R - 
 _DIGITS = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc",
            8: "abcdefg", 9: "abcdfg"}
 
+# The instruct split's three tasks: read the digit; add two numbers in the text; the task in an unseen phrasing.
+INSTRUCT_TEMPLATES = ["<image>Which digit is shown in the image?", "<image>Ignore the image. What is {a} plus {b}?",
+                      "<image>Compute the number in the image plus {b}."]
 QUESTION_TEMPLATES = ["<image>What is the number in the image plus {b}?",
                       "<image>Add {b} to the number shown in the image. What is the result?",
                       "<image>The image shows a digit. What is that digit plus {b}?"]
@@ -98,8 +108,12 @@ class Args:
     """Validation problems (in distribution)."""
     test_size: int = 200
     """Test problems (out of distribution: unseen colours and background)."""
+    instruct_size: int = 2000
+    """Problems of the instruct split (the vanilla model's data: related to the task, not the task)."""
     max_b: int = 9
     """The number in the text is drawn from 0..max_b."""
+    reflect: float = 0.3
+    """Fraction of solutions that reflect (misread-then-re-check, or verify the sum)."""
     skip_models: bool = False
     """Build only the data."""
     skip_data: bool = False
@@ -116,22 +130,44 @@ def draw_digit(digit: int, colour: tuple[int, int, int], background: tuple[int, 
     return img
 
 
-def make_problem(rng: random.Random, split: str, index: int, max_b: int) -> tuple[dict, object]:
+# Seven-segment look-alikes: the digits whose segments differ least from each digit's (a plausible misreading).
+LOOK_ALIKES = {d: [e for e in range(10) if e != d and len(set(_DIGITS[d]) ^ set(_DIGITS[e])) == min(
+    len(set(_DIGITS[d]) ^ set(_DIGITS[f])) for f in range(10) if f != d)] for d in range(10)}
+
+
+def solution(rng: random.Random, digit: int, b: int, reflect: float) -> str:
+    """The worked solution of `digit + b`; with probability `reflect` it reflects (see the module docstring)."""
+    answer, r = digit + b, rng.random()
+    read, check = f"The image shows {digit}.", ""
+    if r < reflect / 2:
+        read = f"The image shows {rng.choice(LOOK_ALIKES[digit])}. Wait, let me re-check the image. It shows {digit}."
+    elif r < reflect:
+        check = f" Let me verify: {answer} - {b} = {digit}."
+    return f"{read} {digit} + {b} = {answer}.{check} \\boxed{{{answer}}}"
+
+
+def make_problem(rng: random.Random, split: str, index: int, max_b: int, reflect: float = 0.3) -> tuple[dict, object]:
     """One MAYE-format row (image path filled in by the caller) and its PIL image."""
     colours = TEST_COLOURS if split == "test" else TRAIN_COLOURS
     background = (225, 225, 225) if split == "test" else (255, 255, 255)
     digit, b = rng.randrange(10), rng.randint(0, max_b)
     name = rng.choice(sorted(colours))
-    question = rng.choice(QUESTION_TEMPLATES).format(b=b)
-    answer = digit + b
-    row = {"question": question, "answer": str(answer),
-           "solution": f"The image shows {digit}. {digit} + {b} = {answer}. \\boxed{{{answer}}}",
+    task = rng.randrange(3) if split == "instruct" else -1
+    if task == 0:    # read the digit
+        question, answer, sol = INSTRUCT_TEMPLATES[0], digit, f"The image shows {digit}. \\boxed{{{digit}}}"
+    elif task == 1:  # add two numbers given in the text (the image is a distractor)
+        a = rng.randint(0, 9)
+        question, answer, sol = INSTRUCT_TEMPLATES[1].format(a=a, b=b), a + b, f"{a} + {b} = {a + b}. \\boxed{{{a + b}}}"
+    else:            # the task (instruct: in a phrasing the task splits never use)
+        question = (INSTRUCT_TEMPLATES[2] if task == 2 else rng.choice(QUESTION_TEMPLATES)).format(b=b)
+        answer, sol = digit + b, solution(rng, digit, b, reflect)
+    row = {"question": question, "answer": str(answer), "solution": sol,
            "id": f"toy_{split}_{index:05d}", "image": f"images/{split}_{index:05d}.png",
-           "digit": digit, "b": b, "colour": name}
+           "digit": digit, "b": b, "colour": name, **({"task": task} if task >= 0 else {})}
     return row, draw_digit(digit, colours[name], background)
 
 
-def build_data(out: Path, seed: int, sizes: dict[str, int], max_b: int) -> dict[str, Path]:
+def build_data(out: Path, seed: int, sizes: dict[str, int], max_b: int, reflect: float = 0.3) -> dict[str, Path]:
     """Write OUT/{split}.jsonl and OUT/images/*.png; returns the jsonl paths. Deterministic for `seed`."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -139,7 +175,7 @@ def build_data(out: Path, seed: int, sizes: dict[str, int], max_b: int) -> dict[
         rng = random.Random(seed * 1000 + split_index)
         rows = []
         for i in range(n):
-            row, img = make_problem(rng, split, i, max_b)
+            row, img = make_problem(rng, split, i, max_b, reflect)
             img.save(out / row["image"])
             rows.append(row)
         paths[split] = out / f"{split}.jsonl"
@@ -158,7 +194,8 @@ def tokenizer_corpus(seed: int, max_b: int, n: int = 3000) -> list[str]:
     for _ in range(n):
         d, b = rng.randrange(10), rng.randint(0, max_b)
         lines.append(rng.choice(QUESTION_TEMPLATES).format(b=b).replace("<image>", ""))
-        lines.append(f"The image shows {d}. {d} + {b} = {d + b}. \\boxed{{{d + b}}}")
+        lines.append(solution(rng, d, b, 0.5))
+        lines.append(rng.choice(INSTRUCT_TEMPLATES).format(a=d, b=b).replace("<image>", ""))
     lines += [str(i) for i in range(1000)] + ["\\frac{1}{2} \\sqrt{3} 30^\\circ x = 5 (A) (B) (C) (D) 50\\%"]
     return lines
 
@@ -211,6 +248,8 @@ def model_config(arch: str, size: str, tokenizer):
 def build_model(out: Path, arch: str, size: str, tokenizer, seed: int) -> int:
     """Write a random-init HF model folder (weights, config, processor, tokenizer); returns its parameter count."""
     import torch
+    from transformers.utils.logging import disable_progress_bar
+    disable_progress_bar()  # a per-shard bar for each 3 MB model
     from transformers import (GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
                               Qwen2VLVideoProcessor)
@@ -243,8 +282,10 @@ def build(args: Args) -> dict:
     out = Path(args.out)
     result: dict = {"models": {}, "data": {}}
     if not args.skip_data:
-        sizes = {"train": args.train_size, "validation": args.val_size, "test": args.test_size}
-        result["data"] = {k: str(v) for k, v in build_data(out / "data", args.seed, sizes, args.max_b).items()}
+        sizes = {"train": args.train_size, "validation": args.val_size, "test": args.test_size,
+                 "instruct": args.instruct_size}
+        result["data"] = {k: str(v) for k, v in build_data(out / "data", args.seed, sizes, args.max_b,
+                                                           args.reflect).items()}
     if not args.skip_models:
         tokenizer = build_tokenizer(args.seed, args.max_b, args.vocab_size)
         for arch in args.archs:

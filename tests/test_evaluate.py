@@ -185,6 +185,33 @@ def test_aggregate_hand():
     assert "| 45.0 ± 7.1 |" in table and "| 60.0 ± 14.1 |" in table and "| 25.0 |" in table
 
 
+def test_findings_written_from_the_numbers():
+    runs, arms = fake_runs(), {"rl0": "rl", "rl1": "rl", "sft0": "sft", "sft1": "sft", "base": "vanilla"}
+    for rows in runs.values():  # the same rows on validation, with a reflection ratio; and an untried decoding
+        rows += [dict(r, split="validation", **{"reflection/reflection_ratio": 0.01 * r["step"]}) for r in rows]
+        rows += [dict(r, setting="pass@1_t0.6", accuracy=1 - r["accuracy"]) for r in rows]
+    metrics = {run: [] for run in runs}
+    metrics["rl0"] = [{"step": s, "response/lengths": L, "reflection/reflection_ratio": f}
+                      for s, L, f in [(1, 10, 0.1), (2, 12, 0.3), (3, 11, 0.2), (4, 13, 0.2)]]
+    metrics["rl1"] = [{"step": s, "response/lengths": 10 + s, "reflection/reflection_ratio": 0.0} for s in (1, 2, 3)]
+    text = "\n".join(ev.findings(runs, metrics, arms, ("validation", "test"), ("pass@1_t0.01", "pass@1_t0.6")))
+    # Table 3 means (test_aggregate_hand): RL 45.0 ± 7.1, SFT 20.0 ± 7.1, vanilla 25.0: a 25-point gap > 7.1
+    assert ("- **test** (out of distribution), pass@1_t0.01, mean over epochs: vanilla 25.0, sft 20.0 ± 7.1, "
+            "rl 45.0 ± 7.1, so RL leads by 25.0 points: more than the spread across runs.") in text
+    assert "- On test, RL's mean beats SFT's in 1 of 2 decodings (pass@1_t0.01)." in text  # 1-acc flips it at T=0.6
+    # last checkpoints (pass@1_t0.6, validation): rl0 step 30 (length 20+3=23), rl1 step 30 (23); sft0/1 step 20 (22)
+    assert "- Response length at the last checkpoint (validation, pass@1_t0.6): vanilla 20.0 tokens, sft 22.0 " \
+           "tokens, rl 23.0 tokens." in text
+    assert "- Reflection ratio at the last checkpoint (validation, pass@1_t0.6): vanilla 0.0%, sft 20.0%, rl 30.0%." \
+        in text
+    # rl0: Pearson r of (10, 12, 11, 13) and (.1, .3, .2, .2): dx = (-1.5, .5, -.5, 1.5), dy = (-.1, .1, 0, 0)
+    # r = (.15 + .05) / sqrt(5 * .02) = 0.632; rl1's reflection is constant: no r
+    assert "correlate at +0.63 (Pearson, one figure per run" in text
+    one = {"rl0": "rl", "sft0": "sft"}
+    assert "no spread to judge it by" in "\n".join(ev.findings({r: runs[r] for r in one}, {}, one, ("test",),
+                                                              ("pass@1_t0.01",)))
+
+
 def write_fake_run(root: Path, name, kind, seed):
     """metrics.jsonl of a 2-epoch run, 3 steps per epoch, with known values."""
     run = root / name

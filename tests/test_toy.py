@@ -66,6 +66,29 @@ def test_dataset_well_formed(toy_world):
     assert test_colours and not test_colours & train_colours        # the test split is out of distribution
 
 
+def test_instruct_split_and_reflective_solutions(toy_world):
+    """The instruct split is related to the task but not the task; a fraction of solutions reflect, and correct."""
+    instruct = read_jsonl(toy_world / "data" / "instruct.jsonl")
+    task_questions = {t.split("{")[0] for t in toy.QUESTION_TEMPLATES}
+    assert not any(r["question"].startswith(q) for r in instruct for q in task_questions)
+    assert Counter(r["task"] for r in instruct).keys() == {0, 1, 2}
+    for r in instruct:
+        assert r["solution"].endswith(f"\\boxed{{{r['answer']}}}")
+        if r["task"] == 0:
+            assert r["answer"] == str(r["digit"])
+    train = read_jsonl(toy_world / "data" / "train.jsonl")
+    misread = [r for r in train if "Wait, let me re-check the image." in r["solution"]]
+    verified = [r for r in train if "Let me verify:" in r["solution"]]
+    assert 0.1 < len(misread) / len(train) < 0.2 and 0.1 < len(verified) / len(train) < 0.2   # reflect 0.3, half each
+    for r in misread:  # a look-alike digit (one segment apart, or two for 2 and 4), then the right one
+        first = int(r["solution"].split("The image shows ")[1][0])
+        assert first != r["digit"] and first in toy.LOOK_ALIKES[r["digit"]]
+        assert f"It shows {r['digit']}. {r['digit']} + {r['b']} = {r['answer']}." in r["solution"]
+    assert toy.LOOK_ALIKES[1] == [7] and toy.LOOK_ALIKES[8] == [0, 6, 9] and toy.LOOK_ALIKES[4] == [1, 9]
+    lengths = {len(r["solution"]) for r in train}
+    assert max(lengths) - min(lengths) > 40
+
+
 def test_dataset_deterministic(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     sizes = {"train": 20, "validation": 5, "test": 5}
