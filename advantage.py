@@ -51,6 +51,8 @@ class AdvantageConfig:
     """PPO upper clip: ratio <= 1 + clip_high (clip-higher, DAPO / EasyR1 use 0.28 / 0.3)."""
     dual_clip: float = 0.0
     """Dual-clip constant c > 1 bounding the loss of negative advantages at -c*A (0 = off; 3.0 is usual)."""
+    ratio: Literal["token", "sequence"] = "token"
+    """Importance ratio: token (PPO, GRPO) or sequence (GSPO: clip_low/high ~3e-4/4e-4, seq-mean-token-mean)."""
     loss_agg: LossAgg = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr.GRPO)."""
     norm_len: int = 0
@@ -69,9 +71,9 @@ class AdvantageConfig:
             if not ok:
                 raise ValueError(f"AdvantageConfig.{field}={getattr(self, field)!r}: {why}")
 
-        check(self.estimator in Estimator.__args__, "estimator", f"must be one of {Estimator.__args__}")
-        check(self.kl_type in ("k1", "k2", "k3"), "kl_type", "must be k1, k2 or k3")
-        check(self.loss_agg in LossAgg.__args__, "loss_agg", f"must be one of {LossAgg.__args__}")
+        for field, allowed in (("estimator", Estimator.__args__), ("kl_type", ("k1", "k2", "k3")),
+                               ("loss_agg", LossAgg.__args__), ("ratio", ("token", "sequence"))):
+            check(getattr(self, field) in allowed, field, f"must be one of {allowed}")
         check(0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]")
         # eps = 0 is safe: constant groups are zeroed before dividing.
         for field in ("kl_coef", "eps", "whiten_eps", "clip_high", "norm_len", "ssr_alpha", "ssr_size"):
@@ -122,8 +124,7 @@ def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
         return rewards.flip(1).cumsum(1).flip(1)
     out, running = torch.empty_like(rewards), torch.zeros_like(rewards[:, 0])  # running: (B,)
     for t in range(rewards.shape[1] - 1, -1, -1):
-        running = rewards[:, t] + gamma * running
-        out[:, t] = running
+        out[:, t] = running = rewards[:, t] + gamma * running
     return out
 
 
@@ -159,12 +160,11 @@ def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int
     Computed in float64; returned as float32 (float64 if scores are float64).
     """
     cfg = replace(cfg, **overrides) if overrides else cfg
-    est = cfg.estimator
+    est, n = cfg.estimator, group_size
     out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     _check_groups(scores, group_size, need_group=est in GROUP_ESTIMATORS)
     mask = _check_mask(mask, scores.numel())
     s = scores.to(torch.float64)  # (B,)
-    n = group_size
     if est in ("grpo", "dr_grpo", "rloo"):
         centred, constant = group_centred(s, n)  # (B,)
         adv = centred * n / (n - 1) if est == "rloo" else centred  # dr_grpo: centred as it is
@@ -202,10 +202,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
     if logp.shape != ref_logp.shape:
         raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} != logp shape {tuple(logp.shape)}")
     delta = logp - ref_logp
-    if kind == "k1":
-        return delta
-    if kind == "k2":
-        return 0.5 * delta.square()
+    if kind in ("k1", "k2"):
+        return delta if kind == "k1" else 0.5 * delta.square()
     if kind == "k3":
         neg = (-delta).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)  # log(pi_ref / pi)
         return (neg.exp() - neg - 1).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)
@@ -254,6 +252,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     (Schulman 2017; clip-higher from DAPO; dual clip from Ye 2020 / verl; log-ratio clamped to +-20 as verl):
         l = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)),  rho = exp(logp - old_logp);
         with dual_clip = c > 0 and A < 0: l = min(l, -c A).
+    ratio="sequence" (GSPO-token, Zheng 2025 eq. 13; verl "gspo"): rho_{i,t} = sg[s_i] pi(y_t) / sg[pi(y_t)], valued
+    s_i = exp(mean_t (logp - old_logp)); under seq-mean-token-mean it is GSPO's sequence-level loss and gradient.
     loss = aggregate(l) + kl_coef * aggregate(kl_penalty(logp, ref_logp, kl_type)) when kl_in_loss and
     kl_coef > 0 (MAYE: k3, 0.001); ref_logp is then required (a ValueError, not a silently KL-free loss).
     Exact accumulation: loss = sum(per-unit) / normalizer; with `normalizer` the GLOBAL count (loss_normalizer
@@ -275,10 +275,13 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         raise ValueError("logp/old_logp/advantages/ref_logp: non-finite values on valid tokens")
 
     adv = advantages.detach()
-    log_ratio = (logp - old_logp.detach()).clamp(-PPO_LOG_RATIO_CLAMP, PPO_LOG_RATIO_CLAMP)  # (B, T)
+    log_ratio = logp - old_logp.detach()  # (B, T)
+    if cfg.ratio == "sequence":  # (B, 1) mean log-ratio of each response, the value of all its tokens' ratios
+        log_ratio = logp - logp.detach() + (log_ratio.masked_fill(~mask, 0).sum(1, True) / mask.sum(1, True).clamp(
+            min=1)).detach()
+    log_ratio = log_ratio.clamp(-PPO_LOG_RATIO_CLAMP, PPO_LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
+    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
     pg = torch.maximum(pg1, pg2)  # (B, T) pessimistic bound
     dual = torch.zeros_like(mask)
     if cfg.dual_clip > 0:
@@ -286,10 +289,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         dual = (adv < 0) & (pg3 < pg) & mask
         pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
     pg_loss = aggregate(pg, mask, cfg.loss_agg, normalizer, cfg.norm_len)
-    kl_loss = torch.zeros((), dtype=pg_loss.dtype, device=pg_loss.device)
-    if use_kl:
-        kl = kl_penalty(logp, ref_logp.detach(), cfg.kl_type)
-        kl_loss = aggregate(kl, mask, cfg.loss_agg, normalizer, cfg.norm_len)
+    kl_loss = aggregate(kl_penalty(logp, ref_logp.detach(), cfg.kl_type), mask, cfg.loss_agg, normalizer,
+                        cfg.norm_len) if use_kl else torch.zeros((), dtype=pg_loss.dtype, device=pg_loss.device)
     loss = pg_loss + cfg.kl_coef * kl_loss if use_kl else pg_loss
     with torch.no_grad():
         n_tok = max(int(mask.sum()), 1)
@@ -372,7 +373,7 @@ def _parse_floats(text: str, field: str, cast: Callable = float) -> list:
 
 def main(args: Args) -> torch.Tensor:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
     scores = torch.tensor(_parse_floats(args.scores, "scores"), dtype=torch.float64)
     lengths = _parse_floats(args.lengths, "lengths", int) if args.lengths else [1] * scores.numel()
     if len(lengths) != scores.numel() or min(lengths) < 0:
@@ -382,10 +383,9 @@ def main(args: Args) -> torch.Tensor:
     if not cfg.kl_in_loss and cfg.kl_coef > 0:  # reward KL needs log-probs, which a command line has not got
         cfg, note = replace(cfg, kl_coef=0.0), ", reward KL not shown (needs log-probs)"
     adv = compute_advantages(scores, mask, args.group_size, cfg)
-    table = Table(title=f"{cfg.estimator} advantages (group size {args.group_size}{note})")
     extra = ("length", "per-token advantages") if args.lengths else ("advantage",)
-    for col in ("response", "group", "score") + extra:
-        table.add_column(col, justify="right")
+    table = Table(*(Column(c, justify="right") for c in ("response", "group", "score") + extra),
+                  title=f"{cfg.estimator} advantages (group size {args.group_size}{note})")
     for i in range(scores.numel()):
         cells = ([str(lengths[i]), " ".join(f"{a:+.4f}" for a in adv[i, : lengths[i]].tolist())] if args.lengths
                  else [f"{adv[i, 0].item():+.4f}"])

@@ -4,6 +4,7 @@ modes vs direct formulas, exact gradient accumulation (4 micro-batches == 1 big 
 data-parallel ranks with gradient averaging), and sample selection (dynamic sampling, SSR, rank trimming)."""
 
 import math
+from dataclasses import replace
 import random
 import subprocess
 import sys
@@ -309,6 +310,49 @@ def test_ppo_gradient_by_hand():
     loss.backward()
     # t0 clipped -> 0; t1 -> -1*0.5/4 = -0.125; t2 -> +1*1.5/4 = 0.375; t3 clipped -> 0
     assert torch.allclose(logp.grad, torch.tensor([[0.0, -0.125, 0.375, 0.0]], dtype=torch.float64))
+
+
+def test_gspo_sequence_ratio_by_hand():
+    # Two responses, both with mean log-ratio 0.1 (old_logp = 0): s = e^0.1 = 1.1051709 for both, clip at 1 +- 0.05.
+    logp = torch.tensor([[0.1, -0.2, 0.4], [0.3, -0.1, 5.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])                      # row 1's third token is padding
+    adv = torch.tensor([[1.0] * 3, [-1.0] * 3], dtype=torch.float64)
+    cfg = AdvantageConfig(kl_coef=0.0, ratio="sequence", clip_low=0.05, clip_high=0.05, loss_agg="seq-mean-token-mean")
+    loss, m = policy_loss(logp, torch.zeros(2, 3), adv, mask, cfg)
+    s = math.exp(0.1)
+    # row 0 (A=1): max(-s, -1.05) = -1.05, clipped; row 1 (A=-1): max(s, 1.05) = s. Mean over the two sequences:
+    assert loss.item() == pytest.approx((-1.05 + s) / 2, abs=1e-12)
+    loss.backward()
+    # row 0 clipped: no gradient. Row 1: d/dlogp_t of (1/2) s with s = exp(mean of 2 tokens) is s / 4 per token.
+    assert torch.allclose(logp.grad, torch.tensor([[0, 0, 0], [s / 4, s / 4, 0]], dtype=torch.float64), atol=1e-12)
+    assert m["training/clipfrac"] == pytest.approx(3 / 5)       # row 0's 3 tokens of 5 valid ones
+    assert m["training/ratio_mean"] == pytest.approx(s)          # every valid token carries its sequence's ratio
+    # The token ratio on the same batch differs (row 0's tokens have ratios e^0.1, e^-0.2, e^0.4): it is not GSPO.
+    token, _ = policy_loss(logp.detach(), torch.zeros(2, 3), adv, mask, replace(cfg, ratio="token"))
+    assert abs(token.item() - loss.item()) > 1e-3
+
+
+def test_gspo_equals_the_sequence_level_objective():
+    """GSPO (Zheng 2025, eq. 5-7) written per sequence, in float64, vs policy_loss(ratio='sequence'): value and
+    gradient, on a random batch with padding garbage (NaN in old_logp) and an empty response."""
+    logp, old, _, adv, m = random_batch()
+    adv = adv[:, :1].expand_as(adv) * m                         # GSPO: one advantage per response
+    cfg = AdvantageConfig(kl_coef=0.0, ratio="sequence", clip_low=0.1, clip_high=0.15, loss_agg="seq-mean-token-mean")
+    x = logp.clone().requires_grad_()
+    loss, _ = policy_loss(x, old, adv, m, cfg)
+    loss.backward()
+    y = logp.clone().requires_grad_()
+    terms = []
+    for i in range(m.shape[0]):
+        if (n := int(m[i].sum())) == 0:
+            continue
+        s = torch.exp(sum(y[i, t] - old[i, t] for t in range(m.shape[1]) if m[i, t]) / n)
+        a = float(adv[i, 0])
+        terms.append(torch.maximum(-a * s, -a * s.clamp(1 - 0.1, 1 + 0.15)))
+    direct = sum(terms) / len(terms)
+    direct.backward()
+    assert abs(loss.item() - direct.item()) < 1e-12 and torch.allclose(x.grad, y.grad, atol=1e-12)
+    assert x.grad.abs().sum() > 0 and not torch.isnan(x.grad).any()
 
 
 def direct_agg(l, m, mode, L):
