@@ -402,10 +402,11 @@ def fits_model(model_dir: str, data_cfg: DataConfig, max_new_tokens: int = 0,
 # thread count, and the advice to preload tcmalloc / Intel OpenMP (a possible speed-up; ../shared/notes/cpu-stack.md).
 # "Failed to load weights" comes at each weight sync for layers whose weights are aliases or buffers: the sync does
 # load every parameter (training/rollout_mismatch stays ~1e-7; tests/test_rollout.py's update test checks it).
-# "already registered" comes when a second engine starts in one process (evaluate.py: one per run) and vLLM registers
-# the same kernel overrides again.
+# Two come when a second engine starts in one process (evaluate.py: one per run): vLLM registers the same kernel
+# overrides again, and finds the VLLM_DIST_IDENT that its first CPU worker put in os.environ.
 HARMLESS_VLLM_WARNINGS = {
     "vllm.triton_utils.dispatcher": ("is already registered. Overwriting",),
+    "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT",),
     "vllm.v1.worker.cpu_worker": ("torch.set_num_threads", "LD_PRELOAD"),
     "vllm.model_executor.model_loader.reload.layerwise": ("Failed to load weights",),
     "vllm.engine.arg_utils": ("global random seed", "disabling chunked prefill"),

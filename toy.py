@@ -11,9 +11,10 @@ Nothing can be downloaded in CI, so every stage runs on this embedded default:
    given in the text. Without the image the best guess is ~10% (tests/test_toy.py checks this).
    - `train` and `validation`: digit colours from TRAIN_COLOURS, on a white background (in distribution).
    - `test`: out of distribution on purpose, like MAYE's MathVerse test set: digit colours from TEST_COLOURS (never
-     seen in training) on a light-grey background, so it measures *generalisation*, the paper's RL-vs-SFT question.
+     seen in training) on a light-grey background, meant to measure *generalisation*, the paper's RL-vs-SFT question
+     (measured: it is no harder than validation for these models, whose frozen random vision features carry over).
    - `instruct`: related but different data for the *vanilla instruct model* (the analogue of Qwen2.5-VL-Instruct,
-     made by `run.sh` with sft.py in about a minute): reading the digit, adding two numbers given in the text, and the
+     made by `run.sh` with sft.py in about two minutes): reading the digit, adding two numbers given in the text, and the
      task under a phrasing the other splits never use. Both arms of the demo start from that model.
 3. Solutions are a short chain ("The image shows 3. 3 + 7 = 10. \\boxed{10}"). A fraction `--reflect` of them
    reflects with MAYE's words: half misread the digit as a look-alike (one segment apart), doubt and correct it
