@@ -2,7 +2,7 @@
 
 Nothing can be downloaded in CI, so every stage runs on this embedded default:
 
-1. Models: random-init Qwen2.5-VL and Qwen2-VL in HF format (config, safetensors, tokenizer, processor, chat
+1. Models: random-init Qwen2.5-VL, Qwen2-VL and Qwen3-VL in HF format (config, safetensors, tokenizer, processor, chat
    template) that both `transformers` and vLLM load. Sizes: `tiny` (~1M params, tests and the `run.sh` demo) and
    `small` (~10M params, benchmarks). Each has its own byte-level BPE tokenizer trained on the task's text, with
    Qwen's special tokens, so any string tokenizes.
@@ -97,7 +97,7 @@ class Args:
     """Output folder: models go to OUT/models/<arch>-<size>, data to OUT/data/{train,validation,test}.jsonl."""
     seed: int = 0
     """Seed for the model weights, the tokenizer corpus and the dataset."""
-    archs: tuple[Literal["qwen2_5_vl", "qwen2_vl"], ...] = ("qwen2_5_vl", "qwen2_vl")
+    archs: tuple[Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"], ...] = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
     """Architectures to build."""
     sizes: tuple[Literal["tiny", "small", "mid"], ...] = ("tiny", "small")
     """Model sizes to build (tiny ~1M params for tests, small ~10M for the demo, mid ~90M for benchmarks)."""
@@ -221,21 +221,29 @@ def build_tokenizer(seed: int, max_b: int, vocab_size: int):
 
 
 def model_config(arch: str, size: str, tokenizer):
-    """A Qwen2.5-VL / Qwen2-VL config with the toy sizes and the tokenizer's special-token ids."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    """A Qwen2.5-VL / Qwen2-VL / Qwen3-VL config with the toy sizes and the tokenizer's special-token ids."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
     hidden, layers, heads, kv_heads, inter, v_hidden, v_depth, v_heads = SIZES[size]
     head_dim = hidden // heads
     section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
     mrope = [section[0], section[1], head_dim // 2 - section[0] - section[1]]  # sums to head_dim/2
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-                tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"])
+                rope_parameters=rope, tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                   tie_word_embeddings=False)
+    if arch == "qwen3_vl":   # Qwen3 text (q/k norms, explicit head_dim, interleaved M-RoPE); 16-px patches, DeepStack
+        text.update(head_dim=head_dim, rope_parameters={**rope, "mrope_interleaved": True})
+        text.pop("bos_token_id"), text.pop("eos_token_id")   # Qwen3VLTextConfig has no such fields
+        vision = dict(depth=v_depth, hidden_size=v_hidden, intermediate_size=2 * v_hidden, num_heads=v_heads,
+                      out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      num_position_embeddings=256, deepstack_visual_indexes=[v_depth // 3, 2 * v_depth // 3],
+                      in_channels=3)
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
     if arch == "qwen2_5_vl":
         vision = dict(depth=v_depth, hidden_size=v_hidden, intermediate_size=2 * v_hidden, num_heads=v_heads,
                       out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
@@ -251,24 +259,25 @@ def build_model(out: Path, arch: str, size: str, tokenizer, seed: int) -> int:
     import torch
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()  # a per-shard bar for each 3 MB model
-    from transformers import (GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
+    import transformers as tf
     config = model_config(arch, size, tokenizer)
     torch.manual_seed(seed)
-    cls = Qwen2_5_VLForConditionalGeneration if arch == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
-    model = cls(config).to(torch.float32)
+    model_cls, proc_cls, video_cls = {
+        "qwen2_vl": (tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor, tf.Qwen2VLVideoProcessor),
+        "qwen2_5_vl": (tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor, tf.Qwen2VLVideoProcessor),
+        "qwen3_vl": (tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor, tf.Qwen3VLVideoProcessor)}[arch]
+    model = model_cls(config).to(torch.float32)
     # Images are tiny: allow 56x56 (one 4x4 grid) up to 448x448 (1024 patches) so the processor never upscales.
     pixels = dict(min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=448 * 448)
-    image_processor = Qwen2VLImageProcessor(**pixels)
-    video_processor = Qwen2VLVideoProcessor(**pixels)
-    proc_cls = Qwen2_5_VLProcessor if arch == "qwen2_5_vl" else Qwen2VLProcessor
+    patch = config.vision_config.patch_size   # 14 (Qwen2/2.5-VL) or 16 (Qwen3-VL): 56 px -> 64 px, 4 image tokens
+    image_processor = tf.Qwen2VLImageProcessor(patch_size=patch, **pixels)
+    video_processor = video_cls(patch_size=patch, **pixels)
     processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                          chat_template=CHAT_TEMPLATE)
     tmp = out.with_name(out.name + ".tmp")
-    model.generation_config = GenerationConfig(eos_token_id=config.text_config.eos_token_id,
-                                               pad_token_id=config.text_config.pad_token_id,
-                                               bos_token_id=config.text_config.bos_token_id)
+    model.generation_config = tf.GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                                  pad_token_id=tokenizer.pad_token_id,
+                                                  bos_token_id=tokenizer.pad_token_id)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     if out.exists():

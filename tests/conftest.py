@@ -1,6 +1,6 @@
 """Shared, expensive fixtures: built once per test session.
 
-`toy_world` builds the tiny models (both architectures) and the default-size dataset into a temp dir (~5 s).
+`toy_world` builds the tiny models (all three architectures) and the default-size dataset into a temp dir (~5 s).
 Environment for the CPU stack is set here, before any test imports vLLM or torch.
 """
 import os
@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory) -> Path:
-    """A toy world with tiny models: models/{qwen2_5_vl,qwen2_vl}-tiny and data/{train,validation,test}.jsonl."""
+    """A toy world with tiny models: models/{qwen2_5_vl,qwen2_vl,qwen3_vl}-tiny and data/{train,validation,test}.jsonl."""
     import toy
     out = tmp_path_factory.mktemp("toy")
     toy.build(toy.Args(out=str(out), sizes=("tiny",)))

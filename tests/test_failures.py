@@ -141,7 +141,7 @@ def test_images_are_downscaled_at_load_to_what_the_model_sees(toy_world, tmp_pat
     assert batch["image_grid_thw"].tolist() == original["image_grid_thw"].tolist() == [[1, 6, 8]]
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_prompt_length_check_counts_what_the_processor_counts(toy_world, tmp_path, arch):
     """fits_model counts tokens without transformers (tokenizers + jinja2 + our smart_resize copy); the independent
     count is the real processor's input_ids, image tokens expanded, at the same pixel limits."""
