@@ -634,11 +634,16 @@ class EngineClient:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "toy/models/qwen2_5_vl-small"
-    """HF model folder (Qwen2-VL or Qwen2.5-VL): the policy's start and the frozen reference."""
+    """HF model folder (Qwen2-VL, Qwen2.5-VL or Qwen3-VL): the policy's start and the frozen reference."""
     freeze_vision: bool = True
     """Freeze the vision tower (MAYE trains the language model only)."""
     freeze_connector: bool = False
-    """Also freeze the vision-language connector (the patch merger)."""
+    """Also freeze the vision-language connector (the patch merger; Qwen3-VL's DeepStack mergers too)."""
+    lora_rank: int = 0
+    """LoRA (peft) of this rank on the language model's linear layers instead of training its weights (0 = off). The
+    engine and the checkpoints get merged weights; checkpoints also hold the adapter (adapter/, peft's format)."""
+    lora_alpha: float = 16.0
+    """LoRA's scale numerator: an adapted layer computes W x + (alpha / rank) B A x."""
     mixed_precision: bool = True
     """bf16 compute with fp32 master weights on GPU (CPU always runs fp32)."""
     activation_checkpointing: bool = False
@@ -668,6 +673,18 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
+def check_model(cfg: ModelConfig) -> None:
+    """--model.path is a local Hugging Face folder of a vision-language model, and the LoRA flags can work; or a
+    SystemExit that says what is wrong."""
+    import importlib.util
+    check_model_dir(cfg.path)
+    if cfg.lora_rank < 0 or cfg.lora_alpha <= 0:
+        raise SystemExit(f"--model.lora-rank {cfg.lora_rank} must be >= 0 (0 = no LoRA) and --model.lora-alpha "
+                         f"{cfg.lora_alpha} > 0")
+    if cfg.lora_rank and importlib.util.find_spec("peft") is None:
+        raise SystemExit(f"--model.lora-rank {cfg.lora_rank} needs peft (in the requirements files): bash run.sh setup")
+
+
 def check_model_dir(path: str, flag: str = "--model.path") -> None:
     """A local Hugging Face folder of a vision-language model, or a SystemExit that says what is wrong with it."""
     p = Path(path)
@@ -677,7 +694,7 @@ def check_model_dir(path: str, flag: str = "--model.path") -> None:
     config = json.loads((p / "config.json").read_text())
     if "vision_config" not in config:
         raise SystemExit(f"{flag} {path}: a {config.get('model_type', '?')!r} model has no vision tower; vlrl trains "
-                         f"vision-language models (Qwen2-VL, Qwen2.5-VL)")
+                         f"vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
 
 
 def prepare_out_dir(out_dir: str, resume: bool, restart: bool) -> None:
@@ -865,8 +882,11 @@ def all_reduce_sums(sums: dict[str, float], keys: Iterable[str]) -> dict[str, fl
     return dict(zip(keys, t.tolist()))
 
 
-def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: bool = True):
-    """An HF Qwen-VL model in fp32 (master weights), with the configured parts frozen."""
+def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: bool = True, resume: Path | None = None):
+    """An HF Qwen-VL model in fp32 (master weights), with the configured parts frozen and, for a trainable model with
+    cfg.lora_rank > 0, LoRA adapters (B = 0: the model is unchanged) on the language model's linear layers. A resumed
+    run loads the checkpoint's weights; a resumed LoRA run loads its base and gets its adapters (and whatever else
+    trains) back with the optimizer (load_trainer_state), since the checkpoint's HF weights have them merged in."""
     from transformers import AutoModelForImageTextToText
     attn = "sdpa"
     if device.type == "cuda":
@@ -875,10 +895,17 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: boo
             attn = "flash_attention_2"
         except ImportError:
             pass
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    lora = trainable and cfg.lora_rank > 0
+    source = resume if resume and not lora else path
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, attn_implementation=attn)
+    if lora:
+        from peft import LoraConfig, inject_adapter_in_model   # in place: module names and paths stay the model's
+        targets = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets), model)
     for name, p in model.named_parameters():
-        frozen = (not trainable or (cfg.freeze_vision and name.startswith("model.visual.") and ".merger." not in name)
-                  or (cfg.freeze_connector and ".merger." in name))
+        frozen = (not trainable or (cfg.freeze_vision and name.startswith("model.visual.") and "merger" not in name)
+                  or (cfg.freeze_connector and "merger" in name)
+                  or (lora and name.startswith(("model.language_model.", "lm_head.")) and ".lora_" not in name))
         p.requires_grad_(not frozen)
     if cfg.activation_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -924,45 +951,95 @@ def clip_grad_norm(params: list, max_norm: float, step: int) -> float:
     return gn
 
 
+def merge_lora(named: Iterable[tuple[str, torch.Tensor]], scales: dict[str, float]):
+    """(name, tensor) pairs of a model with LoRA layers -> the HF names and weights of the same function: each adapted
+    layer's `W0 + (alpha / rank) B @ A` under `<layer>.weight` (peft keeps W0 as `<layer>.base_layer.weight`, A and
+    B as `<layer>.lora_A.default.weight`, ...); other pairs unchanged. `scales`: lora_scales(model). Streams, holding
+    one layer's tensors at a time. tests/test_rollout.py checks it against peft's own merge_and_unload."""
+    held: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in named:
+        layer = next((k.split(part)[0] for part in (".base_layer.", ".lora_A.", ".lora_B.") if part in k), None)
+        if layer is None:
+            yield k, v
+        elif k.endswith(".base_layer.bias"):
+            yield f"{layer}.bias", v
+        else:
+            parts = held.setdefault(layer, {})
+            parts[k[len(layer) + 1:].split(".")[0]] = v          # base_layer, lora_A or lora_B
+            if len(parts) == 3:
+                del held[layer]
+                w = parts["base_layer"]
+                yield f"{layer}.weight", w + (scales[layer] * parts["lora_B"].float() @ parts["lora_A"].float()).to(w)
+    if held:
+        raise ValueError(f"merge_lora: LoRA layers without all of base_layer, lora_A, lora_B: {sorted(held)}")
+
+
+def lora_scales(model) -> dict[str, float]:
+    """{layer name: alpha / rank} of the LoRA layers ({} without LoRA)."""
+    return {name: m.scaling["default"] for name, m in model.named_modules() if hasattr(m, "lora_A")}
+
+
 def sync_weights(model, engine) -> None:
-    """Stream the model's full weights to the engine (an EngineClient, on rank 0; None elsewhere) one tensor at a
-    time: each DTensor.full_tensor() is a collective, so every rank walks the same state dict. No full copy of the
-    model is made anywhere (full_state_dict would make one, in fp32, on rank 0)."""
+    """Stream the model's full weights (LoRA merged in) to the engine (an EngineClient, on rank 0; None elsewhere) one
+    tensor at a time: each DTensor.full_tensor() is a collective, so every rank walks the same state dict. No full
+    copy of the model is made anywhere (full_state_dict would make one, in fp32, on rank 0)."""
     from torch.distributed.tensor import DTensor
     named = ((k, v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items())
     if engine is None:
         for _ in named:
             pass
     else:
-        engine.update_weights(named)
+        engine.update_weights(merge_lora(named, lora_scales(model)))
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """Gather the full (unsharded) weights on rank 0 (CPU); other ranks get {}. A collective: call on all ranks."""
+    """Gather the full (unsharded) weights, LoRA merged in, on rank 0 (CPU); other ranks get {}. A collective: call on
+    all ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return dict(merge_lora(full.items(), lora_scales(model)))
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """The trainable entries of the model's (sharded) state dict: a LoRA run's checkpoint keeps them (its HF weights
+    are merged, so the adapters could not be recovered from them)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in trained}
 
 
 def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, optimizer, scheduler, processor,
                     weights: dict | None = None, keep: int = 0, metrics: dict | None = None) -> Path:
     """Write out_dir/checkpoints/step_NNNNNN, complete or not at all (written as step_NNNNNN.tmp, then renamed):
-    an HF model folder (`save_pretrained` of the full weights, the processor), the optimizer state sharded as each rank
-    holds it (torch.distributed.checkpoint: a run resumed on another number of ranks reshards it), the scheduler and
-    vlrl_state.json (with the step's `metrics` line: a run killed before it logged that line gets it back on resume).
-    Then only the newest `keep` checkpoints stay (0 = all). A collective: call on all ranks."""
+    an HF model folder (`save_pretrained` of the full weights, LoRA merged in, the processor), the optimizer state
+    sharded as each rank holds it (torch.distributed.checkpoint: a run resumed on another number of ranks reshards it;
+    a LoRA run's trained weights go with it), the scheduler and vlrl_state.json (with the step's `metrics` line: a run
+    killed before it logged that line gets it back on resume). A LoRA run also writes adapter/ as peft's
+    save_pretrained would (PeftModel.from_pretrained(base, adapter) loads it). Then only the newest `keep` checkpoints
+    stay (0 = all). A collective: call on all ranks."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
     weights = full_state_dict(model) if weights is None else weights
+    lora = bool(lora_scales(model))
+    adapter = {f"base_model.model.{k.replace('.default.', '.')}": v.full_tensor() if isinstance(v, DTensor) else v
+               for k, v in model.state_dict().items() if ".lora_" in k}   # collective: all ranks walk it
     root = Path(out_dir) / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    if lora:
+        state["trained"] = trained_state(model)
+    dcp.save(state, checkpoint_id=tmp / "optimizer")
     if dist.get_rank() == 0:
         model.save_pretrained(tmp, state_dict=weights)
+        if lora:
+            model.peft_config["default"].save_pretrained(tmp / "adapter")
+            save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter/adapter_model.safetensors")
         processor.save_pretrained(tmp)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "vlrl_state.json").write_text(json.dumps({"step": step, "epoch": epoch, "kind": kind,
@@ -982,12 +1059,17 @@ def latest_checkpoint(out_dir: str) -> Path | None:
 
 
 def load_trainer_state(ckpt: Path, model, optimizer, scheduler) -> dict:
-    """Restore optimizer and scheduler from a checkpoint (the weights were loaded with the model); returns its
-    vlrl_state.json. A collective: call on all ranks."""
+    """Restore optimizer and scheduler from a checkpoint (the weights were loaded with the model; a LoRA run's trained
+    weights are restored here); returns its vlrl_state.json. A collective: call on all ranks."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}   # the layout to load into
+    if lora_scales(model):
+        state["trained"] = trained_state(model)
     dcp.load(state, checkpoint_id=ckpt / "optimizer")
+    if "trained" in state:
+        set_model_state_dict(model, state["trained"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     return json.loads((ckpt / "vlrl_state.json").read_text())

@@ -42,7 +42,7 @@ import torch
 import tyro
 
 from common import (DataConfig, DataError, EngineClient, MetricsLogger, ModelConfig, OptimConfig, Sample, batch_indices,
-                    blocked_token_ids, build_optimizer, check_model_dir, clip_grad_norm, collate, fits_model,
+                    blocked_token_ids, build_optimizer, check_model, clip_grad_norm, collate, fits_model,
                     format_line, full_state_dict, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
                     load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
                     stop_token_ids, to_device)
@@ -205,7 +205,7 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.max_steps or steps_per_epoch * args.epochs
 
-    model = shard_model(load_model(str(ckpt or args.model.path), args.model, device), args.model, device)
+    model = shard_model(load_model(args.model.path, args.model, device, resume=ckpt), args.model, device)
     optimizer, scheduler = build_optimizer(model, args.optim, total_steps)
     state = load_trainer_state(ckpt, model, optimizer, scheduler) if ckpt else {"step": 0}
     start = state["step"]
@@ -272,7 +272,7 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
 def main(args: Args) -> None:
     """Check the flags, the model folder, the out-dir and every dataset row, then start the ranks."""
     from transformers import AutoProcessor
-    check_model_dir(args.model.path)
+    check_model(args.model)
     processor = AutoProcessor.from_pretrained(args.model.path)
     verbose = int(os.environ.get("RANK", "0")) == 0
     train = load_sft_data(args.data.train, args.data, processor.tokenizer, args.max_response_tokens,

@@ -12,7 +12,8 @@ One step (the `# step N` paragraphs of `rl_worker`; MAYE, arXiv 2504.02587, Figu
      same advantages on the full batch (advantage.compute_advantages) and selects the samples to train on
      (advantage.select_samples: dynamic sampling, Selective Sample Replay).
   4. update: PPO epochs over shuffled mini-batches; micro-batch gradient accumulation with the loss normalised by the
-     global mini-batch count, so 1 rank and N ranks take the same step. Then sync the full weights to the engine.
+     global mini-batch count, so 1 rank and N ranks take the same step. Then sync the full weights to the engine
+     (with --model.lora-rank, LoRA merged in: common.merge_lora).
   Then log (one line per step, metrics.jsonl), validate (greedy, evaluate.validate) and checkpoint.
 
 Every random choice (prompts, sampling seeds, selection, PPO shuffles) is a function of (seed, step), so `--resume`
@@ -25,6 +26,7 @@ in buckets (common.sync_weights; a multi-GPU run would rather use NCCL or vLLM's
 Run:
     python train.py --help
     python train.py --model.path toy/models/qwen2_5_vl-tiny --out-dir runs/rl            # CPU toy (bash run.sh)
+    python train.py --model.path toy/models/qwen3_vl-tiny --model.lora-rank 8 --optim.lr 1e-3 --out-dir runs/lora
     python train.py --nproc 7 --model.path /models/Qwen2.5-VL-7B-Instruct --data.train ... # 8 GPUs: 7 FSDP + vLLM
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
 """
@@ -42,7 +44,7 @@ import tyro
 from advantage import (AdvantageConfig, compute_advantages, kl_penalty, loss_normalizer, policy_loss,
                        select_samples)
 from common import (DataConfig, EngineClient, MetricsLogger, ModelConfig, OptimConfig, all_reduce_sums, batch_indices,
-                    broadcast, build_optimizer, check_model_dir, clip_grad_norm, collate, fits_model, format_line,
+                    broadcast, build_optimizer, check_model, clip_grad_norm, collate, fits_model, format_line,
                     init_distributed, latest_checkpoint, launch, load_dataset, load_model, load_trainer_state,
                     micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model, sync_weights, to_device)
 from evaluate import reflection_stats, validate
@@ -257,7 +259,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     engine = EngineClient(make_engine, str(ckpt or args.model.path), args.rollout, args.data, args.out_dir) \
         if rank == 0 else None
 
-    policy = shard_model(load_model(str(ckpt or args.model.path), args.model, device), args.model, device)
+    policy = shard_model(load_model(args.model.path, args.model, device, resume=ckpt), args.model, device)
     ref = shard_model(load_model(args.model.path, args.model, device, trainable=False), args.model, device) \
         if args.advantage.kl_coef > 0 else None
     optimizer, scheduler = build_optimizer(policy, args.optim, total_steps)
@@ -348,7 +350,7 @@ def check_args(args: Args, world: int, train_size: int) -> None:
 
 def main(args: Args) -> None:
     """Check the flags, the model folder, the out-dir and every dataset row, then start the ranks."""
-    check_model_dir(args.model.path)
+    check_model(args.model)
     fits = fits_model(args.model.path, args.data, args.rollout.max_tokens, args.rollout.max_model_len)
     verbose = int(os.environ.get("RANK", "0")) == 0
     train_set = load_dataset(args.data.train, args.data, fits, verbose)

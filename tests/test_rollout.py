@@ -4,6 +4,7 @@ The central checks compare independent computations: vLLM's sampled-token log-pr
 (compute_logprobs), padded batches vs one sequence at a time, and compute_logprobs vs a naive float64 log-softmax
 over a plain full-sequence forward. vLLM engines come from conftest's `vllm_engine` (one per architecture).
 """
+import copy
 import json
 import math
 import subprocess
@@ -16,7 +17,7 @@ import torch
 import common as C
 import rollout as R
 
-ARCHS = ["qwen2_5_vl", "qwen2_vl"]
+ARCHS = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 
 
 @pytest.fixture(scope="module")
@@ -191,19 +192,24 @@ def test_tiled_logprobs_equal_full_logits_values_and_gradients(val, hf):
     model.zero_grad(set_to_none=True)
 
 
-def test_compute_logprobs_autograd_and_mrope(val, hf):
-    model, processor = hf("qwen2_5_vl")
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_compute_logprobs_autograd_and_mrope(arch, val, hf):
+    model, processor = hf(arch)
     batch = C.collate(processor, [val[0], val[1]], [[5, 6, 7], [8, 9]])
     lp = R.compute_logprobs(model, batch)
     lp.sum().backward()
     grad = model.lm_head.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
-    # M-RoPE matters: dropping mm_token_type_ids makes Qwen2.5-VL fall back to 1-D positions -> different values
+    # M-RoPE matters: without mm_token_type_ids Qwen2.5-VL silently falls back to 1-D positions (different values);
+    # Qwen3-VL refuses
     no_types = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
     with torch.no_grad():
-        diff = (R.compute_logprobs(model, no_types) - lp.detach()).abs().max().item()
-    assert diff > 1e-4
+        if arch == "qwen3_vl":
+            with pytest.raises(ValueError, match="mm_token_type_ids"):
+                R.compute_logprobs(model, no_types)
+        else:
+            assert (R.compute_logprobs(model, no_types) - lp.detach()).abs().max().item() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,7 +227,7 @@ def test_vllm_logprobs_equal_trainer(arch, val, hf, vllm_engine):
         for c in flat(groups):
             assert c.finish_reason in ("stop", "length") and not blocked & set(c.token_ids)
             assert (c.finish_reason == "length") == (len(c.token_ids) == 16)
-        assert max_engine_vs_trainer(model, processor, samples, groups, T) <= 1e-4
+        assert max_engine_vs_trainer(model, processor, samples, groups, T) <= 1e-5
     again = engine.generate(samples, n=2, temperature=0.6, max_tokens=16, seed=3)
     assert [c.token_ids for c in flat(again)] == [c.token_ids for c in flat(groups)]    # seeded
     # the seed of prompt i does not depend on its batch: generating prompt 2 alone gives the same samples
@@ -302,9 +308,10 @@ def test_weight_buckets_carry_every_tensor_in_the_engine_dtype():
     assert [s for *_, s in got] == [30, 80_000] + [34_242] * 5
 
 
-def test_vllm_update_weights(val, hf, vllm_engine):
-    model, processor = hf("qwen2_5_vl")
-    engine = vllm_engine("qwen2_5_vl")
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_vllm_update_weights(arch, val, hf, vllm_engine):
+    model, processor = hf(arch)
+    engine = vllm_engine(arch)
     new = stop_prone_copy(model, processor, val)
     samples = val[:4]
     before = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
@@ -314,7 +321,7 @@ def test_vllm_update_weights(val, hf, vllm_engine):
         engine.update_weights(streamed(new.state_dict().items(), 64 << 10))
         after = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
         assert [c.token_ids for c in flat(after)] != [c.token_ids for c in flat(before)]
-        assert max_engine_vs_trainer(new, processor, samples, after, 1.0) <= 1e-4    # the NEW weights are used
+        assert max_engine_vs_trainer(new, processor, samples, after, 1.0) <= 1e-5    # the NEW weights are used
         assert max_engine_vs_trainer(model, processor, samples, after, 1.0) > 1e-2
         stops = [c for c in flat(after) if c.finish_reason == "stop"]
         assert stops and all(c.token_ids[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>") and
@@ -323,6 +330,42 @@ def test_vllm_update_weights(val, hf, vllm_engine):
         engine.update_weights(model.state_dict().items())
     again = engine.generate(samples, n=2, temperature=1.0, max_tokens=16, seed=11)
     assert [c.token_ids for c in flat(again)] == [c.token_ids for c in flat(before)]
+
+
+def test_lora_merge_equals_peft_and_the_engine_runs_the_lora_model(toy_world, val, hf, vllm_engine):
+    """Qwen3-VL with LoRA (load_model): only the adapters and the connector train; merge_lora's weights equal peft's
+    own merge_and_unload; synced to vLLM, they give the LoRA model's (unmerged peft forward) log-probs."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    model, processor = hf("qwen3_vl")
+    d = str(toy_world / "models" / "qwen3_vl-tiny")
+    lora = C.load_model(d, C.ModelConfig(path=d, lora_rank=4, lora_alpha=8.0), torch.device("cpu")).eval()
+    trained = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert all((".lora_" in n and ".language_model." in n) or ".merger." in n or ".deepstack_merger_list." in n
+               for n in trained) and sum(".lora_" in n for n in trained) == 2 * 7 * 2    # A, B x 7 linears x 2 layers
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if ".lora_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))        # B starts at 0: give the adapters a value
+    merged = dict(C.merge_lora(lora.state_dict().items(), C.lora_scales(lora)))
+    assert merged.keys() == model.state_dict().keys()
+    cfg = LoraConfig(r=4, lora_alpha=8.0, target_modules=lora.peft_config["default"].target_modules)
+    ref = get_peft_model(copy.deepcopy(model), cfg)
+    adapters = {"base_model.model." + k.replace(".default.", "."): v
+                for k, v in lora.state_dict().items() if ".lora_" in k}
+    assert not set_peft_model_state_dict(ref, adapters).unexpected_keys
+    want = ref.merge_and_unload().state_dict()
+    changed = [k for k in merged if not torch.equal(merged[k], model.state_dict()[k])]
+    assert len(changed) == 14 and all(k.endswith("_proj.weight") for k in changed)
+    assert max((merged[k] - want[k]).abs().max().item() for k in merged) < 1e-6
+    engine = vllm_engine("qwen3_vl")
+    try:
+        engine.update_weights(C.merge_lora(lora.state_dict().items(), C.lora_scales(lora)))
+        groups = engine.generate(val[:4], n=2, temperature=1.0, max_tokens=16, seed=5)
+        assert max_engine_vs_trainer(lora, processor, val[:4], groups, 1.0) <= 1e-5
+        assert max_engine_vs_trainer(model, processor, val[:4], groups, 1.0) > 1e-2     # the adapters matter
+    finally:
+        engine.update_weights(model.state_dict().items())
 
 
 def test_min_max_pixels_honoured_by_both(val, hf, vllm_engine):

@@ -176,14 +176,18 @@ def weights(ckpt):
     return AutoModelForImageTextToText.from_pretrained(ckpt).state_dict()
 
 
-def test_two_ranks_equal_one_rank_resume_and_reload(toy_world, tmp_path):
+@pytest.mark.parametrize("arch,lora", [("qwen2_5_vl", False), ("qwen3_vl", True)])
+def test_two_ranks_equal_one_rank_resume_and_reload(toy_world, tmp_path, arch, lora):
     """Run a: 1 rank, 2 steps (one micro-batch of 4), checkpoints at steps 1 and 2. Run b: a's step-1 checkpoint,
     resumed on 2 ranks with micro-batches of 1 (2 per rank): its step 2 must equal a's step 2 -- the same step
-    taken by 1 rank and by 2 ranks with a different accumulation, from a resumed optimizer/scheduler state."""
+    taken by 1 rank and by 2 ranks with a different accumulation, from a resumed optimizer/scheduler state.
+    Also with LoRA on Qwen3-VL: the adapters come back on resume, and the checkpoint's merged weights and its
+    adapter/ (loaded by peft onto the base) agree."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    base = toy_world / "models" / f"{arch}-tiny"
     train = rows(toy_world, "train", 8)
     train.insert(3, {**train[0], "solution": ""})                 # a bad row: skipped and reported
-    data = ["--model.path", str(toy_world / "models" / "qwen2_5_vl-tiny"),
+    data = ["--model.path", str(base), *(["--model.lora-rank", "4"] if lora else []),
             "--data.train", write_jsonl(tmp_path / "train.jsonl", train),
             "--data.validation", write_jsonl(tmp_path / "val.jsonl", rows(toy_world, "validation", 3))]
     a, one = run_sft(tmp_path / "a", *data, "--micro-batch-size", "4", "--max-steps", "2", "--save-every", "1")
@@ -192,11 +196,16 @@ def test_two_ranks_equal_one_rank_resume_and_reload(toy_world, tmp_path):
     assert {"step", "epoch", "train/loss", "training/lr", "training/grad_norm", "time/step"} <= one[0].keys()
     assert {"val/loss", "val/accuracy", "val/mean_length"} <= one[1].keys()     # validated at the epoch's end
     assert one[0]["training/lr"] == 1e-3 and one[1]["training/lr"] == pytest.approx(0.5e-3)  # cosine over 2 steps
-    w0 = AutoModelForImageTextToText.from_pretrained(toy_world / "models" / "qwen2_5_vl-tiny").state_dict()
+    w0 = AutoModelForImageTextToText.from_pretrained(base).state_dict()
     w1 = weights(tmp_path / "a/checkpoints/step_000001")
     assert w0.keys() == w1.keys()
     changed = [k for k in w1 if not torch.equal(w0[k], w1[k])]
-    assert len(changed) > 0.9 * len(w1) and any(k.startswith("model.visual.") for k in changed)   # vision trained
+    assert any(k.startswith("model.visual.") for k in changed)                                   # vision trained
+    lm = [k for k in changed if not k.startswith("model.visual.")]
+    if lora:   # the language model changed only where LoRA adapts it: 7 linears x 2 layers
+        assert len(lm) == 14 and all(k.endswith("_proj.weight") for k in lm)
+    else:
+        assert len(changed) > 0.9 * len(w1)
 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b/checkpoints/step_000002")
@@ -223,6 +232,13 @@ def test_two_ranks_equal_one_rank_resume_and_reload(toy_world, tmp_path):
     before_val = {k: v for k, v in one[1].items() if not k.startswith(("val/", "time/val"))}
     assert json.loads((ckpt / "vlrl_state.json").read_text()) == {"step": 2, "epoch": 1.0, "kind": "sft",
                                                                  "metrics": before_val}
+    if lora:   # peft's own loading and merge of the adapter, on the base model, gives the checkpoint's LM weights
+        from peft import PeftModel
+        merged = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), ckpt / "adapter")
+        merged = merged.merge_and_unload().state_dict()
+        w2 = weights(ckpt)
+        assert max((merged[k] - w2[k]).abs().max().item() for k in w2 if not k.startswith("model.visual.")) < 1e-6
+        assert max((merged[k] - w0[k]).abs().max().item() for k in lm) > 1e-4
 
 
 def test_help_runs():

@@ -120,6 +120,26 @@ def test_kill_and_resume_equals_uninterrupted(two_rank_run, toy_world, tmp_path)
             assert r[k] == pytest.approx(u[k], abs=1e-6), (r["step"], k)
 
 
+def test_qwen3_vl_with_lora_syncs_merged_weights_to_vllm(toy_world, tmp_path):
+    """RL on the Qwen3-VL toy with LoRA (rank 4) and vLLM: every step's rollout comes from the synced (merged)
+    weights, so the engine's log-probs equal the trainer's (peft forward); the KL reference is the base model."""
+    cmd = train_cmd(toy_world, tmp_path, "--nproc", "1", "--max-steps", "3", "--model.lora-rank", "4")
+    cmd[cmd.index("--model.path") + 1] = str(toy_world / "models" / "qwen3_vl-tiny")
+    p = run(cmd)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    ms = metrics(tmp_path)
+    assert [m["step"] for m in ms] == [1, 2, 3] and "val/accuracy" in ms[-1]
+    assert all(m["training/rollout_mismatch"] < 1e-5 and m["training/grad_norm"] > 0 for m in ms), ms
+    assert abs(ms[0]["training/kl"]) < 1e-6 < abs(ms[-1]["training/kl"])    # B = 0 at the start: the policy is the base
+    ckpt = tmp_path / "checkpoints" / "step_000003"
+    w0 = load_file(toy_world / "models" / "qwen3_vl-tiny" / "model.safetensors")
+    w3 = load_file(ckpt / "model.safetensors")
+    changed = sorted(k for k in w0 if not torch.equal(w0[k], w3[k]))
+    assert len([k for k in changed if "language_model" in k]) == 14 and all(
+        k.endswith("_proj.weight") or "merger" in k for k in changed), changed   # adapted linears + the connector
+    assert (ckpt / "adapter" / "adapter_config.json").is_file()
+
+
 def test_one_rank_matches_two_ranks_then_engine_death_stops_everything(two_rank_run, toy_world, tmp_path):
     """A 1-rank run takes the same first step as the 2-rank run; then its engine is killed: the run must stop
     within 60 s with a clear message and a non-zero exit code, leaving no process behind."""
