@@ -14,8 +14,8 @@ What this stage does (MAYE, arXiv 2504.02587, Table 3's "SFT" arm; MAYE never re
    (train.validate: T=0.01, top_p=0.001, MAYE's pass@1 setting), metrics.jsonl, an HF-format checkpoint.
 
 Validation engine: an FSDP-sharded model cannot generate on one rank, so rank 0 gathers the full state dict (a
-collective, also used for the checkpoint) and pushes it into ONE engine process kept for the whole run
-(common.EngineClient: `--rollout.engine vllm` or `hf`, started at the first validation, on the last GPU as in
+collective, also used for the checkpoint; LoRA merged in) and pushes it into ONE engine process kept for the whole
+run (common.EngineClient: `--rollout.engine vllm` or `hf`, started at the first validation, on the last GPU as in
 train.py: run --nproc (GPUs - 1)). The other ranks wait at a barrier meanwhile.
 
 Simplifications: padding, not packing (rollout.collate's left-padded prompts + right-padded responses); the LR
@@ -27,6 +27,7 @@ needs a much hotter run (see run.sh): random-init weights, vision tower trained.
 Run alone:
     python sft.py --help
     python sft.py --model.path toy/models/qwen2_5_vl-tiny --out-dir runs/sft_tiny --max-steps 20 --val-limit 16
+    python sft.py --model.path toy/models/qwen3_vl-tiny --model.lora-rank 8 --optim.lr 1e-3 --out-dir runs/sft_lora
     python sft.py --model.path toy/models/qwen2_5_vl-small --out-dir runs/sft --optim.lr 1e-3 --batch-size 32 \\
         --model.no-freeze-vision --epochs 2 --val-every 20 --val-limit 100 --rollout.engine hf   # toy warm start
     python sft.py --nproc 7 --model.path /models/Qwen2.5-VL-7B-Instruct --data.train mm_math/train.jsonl ...
