@@ -641,7 +641,8 @@ class ModelConfig:
     """Also freeze the vision-language connector (the patch merger; Qwen3-VL's DeepStack mergers too)."""
     lora_rank: int = 0
     """LoRA (peft) of this rank on the language model's linear layers instead of training its weights (0 = off). The
-    engine and the checkpoints get merged weights; checkpoints also hold the adapter (adapter/, peft's format)."""
+    engine and the checkpoints get merged weights; checkpoints also hold the adapters alone (adapter/, peft's format;
+    the whole change only with --model.freeze-connector, as the connector trains otherwise)."""
     lora_alpha: float = 16.0
     """LoRA's scale numerator: an adapted layer computes W x + (alpha / rank) B A x."""
     mixed_precision: bool = True
