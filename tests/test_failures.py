@@ -172,6 +172,7 @@ def test_prompt_length_check_counts_what_the_processor_counts(toy_world, tmp_pat
     (["--rollout.n", "0"], "--rollout.n"),
     (["--mini-batch-size", "3"], "--mini-batch-size 3 must divide the 8 responses"),
     (["--model.path", "/no/such/model"], "--model.path /no/such/model: no such folder"),
+    (["--model.lora-rank", "-1"], "--model.lora-rank -1 must be >= 0"),
 ])
 def test_bad_flags_fail_before_start_up_naming_the_flag(toy_world, tmp_path, flags, words):
     p = run(train_args(toy_world, tmp_path / "run") + flags)
