@@ -2,8 +2,8 @@
 
 Nothing can be downloaded in CI, so every stage runs on this embedded default:
 
-1. Models: random-init Qwen2.5-VL, Qwen2-VL and Qwen3-VL in HF format (config, safetensors, tokenizer, processor, chat
-   template) that both `transformers` and vLLM load. Sizes: `tiny` (~1M params, tests and the `run.sh` demo) and
+1. Models: random-init Qwen2.5-VL, Qwen2-VL and Qwen3-VL in HF format (config, safetensors, tokenizer, processor,
+   chat template) that both `transformers` and vLLM load. Sizes: `tiny` (~1M params, tests and the `run.sh` demo) and
    `small` (~10M params, benchmarks). Each has its own byte-level BPE tokenizer trained on the task's text, with
    Qwen's special tokens, so any string tokenizes.
 2. Data: MAYE's jsonl format (`question` with `<image>`, `answer`, `solution` ending in `\\boxed{}`, `id`, `image`
