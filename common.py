@@ -1014,9 +1014,9 @@ def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, opt
     an HF model folder (`save_pretrained` of the full weights, LoRA merged in, the processor), the optimizer state
     sharded as each rank holds it (torch.distributed.checkpoint: a run resumed on another number of ranks reshards it;
     a LoRA run's trained weights go with it), the scheduler and vlrl_state.json (with the step's `metrics` line: a run
-    killed before it logged that line gets it back on resume). A LoRA run also writes adapter/ as peft's
-    save_pretrained would (PeftModel.from_pretrained(base, adapter) loads it). Then only the newest `keep` checkpoints
-    stay (0 = all). A collective: call on all ranks."""
+    killed before it logged that line gets it back on resume). A LoRA run also writes its adapters alone to adapter/
+    as peft's save_pretrained would (PeftModel.from_pretrained(base, adapter) loads it; a trained connector is only in
+    the merged weights). Then only the newest `keep` checkpoints stay (0 = all). A collective: call on all ranks."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
