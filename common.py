@@ -1,8 +1,9 @@
 """common.py: the plumbing both trainers (and evaluate.py) share; nothing of the RL algorithm lives here.
 
 - Data: MAYE jsonl, verl parquet and chat-`messages` jsonl rows -> validated `Sample`s (file:line and field named in
-  every error; `--data.skip-invalid` skips and reports), `read_jsonl` (our own files), and `batch_indices`, the step's data as a pure function of
-  (seed, step) so that resuming replays exactly what an uninterrupted run would have seen.
+  every error; `--data.skip-invalid` skips and reports), `fits_model` (the checks that need the model folder),
+  `read_jsonl` (our own files), and `batch_indices`, the step's data as a pure function of (seed, step) so that
+  resuming replays exactly what an uninterrupted run would have seen.
 - Processes: `launch` starts the training ranks with torch.multiprocessing (or runs in place under torchrun);
   `init_distributed` joins the process group; `bounded_map` runs a function in forked processes with a time limit
   per item (the reward judges: a stuck one is killed and replaced).
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -29,7 +31,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -73,6 +75,9 @@ class Sample:
     answer: str
     solution: str | None
     source: str                  # "file:line" (1-based line / parquet row)
+    # the row's text fields by the name errors give them ("question", "messages[2].content"), for fits_model's checks
+    texts: dict[str, str] = field(default_factory=dict)
+    image_field: str = "images"  # the row's name for its images, for errors
 
 
 
@@ -110,6 +115,8 @@ def _str_field(row: dict, key: str, source: str, required: bool = True, number_o
     v = row[key]
     if isinstance(v, bool) or not isinstance(v, (str, int, float) if number_ok else str):
         raise _fail(source, key, f"expected a string, got {type(v).__name__}")
+    if isinstance(v, float) and not math.isfinite(v):   # json's NaN / Infinity: str() would make a gold "nan"
+        raise _fail(source, key, f"expected a string or a finite number, got {v}")
     v = str(v)
     if required and not v.strip():
         raise _fail(source, key, "empty")
@@ -151,7 +158,9 @@ def _parse_maye(row: dict, source: str, base: Path, cfg: DataConfig) -> Sample:
     images = [_open_image(base / p, source, "image") for p in paths]
     messages = [_user_turn(question + cfg.instruction, len(images), source, "question")]
     sid = _str_field(row, "id", source, required=False, number_ok=True) or source
-    return Sample(sid, messages, images, answer, _str_field(row, "solution", source, required=False), source)
+    solution = _str_field(row, "solution", source, required=False)
+    texts = {k: v for k, v in (("question", question), ("answer", answer), ("solution", solution)) if v is not None}
+    return Sample(sid, messages, images, answer, solution, source, texts, "image")
 
 
 def _image_source(item: Any, base: Path, source: str, field_name: str) -> bytes | Path:
@@ -167,7 +176,21 @@ def _image_source(item: Any, base: Path, source: str, field_name: str) -> bytes 
     raise _fail(source, field_name, f"expected image bytes or a path, got {type(item).__name__}")
 
 
-def _parse_chat(row: dict, source: str, base: Path, msg_key: str, answer: str | None) -> Sample:
+def _chat_texts(msgs: list[dict], msg_key: str) -> dict[str, str]:
+    """The text of every turn (system, user, assistant), named as the row holds it: "messages[0].content",
+    "prompt[1].content[2].text"."""
+    texts = {}
+    for k, m in enumerate(msgs):
+        if isinstance(content := m.get("content"), str):
+            texts[f"{msg_key}[{k}].content"] = content
+        for j, item in enumerate(content if isinstance(content, list) else []):
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                texts[f"{msg_key}[{k}].content[{j}].text"] = item["text"]
+    return texts
+
+
+def _parse_chat(row: dict, source: str, base: Path, msg_key: str, answer: str | None,
+                answer_key: str = "answer") -> Sample:
     """verl (`prompt`) and messages rows: chat messages whose string contents may contain <image> tags."""
     msgs, imgs = row.get(msg_key), row.get("images", [])
     if imgs is None:
@@ -177,6 +200,7 @@ def _parse_chat(row: dict, source: str, base: Path, msg_key: str, answer: str | 
     if not isinstance(imgs, list):
         raise _fail(source, "images", f"expected a list, got {type(imgs).__name__}")
     images = [_open_image(_image_source(x, base, source, "images"), source, "images") for x in imgs]
+    texts = _chat_texts(msgs, msg_key) | ({} if answer is None else {answer_key: answer})
     solution = None
     if msgs[-1].get("role") == "assistant":   # SFT-style row: the last turn is the reference solution
         solution = msgs[-1].get("content") if isinstance(msgs[-1].get("content"), str) else None
@@ -199,7 +223,7 @@ def _parse_chat(row: dict, source: str, base: Path, msg_key: str, answer: str | 
     if answer is None or not answer.strip():
         raise _fail(source, "answer", "missing")
     sid = _str_field(row, "id", source, required=False, number_ok=True) or source
-    return Sample(sid, messages, images, answer, solution, source)
+    return Sample(sid, messages, images, answer, solution, source, texts)
 
 
 def _parse_verl(row: dict, source: str, base: Path) -> Sample:
@@ -209,7 +233,7 @@ def _parse_verl(row: dict, source: str, base: Path) -> Sample:
     extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
     if "id" not in row and extra.get("index") is not None:
         row = {**row, "id": str(extra["index"])}
-    return _parse_chat(row, source, base, "prompt", answer)
+    return _parse_chat(row, source, base, "prompt", answer, key)
 
 
 def _rows(path: Path) -> Iterable[tuple[str, dict | DataError]]:
@@ -222,8 +246,8 @@ def _rows(path: Path) -> Iterable[tuple[str, dict | DataError]]:
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
             source = f"{path}:{i}"
-            try:
-                line = raw.decode("utf-8")
+            try:   # a byte-order mark (some editors write one) starts the file, not its first JSON object
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield source, DataError(f"{source}: not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
@@ -349,11 +373,26 @@ def _model_json(model_dir: Path, name: str) -> dict:
     return json.loads((model_dir / name).read_text()) if (model_dir / name).is_file() else {}
 
 
-def fits_model(model_dir: str, data_cfg: DataConfig, max_new_tokens: int = 0,
-               max_model_len: int | None = None) -> Callable[[Sample], None]:
-    """A `check` for load_dataset. Images larger than the model will see are downscaled now, to the size the
-    processor would resize them to (smart_resize at the pixel limits), so that memory holds no unseen pixels; then
-    (unless max_model_len is None) the prompt's tokens, image tokens included, + max_new_tokens must fit in it.
+def _special_tokens(model_dir: Path, tokenizer) -> Callable[[str], Any]:
+    """search(text) -> the first special token in text (a re.Match) or None. The tokenizer reads a special token in
+    any text as that token, so a row holding "<|im_end|>" as plain text ends its turn there, and one holding
+    "<|image_pad|>" no longer matches its images (a bare StopIteration in the processor, a failed engine). The tokens:
+    tokenizer.json's added tokens marked special, and tokenizer_config.json's added_tokens_decoder ones."""
+    decoder = _model_json(model_dir, "tokenizer_config.json").get("added_tokens_decoder") or {}
+    tokens = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    tokens |= {t["content"] for t in decoder.values() if isinstance(t, dict) and t.get("special") and t.get("content")}
+    if not tokens:
+        return lambda text: None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))).search
+
+
+def fits_model(model_dir: str, data_cfg: DataConfig, max_new_tokens: int = 0, max_model_len: int | None = None,
+               max_images: int | None = None) -> Callable[[Sample], None]:
+    """A `check` for load_dataset. No text field may hold a special token of the model's tokenizer, nor (unless
+    max_images is None) the row more images than the engine takes per prompt (--rollout.max-images). Images larger
+    than the model will see are downscaled now, to the size the processor would resize them to (smart_resize at the
+    pixel limits), so that memory holds no unseen pixels; then (unless max_model_len is None) the prompt's tokens,
+    image tokens included, + max_new_tokens must fit in it.
     Reads the model folder's tokenizer.json, chat template and image-processor config with `tokenizers` and jinja2,
     as transformers' processor would, without importing transformers (~13 s): the launcher checks every row in
     seconds, before any rank or engine starts."""
@@ -375,8 +414,17 @@ def fits_model(model_dir: str, data_cfg: DataConfig, max_new_tokens: int = 0,
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))   # as transformers defines
     render, tokenizer = env.from_string(template).render, Tokenizer.from_file(str(d / "tokenizer.json"))
+    if found := (special := _special_tokens(d, tokenizer))(data_cfg.instruction):
+        raise SystemExit(f"--data.instruction contains the special token '{found.group()}' of {model_dir}")
 
     def check(sample: Sample) -> None:
+        for name, text in sample.texts.items():
+            if found := special(text):
+                raise _fail(sample.source, name, f"contains the special token '{found.group()}'")
+        if max_images is not None and len(sample.images) > max_images:
+            raise _fail(sample.source, sample.image_field, f"{len(sample.images)} images > --rollout.max-images "
+                        f"{max_images} (the engine's limit per prompt): raise it, or skip such rows with "
+                        f"--data.skip-invalid")
         image_tokens = 0
         for k, img in enumerate(sample.images):
             try:

@@ -161,7 +161,7 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
     done = {(r["checkpoint"], r["split"], r["setting"]) for r in rows}
     todo = [(c, sp, s) for c in ckpts for sp in cfg.splits for s in settings if (c["name"], sp, s.name) not in done]
     data, fits = {}, None if engine_fn or not todo else fits_model(  # prompt lengths vs our engines' limit; images
-        ckpts[-1]["path"], data_cfg, cfg.max_tokens, rollout_cfg.max_model_len)
+        ckpts[-1]["path"], data_cfg, cfg.max_tokens, rollout_cfg.max_model_len, rollout_cfg.max_images)
     for sp in dict.fromkeys(sp for _, sp, _ in todo):  # load and check every split before any model is loaded
         data[sp] = load_dataset(getattr(data_cfg, sp), data_cfg, fits)[:cfg.limit or None]  # --data.<split>
     task = progress.add_task(Path(run_dir).name, total=sum(len(data[sp]) for _, sp, _ in todo)) if progress else None
@@ -354,8 +354,9 @@ def main(args: Args) -> None:
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit(f"--labels has {len(args.labels)} entries for {len(args.runs)} --runs")
     if args.model:
-        samples = load_dataset(args.data_file, args.data, fits_model(args.model,
-                               args.data, args.eval.max_tokens, args.rollout.max_model_len))[:args.eval.limit or None]
+        fits = fits_model(args.model, args.data, args.eval.max_tokens, args.rollout.max_model_len,
+                          args.rollout.max_images)
+        samples = load_dataset(args.data_file, args.data, fits)[:args.eval.limit or None]
         settings = [parse_setting(s) for s in args.eval.settings]  # a bad one fails before the model loads
         engine = make_engine(args.model, args.rollout, args.data)
         with progress:

@@ -34,8 +34,8 @@ from typing import Callable, Iterable, Literal
 import torch
 import tyro
 
-from common import (DataConfig, Sample, blocked_token_ids, engine_dtype, load_dataset, mm_kwargs, prompt_text,
-                    quiet_vllm_logs, stop_token_ids)
+from common import (DataConfig, Sample, blocked_token_ids, engine_dtype, fits_model, load_dataset, mm_kwargs,
+                    prompt_text, quiet_vllm_logs, stop_token_ids)
 from reward import RewardConfig, score_batch
 
 
@@ -338,8 +338,10 @@ class Args:
 
 
 def main(args: Args) -> list[dict]:
-    samples = load_dataset(args.data_file or args.data.validation, args.data)[:args.limit or None]
-    engine, r, t0 = make_engine(args.model, args.rollout, args.data), args.rollout, time.perf_counter()
+    r = args.rollout
+    fits = fits_model(args.model, args.data, r.max_tokens, r.max_model_len, r.max_images)   # every row, before vLLM
+    samples = load_dataset(args.data_file or args.data.validation, args.data, fits)[:args.limit or None]
+    engine, t0 = make_engine(args.model, r, args.data), time.perf_counter()
     comps, stats = rollout(engine, samples, r, r.seed, args.reward)
     seconds, tokens = time.perf_counter() - t0, sum(len(c.token_ids) for c in comps)
     rows = [{"id": s.id, "answer": s.answer, "response": c.text, "response_token_ids": c.token_ids,

@@ -279,7 +279,8 @@ def main(args: Args) -> None:
     train = load_sft_data(args.data.train, args.data, processor.tokenizer, args.max_response_tokens,
                           fits_model(args.model.path, args.data), verbose)
     val = load_sft_data(args.data.validation, args.data, processor.tokenizer, args.max_response_tokens,
-                        fits_model(args.model.path, args.data, args.rollout.max_tokens, args.rollout.max_model_len),
+                        fits_model(args.model.path, args.data, args.rollout.max_tokens, args.rollout.max_model_len,
+                                   args.rollout.max_images),
                         verbose) if args.val_every >= 0 else ([], [])
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     for bad, msg in ((args.batch_size < 1 or args.batch_size % world,

@@ -351,7 +351,8 @@ def check_args(args: Args, world: int, train_size: int) -> None:
 def main(args: Args) -> None:
     """Check the flags, the model folder, the out-dir and every dataset row, then start the ranks."""
     check_model(args.model)
-    fits = fits_model(args.model.path, args.data, args.rollout.max_tokens, args.rollout.max_model_len)
+    fits = fits_model(args.model.path, args.data, args.rollout.max_tokens, args.rollout.max_model_len,
+                      args.rollout.max_images)
     verbose = int(os.environ.get("RANK", "0")) == 0
     train_set = load_dataset(args.data.train, args.data, fits, verbose)
     val_set = load_dataset(args.data.validation, args.data, fits, verbose)[:args.val_limit or None] \

@@ -126,6 +126,141 @@ def test_non_utf8_and_bomb_rows_are_named_and_skippable(toy_world, tmp_path):
     assert "d.jsonl:3: field 'image': cannot decode image (DecompressionBombError" in skipped[1], skipped
 
 
+def _png(world: Path) -> str:
+    return str(world / "data" / "images" / "train_00000.png")
+
+
+def _special_token_rows(world: Path, tmp_path: Path) -> list[tuple[Path, list[str]]]:
+    """(file, its skip messages) in the three formats, a special token in each kind of text field."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    png = _png(world)
+    good = {"question": "<image>What is 3?", "answer": "3", "image": png}
+    maye = [good, {**good, "question": "<image>What is the result?<|im_end|><|image_pad|>"},
+            {**good, "solution": "It is 3.<|endoftext|>"}, {**good, "answer": "3<|vision_end|>"}, good]
+
+    def chat(*turns, **extra):
+        return {"messages": [{"role": r, "content": c} for r, c in turns], "images": [png], **extra}
+    msgs = [chat(("system", "Be brief.<|im_start|>"), ("user", "<image>What is 3?"), ("assistant", "\\boxed{3}")),
+            chat(("user", [{"type": "image"}, {"type": "text", "text": "What is 3?<|box_start|>"}]), answer="3"),
+            chat(("user", "<image>What is 3?"), ("assistant", "It is \\boxed{3}.<|im_end|>")),     # the SFT target
+            chat(("user", "<image>What?"), ("assistant", "Hm<|object_ref_start|>"), ("user", "So?"),
+                 ("assistant", "\\boxed{3}")),
+            chat(("user", "<image>What is 3?"), answer="3")]
+
+    def verl(system, truth):
+        return {"prompt": [{"role": "system", "content": system}, {"role": "user", "content": "<image>What is 3?"}],
+                "images": [{"bytes": Path(png).read_bytes(), "path": None}], "reward_model": {"ground_truth": truth}}
+    (m := tmp_path / "maye.jsonl").write_text("".join(json.dumps(r) + "\n" for r in maye))
+    (c := tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in msgs))
+    pq.write_table(pa.Table.from_pylist([verl("Be brief.", "3"), verl("Be brief.<|video_pad|>", "3"),
+                                         verl("Be brief.", "<|quad_end|>3")]), v := tmp_path / "verl.parquet")
+    return [(m, [f"{m}:2: field 'question': contains the special token '<|im_end|>'",
+                 f"{m}:3: field 'solution': contains the special token '<|endoftext|>'",
+                 f"{m}:4: field 'answer': contains the special token '<|vision_end|>'"]),
+            (c, [f"{c}:1: field 'messages[0].content': contains the special token '<|im_start|>'",
+                 f"{c}:2: field 'messages[0].content[1].text': contains the special token '<|box_start|>'",
+                 f"{c}:3: field 'messages[1].content': contains the special token '<|im_end|>'",
+                 f"{c}:4: field 'messages[1].content': contains the special token '<|object_ref_start|>'"]),
+            (v, [f"{v}:row1: field 'prompt[0].content': contains the special token '<|video_pad|>'",
+                 f"{v}:row2: field 'reward_model.ground_truth': contains the special token '<|quad_end|>'"])]
+
+
+def test_special_tokens_in_any_text_field_are_named_and_skippable(toy_world, tmp_path):
+    """MAYE, chat and verl rows; question, system, user (string and item) and assistant turns, solution, answer."""
+    check = common.fits_model(str(toy_world / "models" / "qwen2_5_vl-tiny"), common.DataConfig(), 8, 1024)
+    for path, expected in _special_token_rows(toy_world, tmp_path):
+        with pytest.raises(common.DataError) as e:
+            common.read_dataset(str(path), check=check)
+        assert str(e.value) == expected[0]
+        samples, skipped = common.read_dataset(str(path), common.DataConfig(skip_invalid=True), check)
+        assert skipped == expected and len(samples) == (5 if path.suffix == ".jsonl" else 3) - len(expected)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_the_special_tokens_are_the_tokenizers(toy_world, arch):
+    """Independent list: transformers' tokenizer, every added token it marks special; each one in a row is refused,
+    and no toy question is."""
+    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer
+    model = toy_world / "models" / f"{arch}-tiny"
+    theirs = [t.content for t in AutoTokenizer.from_pretrained(model).added_tokens_decoder.values() if t.special]
+    search = common._special_tokens(model, Tokenizer.from_file(str(model / "tokenizer.json")))
+    assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|vision_start|>"} <= set(theirs)
+    assert [search(f"a {t} b").group() for t in theirs] == theirs
+    questions = [json.loads(r)["question"] for r in (toy_world / "data" / "train.jsonl").read_text().splitlines()]
+    assert not any(search(q + common.MAYE_INSTRUCTION) for q in questions)
+
+
+def test_nan_and_infinite_answers_are_refused(toy_world, tmp_path):
+    row = '{"question": "<image>What is 3?", "image": "%s", "answer": %s}\n'
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(row % (_png(toy_world), a) for a in ("3", "NaN", "Infinity", "-Infinity", "1e999", "2.5")))
+    with pytest.raises(common.DataError, match=r"d\.jsonl:2: field 'answer': expected a string or a finite number"):
+        common.load_dataset(str(path))
+    samples, skipped = common.read_dataset(str(path), common.DataConfig(skip_invalid=True))
+    assert [s.answer for s in samples] == ["3", "2.5"]
+    assert [m.split(": ", 1)[0][-1] + m.rsplit(",", 1)[1] for m in skipped] == \
+        ["2 got nan", "3 got inf", "4 got -inf", "5 got inf"]
+
+
+def test_a_utf8_file_with_a_byte_order_mark_loads(toy_world, tmp_path):
+    png = _png(toy_world)
+    rows = [{"question": "<image>What is 3?", "answer": "3", "image": png},
+            {"messages": [{"role": "user", "content": "<image>What is 3?"}], "images": [png], "answer": "3"}]
+    for k, row in enumerate(rows):
+        (path := tmp_path / f"bom{k}.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n",
+                                                        encoding="utf-8-sig")
+        assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
+        samples = common.load_dataset(str(path))
+        assert [s.source for s in samples] == [f"{path}:1", f"{path}:2"] and samples[0].answer == "3"
+
+
+def test_more_images_than_max_images_is_named(toy_world, tmp_path):
+    png = _png(toy_world)
+    rows = [{"question": "What is 3?", "answer": "3", "image": [png, png]},
+            {"question": "What is 3?", "answer": "3", "image": png},
+            {"messages": [{"role": "user", "content": "<image><image><image> What is 3?"}], "images": [png] * 3,
+             "answer": "3"}]
+    (path := tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = str(toy_world / "models" / "qwen2_5_vl-tiny")
+    assert len(common.load_dataset(str(path), check=common.fits_model(model, common.DataConfig(), max_images=3))) == 3
+    _, skipped = common.read_dataset(str(path), common.DataConfig(skip_invalid=True),
+                                     common.fits_model(model, common.DataConfig(), max_images=1))
+    assert [m.split(" (")[0] for m in skipped] == [f"{path}:1: field 'image': 2 images > --rollout.max-images 1",
+                                                   f"{path}:3: field 'images': 3 images > --rollout.max-images 1"]
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda r: {"question": "<image>What is the result?<|im_end|><|image_pad|>"},
+     ":5: field 'question': contains the special token '<|im_end|>'"),
+    (lambda r: {"answer": float("nan")}, ":5: field 'answer': expected a string or a finite number, got nan"),
+    (lambda r: {"image": [r["image"]] * 2, "question": "Which is larger?"},   # no <image> tag: images first
+     ":5: field 'image': 2 images > --rollout.max-images 1"),
+], ids=["special-token", "nan-answer", "two-images"])
+def test_a_bad_text_or_image_count_fails_before_start_up(toy_world, tmp_path, change, words):
+    rows = [json.loads(x) for x in (toy_world / "data" / "train.jsonl").read_text().splitlines()[:8]]
+    rows = [{**r, "image": str(toy_world / "data" / r["image"])} for r in rows]
+    rows[4].update(change(rows[4]))
+    (data := tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))   # json writes NaN
+    t0 = time.time()
+    p = run(train_args(toy_world, tmp_path / "run", data))
+    assert p.returncode != 0 and f"{data}{words}" in p.stderr, p.stderr[-2000:]
+    assert time.time() - t0 < 30 and not (tmp_path / "run").exists()   # no out-dir, no rank, no engine
+
+
+def test_skip_invalid_trains_on_the_other_rows(toy_world, tmp_path):
+    rows = [json.loads(x) for x in (toy_world / "data" / "train.jsonl").read_text().splitlines()[:8]]
+    rows = [{**r, "image": str(toy_world / "data" / r["image"])} for r in rows]
+    rows[4]["question"] += "<|im_end|><|image_pad|>"
+    (data := tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run(train_args(toy_world, tmp_path / "run", data) + ["--data.skip-invalid", "--max-steps", "1", "--val-every",
+                                                             "-1", "--reward.num-workers", "1"], timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"{data}: skipped 1 invalid row(s):\n  {data}:5: field 'question': contains the special token" in p.stderr
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 def test_images_are_downscaled_at_load_to_what_the_model_sees(toy_world, tmp_path):
     from PIL import Image
     Image.new("RGB", (700, 500), "white").save(tmp_path / "big.png")
