@@ -95,11 +95,12 @@ def test_an_over_long_prompt_fails_fast_naming_its_row(toy_world, tmp_path):
     rows = [{**r, "image": str(toy_world / "data" / r["image"])} for r in rows]
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    t0 = time.time()
+    # ~7 s, Python's start-up and the row check; a hang would end at run()'s 120 s timeout
     p = run(train_args(toy_world, tmp_path / "run", data) + ["--rollout.max-model-len", "512"])
     assert p.returncode != 0 and f"{data}:6: the prompt is" in p.stderr and "max_model_len 512" in p.stderr, \
         p.stderr[-2000:]
-    assert time.time() - t0 < 30 and not (tmp_path / "run" / "engine.pid").exists()   # no rank, no engine
+    # "fast": refused before the out-dir is prepared, so before any rank or the engine (they start after it)
+    assert not (tmp_path / "run").exists()
     kept = common.load_dataset(str(data), common.DataConfig(skip_invalid=True), verbose=False,
                                check=common.fits_model(str(toy_world / "models" / "qwen2_5_vl-tiny"), common.DataConfig(), 8, 512))
     assert [s.source.rsplit(":", 1)[1] for s in kept] == ["1", "2", "3", "4", "5", "7", "8"]
