@@ -2,7 +2,8 @@
 
 - kill -9 of the launcher: the ranks, the engine and the reward workers die with it (PR_SET_PDEATHSIG).
 - a reused out-dir is refused (its files untouched) unless --resume or --restart (which moves it aside).
-- bad rows (over-long prompts, non-UTF-8 bytes, decompression bombs) are named by file:line before anything starts;
+- bad rows (over-long prompts, non-UTF-8 bytes, decompression bombs, the tokenizer's special tokens as text, NaN
+  answers, more images than --rollout.max-images) are named by file:line before anything starts; a UTF-8 BOM is read;
   oversized images are downscaled at load to what the model sees.
 - bad flags and model folders fail before start-up, naming the flag.
 """
