@@ -245,10 +245,9 @@ def test_a_bad_text_or_image_count_fails_before_start_up(toy_world, tmp_path, ch
     rows = [{**r, "image": str(toy_world / "data" / r["image"])} for r in rows]
     rows[4].update(change(rows[4]))
     (data := tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))   # json writes NaN
-    t0 = time.time()
-    p = run(train_args(toy_world, tmp_path / "run", data))
+    p = run(train_args(toy_world, tmp_path / "run", data))   # ~7 s, as the over-long prompt's; a hang: run()'s timeout
     assert p.returncode != 0 and f"{data}{words}" in p.stderr, p.stderr[-2000:]
-    assert time.time() - t0 < 30 and not (tmp_path / "run").exists()   # no out-dir, no rank, no engine
+    assert not (tmp_path / "run").exists()   # refused before the out-dir is prepared: before any rank or the engine
 
 
 def test_skip_invalid_trains_on_the_other_rows(toy_world, tmp_path):
