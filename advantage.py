@@ -5,14 +5,14 @@ the clipped PPO loss (aggregated so that gradient accumulation and data parallel
 gradient) and select_samples. B responses, a group's n responses adjacent (B = prompts x n); mask (B, T) marks
 response tokens (1 = valid, right padding); masked positions of every (B, T) output are exactly 0. No value model
 (no GAE / critic). Advantages use the full gathered batch (global whitening). Run alone (--lengths: per token):
-    python advantage.py --scores 1,0,0,1,1,1 --group-size 3 --advantage.estimator grpo
-    python advantage.py --scores 1,0,0.5,1 --group-size 2 --lengths 3,2,4,1 --advantage.estimator reinforce_pp
+    python advantage.py --scores 1 0 0 1 1 1 --group-size 3 --advantage.estimator grpo
+    python advantage.py --scores 1 0 0.5 1 --group-size 2 --lengths 3 2 4 1 --advantage.estimator reinforce_pp
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -56,7 +56,7 @@ class AdvantageConfig:
     loss_agg: LossAgg = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr.GRPO)."""
     norm_len: int = 0
-    """Constant L of seq-mean-token-sum-norm (0 = padded T of each batch passed in: set it if micro-batch T varies)."""
+    """Constant L of seq-mean-token-sum-norm (Dr.GRPO; 0 = train.py passes --rollout.max-tokens, as TRL does)."""
     dynamic_sampling: bool = False
     """Drop groups whose scores are all equal (DAPO dynamic sampling)."""
     ssr: bool = False
@@ -79,6 +79,8 @@ class AdvantageConfig:
         for field in ("kl_coef", "eps", "whiten_eps", "clip_high", "norm_len", "ssr_alpha", "ssr_size"):
             check(getattr(self, field) >= 0, field, "must be >= 0")
         check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
+        check(self.ratio == "token" or self.loss_agg == "seq-mean-token-mean", "ratio", "the sequence ratio (GSPO) is "
+              "defined with --advantage.loss-agg seq-mean-token-mean (verl forces it too)")
         check(self.dual_clip == 0.0 or self.dual_clip > 1.0, "dual_clip", "must be 0 (off) or > 1")
         # Group estimators give one number per response: a per-token reward KL has nowhere to go.
         check(self.kl_in_loss or self.kl_coef == 0.0 or self.estimator in ("reinforce_pp", "reinforce_pp_baseline"),
@@ -162,11 +164,11 @@ def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int
     cfg = replace(cfg, **overrides) if overrides else cfg
     est, n = cfg.estimator, group_size
     out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    _check_groups(scores, group_size, need_group=est in GROUP_ESTIMATORS)
+    _check_groups(scores, group_size, need_group=est in GROUP_ESTIMATORS or cfg.dynamic_sampling)
     mask = _check_mask(mask, scores.numel())
     s = scores.to(torch.float64)  # (B,)
+    centred, constant = group_centred(s, n)  # (B,) each
     if est in ("grpo", "dr_grpo", "rloo"):
-        centred, constant = group_centred(s, n)  # (B,)
         adv = centred * n / (n - 1) if est == "rloo" else centred  # dr_grpo: centred as it is
         if est == "grpo":
             std = s.view(-1, n).std(1, correction=1 if cfg.std_unbiased else 0)  # (P,)
@@ -175,7 +177,11 @@ def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int
         return torch.where(mask, adv[:, None], torch.zeros((), dtype=adv.dtype)).to(out_dtype)
 
     # REINFORCE++ family: token rewards -> discounted returns -> batch whitening.
-    seq = group_centred(s, n)[0] if est == "reinforce_pp_baseline" else s  # (B,)
+    seq = centred if est == "reinforce_pp_baseline" else s  # (B,)
+    if cfg.dynamic_sampling:  # the groups select_samples drops have no say in the whitening, and get 0
+        mask = mask & ~constant[:, None]
+        if not mask.any():
+            return torch.zeros(mask.shape, dtype=out_dtype)
     B, T = mask.shape
     rewards = torch.zeros(B, T, dtype=torch.float64, device=mask.device)
     if not cfg.kl_in_loss and cfg.kl_coef > 0:
@@ -211,11 +217,11 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
 
 
 # ----------------------------------------------------------------------------- policy loss
-def loss_normalizer(mask: torch.Tensor, cfg: AdvantageConfig = AdvantageConfig()) -> float:
+def loss_normalizer(mask: torch.Tensor, loss_agg: str = "token-mean") -> float:
     """This batch's share of policy_loss's `normalizer`: valid tokens (token-mean) or sequences with >= 1 valid
     token (seq-mean-*). Sum it over a mini-batch's micro-batches and all-reduce it over ranks."""
     mask = _check_mask(mask, mask.shape[0])
-    return float(mask.sum()) if cfg.loss_agg == "token-mean" else float(mask.any(1).sum())
+    return float(mask.sum()) if loss_agg == "token-mean" else float(mask.any(1).sum())
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str, normalizer: float | None = None,
@@ -224,12 +230,11 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str, normalize
     token-mean:              sum_{i,t} l m / N        N = valid tokens of the global mini-batch
     seq-mean-token-mean:     sum_i (sum_t l m / |o_i|) / S   S = sequences (with >= 1 valid token)
     seq-mean-token-sum:      sum_i (sum_t l m) / S
-    seq-mean-token-sum-norm: sum_i (sum_t l m / L) / S       L = norm_len or T (Dr.GRPO's oat code; verl
-                             divides by L only, a scale that then grows with the batch size)
+    seq-mean-token-sum-norm: sum_i (sum_t l m / L) / S       L = norm_len, a constant (Dr.GRPO's oat code and TRL:
+                             the generation budget; a batch's own padded T would make it depend on the split)
     normalizer = N or S of the *global* mini-batch (None = this batch's own, loss_normalizer).
     """
-    if normalizer is None:
-        normalizer = float(mask.sum()) if loss_agg == "token-mean" else float(mask.any(1).sum())
+    normalizer = loss_normalizer(mask, loss_agg) if normalizer is None else normalizer
     if normalizer <= 0:
         raise ValueError(f"normalizer={normalizer}: must be > 0 (no valid tokens in the mini-batch?)")
     lm = torch.where(mask, values, torch.zeros((), dtype=values.dtype))  # garbage (even NaN) at padding -> 0
@@ -239,7 +244,9 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str, normalize
     if loss_agg == "seq-mean-token-mean":
         per_seq = per_seq / mask.sum(1).clamp(min=1)
     elif loss_agg == "seq-mean-token-sum-norm":
-        per_seq = per_seq / (norm_len or mask.shape[1])
+        if norm_len <= 0:
+            raise ValueError("seq-mean-token-sum-norm needs norm_len > 0, Dr.GRPO's constant L (the generation budget)")
+        per_seq = per_seq / norm_len
     elif loss_agg != "seq-mean-token-sum":
         raise ValueError(f"loss_agg={loss_agg!r}: must be one of {LossAgg.__args__}")
     return per_seq.sum() / normalizer
@@ -355,27 +362,20 @@ def select_samples(scores: torch.Tensor, advantages: torch.Tensor, mask: torch.T
 # ----------------------------------------------------------------------------- CLI
 @dataclass(frozen=True)
 class Args:
-    scores: str = "1,0,0,1,1,1"
-    """Comma-separated per-response scores (a group's responses adjacent)."""
+    scores: tuple[float, ...] = (1, 0, 0, 1, 1, 1)
+    """Per-response scores (a group's responses adjacent)."""
     group_size: int = 3
     """Responses per prompt n."""
-    lengths: str = ""
-    """Comma-separated response lengths (one per score): also print per-token advantages."""
+    lengths: tuple[int, ...] = ()
+    """Response lengths (one per score): also print per-token advantages."""
     advantage: AdvantageConfig = AdvantageConfig()
-
-
-def _parse_floats(text: str, field: str, cast: Callable = float) -> list:
-    try:
-        return [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise SystemExit(f"--{field}: cannot parse {text!r} as comma-separated numbers ({e})")
 
 
 def main(args: Args) -> torch.Tensor:
     from rich.console import Console
     from rich.table import Column, Table
-    scores = torch.tensor(_parse_floats(args.scores, "scores"), dtype=torch.float64)
-    lengths = _parse_floats(args.lengths, "lengths", int) if args.lengths else [1] * scores.numel()
+    scores = torch.tensor(args.scores, dtype=torch.float64)
+    lengths = args.lengths or [1] * scores.numel()
     if len(lengths) != scores.numel() or min(lengths) < 0:
         raise SystemExit(f"--lengths: need {scores.numel()} non-negative lengths, got {lengths}")
     mask = torch.arange(max(max(lengths), 1))[None, :] < torch.tensor(lengths)[:, None]  # (B, T)

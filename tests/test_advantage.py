@@ -392,7 +392,7 @@ def random_batch(B=8, T=6, seed=0):
 @pytest.mark.parametrize("mode", AGGS)
 def test_aggregation_modes_against_direct_formula(mode):
     logp, old, ref, adv, m = random_batch()
-    cfg = AdvantageConfig(loss_agg=mode, kl_coef=0.0, dual_clip=3.0)
+    cfg = AdvantageConfig(loss_agg=mode, kl_coef=0.0, dual_clip=3.0, norm_len=m.shape[1])
     loss, met = policy_loss(logp, old, adv, m, cfg)
     rho = (logp - old).exp()
     per_tok = torch.maximum(-adv * rho, -adv * rho.clamp(0.8, 1.2))
@@ -417,7 +417,7 @@ def test_four_micro_batches_equal_one_big_batch(mode):
     loss_big.backward()
     acc = logp.clone().requires_grad_()
     chunks = [slice(0, 2), slice(2, 5), slice(5, 9), slice(9, 12)]  # unequal micro-batches
-    norm = sum(loss_normalizer(m[c], cfg) for c in chunks)
+    norm = sum(loss_normalizer(m[c], cfg.loss_agg) for c in chunks)
     total = 0.0
     for c in chunks:
         loss_c, _ = policy_loss(acc[c], old[c], adv[c], m[c], cfg, normalizer=norm, ref_logp=ref[c])
@@ -551,20 +551,48 @@ def test_ssr_sample():
 # ----------------------------------------------------------------------------- CLI
 def test_cli_main_prints_table(capsys):
     import tyro
-    args = tyro.cli(Args, args=["--scores", "1,0,0,1,1,1", "--group-size", "3", "--advantage.estimator", "grpo"])
+    args = tyro.cli(Args, args=["--scores", "1", "0", "0", "1", "1", "1", "--group-size", "3", "--advantage.estimator", "grpo"])
     adv = main(args)
     out = capsys.readouterr().out
     assert "+1.1547" in out and "-0.5773" in out and "+0.0000" in out
     assert torch.allclose(adv[:3, 0], torch.tensor([1.1547, -0.5773, -0.5773], dtype=adv.dtype), atol=1e-4)
-    main(Args(scores="1,0", group_size=1, lengths="2,3"))
+    main(Args(scores=(1, 0), group_size=1, lengths=(2, 3)))
     assert "+1.0954" in capsys.readouterr().out  # the hand-worked reinforce_pp case above
 
 
 def test_script_runs_alone():
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "advantage.py"), "--scores", "1,0,0.5,1", "--group-size", "2",
-                          "--lengths", "3,2,4,1", "--advantage.estimator", "rloo"],
+    out = subprocess.run([sys.executable, str(root / "advantage.py"), "--scores", "1", "0", "0.5", "1", "--group-size", "2",
+                          "--lengths", "3", "2", "4", "1", "--advantage.estimator", "rloo"],
                          capture_output=True, text=True, timeout=120, cwd=root)
     # rloo: [1 - 0, 0 - 1, 0.5 - 1, 1 - 0.5] = [+1, -1, -0.5, +0.5] on every valid token
     assert out.returncode == 0, out.stderr
     assert "+1.0000 +1.0000 +1.0000" in out.stdout and "-0.5000 -0.5000 -0.5000 -0.5000" in out.stdout
+
+
+def test_dynamic_sampling_whitens_over_the_kept_groups_only():
+    """reinforce_pp + dynamic sampling, scores [1, 1 | 1, 0], one token each: the first group is constant and
+    dropped, so the whitening statistics are the kept group's: returns [1, 0], mean 0.5, unbiased std sqrt(0.5),
+    advantages +-0.7071 (over all four tokens they would be +0.5 and -1.5); the dropped group gets 0."""
+    scores, mask = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64), torch.ones(4, 1, dtype=torch.bool)
+    cfg = AdvantageConfig(estimator="reinforce_pp", dynamic_sampling=True, whiten_eps=0.0)
+    adv = compute_advantages(scores, mask, 2, cfg)
+    assert torch.allclose(adv[:, 0], torch.tensor([0.0, 0.0, 0.5 ** 0.5, -(0.5 ** 0.5)], dtype=torch.float64))
+    keep = select_samples(scores, adv, mask, 2, cfg, torch.Generator().manual_seed(0))
+    assert keep == [2, 3]
+    all_constant = compute_advantages(torch.ones(4, dtype=torch.float64), mask, 2, cfg)
+    assert torch.equal(all_constant, torch.zeros(4, 1, dtype=torch.float64))      # nothing kept: no whitening error
+
+
+def test_sequence_ratio_needs_seq_mean_token_mean():
+    """GSPO's sequence ratio is defined with seq-mean-token-mean (verl forces it): other aggregations are refused."""
+    for agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        with pytest.raises(ValueError, match="seq-mean-token-mean"):
+            AdvantageConfig(ratio="sequence", loss_agg=agg, norm_len=8)
+    AdvantageConfig(ratio="sequence", loss_agg="seq-mean-token-mean")
+
+
+def test_sum_norm_needs_a_constant_length():
+    """Dr.GRPO's L must be a constant: without norm_len the aggregation refuses rather than use a batch's own T."""
+    with pytest.raises(ValueError, match="norm_len"):
+        aggregate(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), "seq-mean-token-sum-norm")
