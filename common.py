@@ -586,6 +586,20 @@ def engine_main(conn, make_engine, model_dir: str, cfg, data_cfg, env: dict) -> 
         raise
 
 
+def engine_gpu(local_world: int) -> str:
+    """The engine process's CUDA_VISIBLE_DEVICES ("" without CUDA): the last GPU this node sees. With several GPUs no
+    training rank may use it (this node's `local_world` ranks take cuda:0..local_world-1); a single GPU is shared with
+    the one rank (--rollout.gpu-memory-utilization leaves it room). Called before start-up, and by EngineClient."""
+    if not torch.cuda.is_available():
+        return ""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if len(ids) > 1 and local_world >= len(ids):
+        raise SystemExit(f"the engine needs a GPU of its own: {local_world} training rank(s) on this node and "
+                         f"{len(ids)} GPU(s); start {len(ids) - 1} (--nproc, or torchrun --nproc-per-node)")
+    return ids[-1]
+
+
 class EngineClient:
     """Rank 0's handle on the engine process (the last GPU, or the CPU): the engines' methods, forwarded over a pipe,
     so `rollout` and evaluate.py take either. A dead engine process raises RuntimeError at the next call."""
@@ -594,8 +608,8 @@ class EngineClient:
                  bucket_mb: int = 64):
         import multiprocessing as mp
         from transformers import AutoTokenizer
-        env = {"OMP_WAIT_POLICY": "PASSIVE"} | ({"CUDA_VISIBLE_DEVICES": str(torch.cuda.device_count() - 1)}
-               if torch.cuda.is_available() else
+        gpu = engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", 0)))      # "" on the CPU
+        env = {"OMP_WAIT_POLICY": "PASSIVE"} | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu else
                {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
@@ -910,7 +924,10 @@ def init_distributed(threads: int = 0) -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     from datetime import timedelta
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    # NCCL serves CUDA tensors only, and the step's bookkeeping (gathered log-probs, metric sums, pickled batches)
+    # lives on the CPU: on a GPU, CPU tensors go through gloo.
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(minutes=30))
     return rank, world, device
 
 
@@ -1141,6 +1158,7 @@ class MetricsLogger:
         if step >= 0 and resumed.get("metrics") and step not in {r["step"] for r in keep}:
             keep.append(resumed["metrics"])
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self.rows = keep                                                 # what the run logged before this start
         if drop := [r for r in rows if r["step"] > step]:
             with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in drop)

@@ -71,7 +71,7 @@ class RolloutConfig:
     rethink_min_new_tokens: int = 30
     """Keep a rethought response only if its continuation has at least this many tokens (VL-Rethinker: 30)."""
     rethink_max_new_tokens: int = 1024
-    """Continuation budget and upper bound for keeping it (VL-Rethinker: 1024)."""
+    """Continuation budget (VL-Rethinker: 1024); a continuation is kept only if it finished within it."""
 
 
 @dataclass
@@ -83,6 +83,7 @@ class Completion:
     logprobs: list[float]
     finish_reason: str           # "stop" | "length"
     trigger_span: tuple[int, int] | None = None   # [start, end) of forced trigger tokens in token_ids
+    own_text: str | None = None  # with a forced trigger: the model's own words (text without the trigger)
 
 
 def _completion(tokenizer, token_ids: list[int], logprobs: list[float], stops: set[int]) -> Completion:
@@ -239,9 +240,11 @@ def forced_rethinking(engine, samples: list[Sample], comps: list[Completion], cf
                       is_correct: Callable[[list[str], list[Sample]], list[bool]], seed: int = 0):
     """VL-Rethinker's Forced Rethinking on flat (samples[i], comps[i]): a seeded `cfg.rethink_fraction` of the responses
     that ended with a stop token get a trigger in place of it (the last trigger if the first answer is wrong, another
-    at random if right) and are continued. The result first[:-1] + trigger + continuation is kept only if the new
-    answer is correct and the continuation has rethink_min..max_new_tokens tokens; the trigger (`trigger_span`, NaN
-    log-probs: forced, not sampled) is trained on. Returns (completions, {"rethink/tried", "rethink/kept"})."""
+    at random if right) and are continued. The result first[:-1] + trigger + continuation is kept only if the
+    continuation finished (a stop token within min(rethink_max_new_tokens, what max_tokens leaves): a cut-off one
+    would be scored as truncated), has at least rethink_min_new_tokens tokens, and its answer is correct. The trigger
+    (`trigger_span`, NaN log-probs: forced, not sampled) is trained on. Continuations are seeded from seed + B on, so
+    that they share no seed with the first round. Returns (completions, {"rethink/tried", "rethink/kept"})."""
     rng, out = random.Random(f"rethink:{seed}"), list(comps)
     picked = [i for i, c in enumerate(comps) if c.finish_reason == "stop" and rng.random() < cfg.rethink_fraction]
     right = is_correct([comps[i].text for i in picked], [samples[i] for i in picked]) if picked else []
@@ -253,15 +256,16 @@ def forced_rethinking(engine, samples: list[Sample], comps: list[Completion], cf
         if budget >= max(1, cfg.rethink_min_new_tokens):               # room left for a long enough continuation
             jobs.append((i, prefix, trig, budget))
     conts = [g[0] for g in engine.generate([samples[i] for i, *_ in jobs], 1, cfg.temperature, cfg.top_p,
-                                           [b for *_, b in jobs], seed, prefixes=[p + t for _, p, t, _ in jobs])] \
-        if jobs else []
+                                           [b for *_, b in jobs], seed + len(comps),
+                                           prefixes=[p + t for _, p, t, _ in jobs])] if jobs else []
     ids = [p + t + c.token_ids for (_, p, t, _), c in zip(jobs, conts)]
     texts = [engine.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
     good = is_correct(texts, [samples[i] for i, *_ in jobs]) if jobs else []
     for (i, prefix, trig, _), c, x, text, ok in zip(jobs, conts, ids, texts, good):
-        if ok and cfg.rethink_min_new_tokens <= len(c.token_ids) <= cfg.rethink_max_new_tokens:
+        if ok and c.finish_reason == "stop" and len(c.token_ids) >= cfg.rethink_min_new_tokens:
             lps = comps[i].logprobs[:len(prefix)] + [math.nan] * len(trig) + c.logprobs
-            out[i] = Completion(text, x, lps, c.finish_reason, (len(prefix), len(prefix) + len(trig)))
+            own = engine.tokenizer.decode(prefix + c.token_ids, skip_special_tokens=True)
+            out[i] = Completion(text, x, lps, c.finish_reason, (len(prefix), len(prefix) + len(trig)), own)
     return out, {"rethink/tried": len(jobs), "rethink/kept": sum(o is not c for o, c in zip(out, comps))}
 
 
@@ -272,9 +276,11 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_value
 def _head_chunk(hidden, weight, bias, targets, blocked, temperature: float, entropy: bool):
     """(C, 1 + entropy): log-probs of one tile of positions (and their entropies): hidden (C, H) -> logits (C, V) ->
     masked log softmax at `targets`."""
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature                  # (C, V)
+    logits = torch.nn.functional.linear(hidden, weight, bias)                                        # (C, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 up, float64 kept
     # finfo.min, not -inf: exp underflows to exactly 0. In the entropy, blocked entries' log p is replaced by 0, so
-    # that neither 0 * finfo.min nor its gradient (a weight > 1 times finfo.min overflows to inf, times p = 0: NaN) occur.
+    # that neither 0 * finfo.min nor its gradient (a weight > 1 times finfo.min overflows to inf, times p = 0: NaN)
+    # occur.
     logp_all = logits.index_fill(-1, blocked, torch.finfo(logits.dtype).min).log_softmax(-1)        # (C, V)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                                   # (C,)
     if not entropy:

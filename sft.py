@@ -43,7 +43,7 @@ import torch
 import tyro
 
 from common import (DataConfig, DataError, EngineClient, MetricsLogger, ModelConfig, OptimConfig, Sample, batch_indices,
-                    blocked_token_ids, build_optimizer, check_model, clip_grad_norm, collate, fits_model,
+                    blocked_token_ids, build_optimizer, check_model, clip_grad_norm, collate, engine_gpu, fits_model,
                     format_line, full_state_dict, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
                     load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
                     stop_token_ids, to_device)
@@ -293,6 +293,8 @@ def main(args: Args) -> None:
                                                     "aside")):
         if bad:
             raise SystemExit(f"sft.py: {msg}")
+    if args.val_every >= 0:   # validation starts an engine: its GPU is free of ranks, or exit
+        engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)))
     prepare_out_dir(args.out_dir, args.resume, args.restart)
     launch(sft_worker, args.nproc, args, *train, val[0][:args.val_limit or None], val[1][:args.val_limit or None])
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -44,9 +44,10 @@ import tyro
 from advantage import (AdvantageConfig, compute_advantages, kl_penalty, loss_normalizer, policy_loss,
                        select_samples)
 from common import (DataConfig, EngineClient, MetricsLogger, ModelConfig, OptimConfig, all_reduce_sums, batch_indices,
-                    broadcast, build_optimizer, check_model, clip_grad_norm, collate, fits_model, format_line,
-                    init_distributed, latest_checkpoint, launch, load_dataset, load_model, load_trainer_state,
-                    micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model, sync_weights, to_device)
+                    broadcast, build_optimizer, check_model, clip_grad_norm, collate, engine_gpu, fits_model,
+                    format_line, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
+                    load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
+                    sync_weights, to_device)
 from evaluate import reflection_stats, validate
 from reward import RewardConfig, score_batch
 from rollout import RolloutConfig, compute_logprobs, make_engine, rollout
@@ -107,8 +108,9 @@ LOG_LINE = (("epoch {:.2f}", "epoch"), ("score {:.3f}", "rews/scores"), ("acc {:
             ("len {:.1f}", "response/lengths"), ("loss {:+.4f}", "loss/policy_loss"), ("kl {:.4f}", "training/kl"),
             ("gnorm {:.3f}", "training/grad_norm"), ("lr {:.2e}", "training/lr"),
             ("mismatch {:.1e}", "training/rollout_mismatch"), ("{:.1f}s", "time/step"), ("val {:.3f}", "val/accuracy"))
-SUM_KEYS = ("loss/policy_loss", "loss/kl_loss", "training/clipfrac", "training/approx_kl", "training/ratios",
-            "training/tis_weight", "training/tis_capped", "training/n_tokens", "training/grad_norm", "optimizer_steps")
+SUM_KEYS = ("loss/policy_loss", "loss/kl_loss", "training/clipfrac", "training/dual_clipfrac", "training/approx_kl",
+            "training/ratios", "training/tis_weight", "training/tis_capped", "training/n_tokens", "training/grad_norm",
+            "optimizer_steps")
 
 
 def response_logprobs(model, rows: list[int], samples, comps, processor, args: Args, device, entropy: bool = False):
@@ -119,6 +121,13 @@ def response_logprobs(model, rows: list[int], samples, comps, processor, args: A
     out = compute_logprobs(model, batch, args.rollout.temperature, return_entropy=entropy)
     P = batch["response_start"]
     return (out[0][:, P:], out[1][:, P:]) if entropy else out[:, P:]
+
+
+def step_seed(seed: int, step: int, B: int) -> int:
+    """The first sampling seed of a step. The engines seed response k of prompt i with seed + i * n + k, and Forced
+    Rethinking's continuations from seed + B on, so a step uses [seed, seed + 2B): blocks of 2B never overlap, and no
+    two responses of a run share a random stream."""
+    return (seed * 1_000_003 + step) * 2 * B
 
 
 def engine_logprobs(comps, T: int) -> torch.Tensor:
@@ -182,12 +191,13 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
     gradients over ranks, so 1 rank and N ranks take the same step. When fused (fuse_old_logprobs), pi_old and the
     entropies are this forward's values (written into old_lp / ent). Returns sums over this rank's micro-batches."""
     sums, fused = dict.fromkeys(SUM_KEYS, 0.0), fuse_old_logprobs(args, len(samples), world)
+    cfg = replace(args.advantage, norm_len=args.advantage.norm_len or args.rollout.max_tokens)   # Dr.GRPO's constant L
     engine_lp = engine_logprobs(comps, mask.shape[1])                                       # (B, T)
     params = [p for p in policy.parameters() if p.requires_grad]
     for _ in range(args.ppo_epochs if keep else 0):
         order = [keep[j] for j in torch.randperm(len(keep), generator=generator)]
         for mini in micro_batches(order, args.mini_batch_size):
-            normalizer = loss_normalizer(mask[mini], args.advantage)       # global: every rank has all masks
+            normalizer = loss_normalizer(mask[mini], cfg.loss_agg)         # global: every rank has all masks
             for mb in micro_batches(mini[rank::world], args.micro_batch_size):
                 lp, e = response_logprobs(policy, mb, samples, comps, processor, args, device, entropy=True)  # (b, R)
                 R = lp.shape[1]
@@ -199,15 +209,15 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
                 sums["training/tis_capped"] += float(capped.sum())
                 # w > 0 scales both PPO branches alike: weighting A weights the clipped policy-gradient loss, not KL
                 loss, m = policy_loss(lp, old_lp[mb, :R].to(device), (adv[mb, :R] * w).to(device),
-                                      mask[mb, :R].to(device), args.advantage, normalizer=normalizer,
-                                      ref_logp=ref_lp[mb, :R].to(device) if args.advantage.kl_coef > 0 else None)
+                                      mask[mb, :R].to(device), cfg, normalizer=normalizer,
+                                      ref_logp=ref_lp[mb, :R].to(device) if cfg.kl_coef > 0 else None)
                 (loss * world).backward()
                 n_tok = m["training/n_tokens"]
                 for k in ("loss/policy_loss", "loss/kl_loss"):
                     sums[k] += m[k]
-                for k, src in (("training/clipfrac", "training/clipfrac"), ("training/approx_kl", "training/approx_kl"),
-                               ("training/ratios", "training/ratio_mean")):
-                    sums[k] += m[src] * n_tok                               # token-weighted, divided at the end
+                for k in ("training/clipfrac", "training/dual_clipfrac", "training/approx_kl"):
+                    sums[k] += m[k] * n_tok                                 # token-weighted, divided at the end
+                sums["training/ratios"] += m["training/ratio_mean"] * n_tok
                 sums["training/n_tokens"] += n_tok
             sums["training/grad_norm"] += clip_grad_norm(params, args.optim.grad_clip, step) / world
             sums["optimizer_steps"] += 1 / world
@@ -232,10 +242,9 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
     return {**{f"time/{b[0]}": b[1] - a[1] for a, b in zip(times, times[1:])}, "time/step": step_s,
             "perf/tokens_per_s": tokens / step_s, "rews/scores": scores.mean().item(), "rews/acc_rewards": sum(acc) / B,
             "rews/format_rewards": sum(r["format"] for r in scored) / B,
-            "loss/policy_loss": sums["loss/policy_loss"] / args.ppo_epochs,
-            "loss/kl_loss": sums["loss/kl_loss"] / args.ppo_epochs,
-            **{k: sums[k] / n_tok for k in ("training/clipfrac", "training/approx_kl", "training/ratios",
-                                            "training/tis_weight", "training/tis_capped")},
+            **{k: sums[k] / max(sums["optimizer_steps"], 1.0) for k in ("loss/policy_loss", "loss/kl_loss")},
+            **{k: sums[k] / n_tok for k in ("training/clipfrac", "training/dual_clipfrac", "training/approx_kl",
+                                            "training/ratios", "training/tis_weight", "training/tis_capped")},
             "training/kl": ((old_lp - ref_lp) * mask).sum().item() / tokens if args.advantage.kl_coef > 0 else 0.0,
             "training/entropy": (ent * mask).sum().item() / tokens,
             "training/grad_norm": sums["training/grad_norm"] / max(sums["optimizer_steps"], 1.0),
@@ -244,7 +253,8 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             / max(1.0, sampled.sum().item()),
             "response/lengths": mask.sum(1).mean().item(),
             "response/length_clip_ratio": sum(c.finish_reason == "length" for c in comps) / B,
-            **{f"reflection/{k}": v for k, v in reflection_stats([c.text for c in comps], [a > 0 for a in acc]).items()}
+            **{f"reflection/{k}": v for k, v in reflection_stats([c.text if c.own_text is None else c.own_text
+                                                                  for c in comps], [a > 0 for a in acc]).items()}
             }
 
 
@@ -267,7 +277,9 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard,
                            args.wandb) if rank == 0 else None
     print0(f"[train] {world} rank(s) on {device}, steps {state['step']}->{total_steps} from {ckpt or args.model.path}")
-    epoch_acc: list[float] = []
+    # a mid-epoch resume gets the epoch's earlier steps back, so that train/epoch_accuracy covers the whole epoch
+    epoch_start = state["step"] - state["step"] % steps_per_epoch
+    epoch_acc = [r["rews/acc_rewards"] for r in logger.rows if r["step"] > epoch_start] if logger else []  # per step
     try:
         for step in range(state["step"], total_steps):
             times = [("start", time.time())]
@@ -276,7 +288,8 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             samples = [s for s in prompts for _ in range(n)]                                      # (B,) = P*n
 
             # step 1: rollout -- the engine (rank 0) samples n responses per prompt, each prompt's n adjacent
-            comps, rethink = rollout(engine, prompts, args.rollout, args.seed * 1_000_003 + step, args.reward) \
+            comps, rethink = rollout(engine, prompts, args.rollout, step_seed(args.seed, step, len(samples)),
+                                     args.reward) \
                 if rank == 0 else (None, None)                                                    # (B,)
             times.append(("generate", time.time()))
 
@@ -309,11 +322,11 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
 
             # metrics, checkpoint (with the metrics line: a kill before logging loses nothing), then validate and log
             done = step + 1
-            epoch_acc += [r["accuracy"] for r in scored]
             lr = optimizer.param_groups[0]["lr"]                   # the lr this step used; then the next one's
             scheduler.step()
             metrics = {"step": done, "epoch": done / steps_per_epoch, "training/lr": lr, **rethink,
                        **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
+            epoch_acc.append(metrics["rews/acc_rewards"])            # every step has B responses: a mean of means
             if done % steps_per_epoch == 0:
                 metrics["train/epoch_accuracy"], epoch_acc = sum(epoch_acc) / len(epoch_acc), []
             if (args.save_every and done % args.save_every == 0) or done == total_steps:
@@ -358,6 +371,7 @@ def main(args: Args) -> None:
     val_set = load_dataset(args.data.validation, args.data, fits, verbose)[:args.val_limit or None] \
         if args.val_every >= 0 else []
     check_args(args, int(os.environ.get("WORLD_SIZE", args.nproc)), len(train_set))
+    engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)))     # the engine's GPU is free of ranks, or exit
     prepare_out_dir(args.out_dir, args.resume, args.restart)
     launch(rl_worker, args.nproc, args, train_set, val_set)
 

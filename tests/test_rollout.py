@@ -5,6 +5,7 @@ The central checks compare independent computations: vLLM's sampled-token log-pr
 over a plain full-sequence forward. vLLM engines come from conftest's `vllm_engine` (one per architecture).
 """
 import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -398,24 +399,35 @@ def test_forced_rethinking(engine_kind, val, hf, vllm_engine):
     def judge(texts, ss):                           # "correct" = contains the wrong-answer trigger
         assert len(texts) == len(ss)
         return [wrong in t for t in texts]
-    out, stats = R.forced_rethinking(engine, samples, first, cfg, judge)
-    assert stats == {"rethink/tried": 3, "rethink/kept": 3}
+    conts = []                                      # what the engine returned for the continuations
+
+    class Recording:
+        tokenizer = engine.tokenizer
+
+        def generate(self, *a, **k):
+            out = engine.generate(*a, **k)
+            conts.extend(g[0] for g in out) if k.get("prefixes") else None
+            return out
+    out, stats = R.forced_rethinking(Recording(), samples, first, cfg, judge)
+    finished = [c.finish_reason == "stop" for c in conts]
+    assert len(conts) == 3 and stats == {"rethink/tried": 3, "rethink/kept": sum(finished)}
     assert out[3] is first[3]
     trig = processor.tokenizer.encode(wrong, add_special_tokens=False)
-    for k in range(3):
-        c, f = out[k], first[k]
-        a, b = c.trigger_span
-        assert (a, b) == (len(f.token_ids) - 1, len(f.token_ids) - 1 + len(trig))     # stop token replaced
-        assert c.token_ids[:a] == f.token_ids[:-1] and c.token_ids[a:b] == trig and len(c.token_ids) > b
-        assert all(math.isnan(x) for x in c.logprobs[a:b]) and len(c.logprobs) == len(c.token_ids)
+    for k in range(3):                              # kept exactly when the continuation finished
+        assert (out[k] is first[k]) != finished[k]
     # the continuation was sampled given prompt + first + trigger: its log-probs equal the trainer's there
-    batch = C.collate(processor, samples[:3], [c.token_ids for c in out[:3]])
+    ids = [f.token_ids[:-1] + trig + c.token_ids for f, c in zip(first, conts)]     # the stop token replaced
+    batch = C.collate(processor, samples[:3], ids)
     with torch.no_grad():
         lp = R.compute_logprobs(model, batch, 1.0)
     P = batch["response_start"]
-    for k, c in enumerate(out[:3]):
-        b = c.trigger_span[1]
-        assert (lp[k, P + b:P + len(c.token_ids)] - torch.tensor(c.logprobs[b:])).abs().max().item() <= 1e-4
+    for k, (f, c) in enumerate(zip(first, conts)):
+        b = len(f.token_ids) - 1 + len(trig)
+        assert (lp[k, P + b:P + len(ids[k])] - torch.tensor(c.logprobs)).abs().max().item() <= 1e-4
+        if finished[k]:
+            o = out[k]
+            assert o.token_ids == ids[k] and o.trigger_span == (len(f.token_ids) - 1, b)
+            assert all(math.isnan(x) for x in o.logprobs[o.trigger_span[0]:b]) and len(o.logprobs) == len(ids[k])
     # kept only when the new answer is correct: nothing kept here
     out2, stats2 = R.forced_rethinking(engine, samples, first, cfg, lambda texts, ss: [False] * len(texts))
     assert stats2 == {"rethink/tried": 3, "rethink/kept": 0} and out2 == first
@@ -528,3 +540,57 @@ def test_cli_writes_jsonl(toy_world, tmp_path):
                                "finish_reason"} <= set(rows[0])
     assert all(len(r["response_token_ids"]) == len(r["response_logprobs"]) <= 8 for r in rows)
     assert "4 tokens" not in proc.stdout and "tok/s" in proc.stdout
+
+
+class ScriptedEngine:
+    """An engine stub: the first round answers \\boxed{7} and stops; continuations come from `continuations` in turn.
+    It records every call's seed and request count."""
+
+    def __init__(self, tokenizer, continuations):
+        self.tokenizer, self.continuations, self.calls = tokenizer, list(continuations), []
+
+    def generate(self, samples, n, temperature, top_p=1.0, max_tokens=2048, seed=None, prefixes=None):
+        self.calls.append({"seed": seed, "requests": len(samples), "n": n, "prefixes": prefixes is not None})
+        if prefixes is not None:
+            return [[self.continuations.pop(0)] for _ in samples]
+        ids = self.tokenizer.encode("so the answer is \\boxed{7}", add_special_tokens=False)
+        stop = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        return [[R.Completion("so the answer is \\boxed{7}", ids + [stop], [-0.5] * (len(ids) + 1), "stop")
+                 for _ in range(n)] for _ in samples]
+
+
+def test_forced_rethinking_keeps_only_finished_continuations(val, hf):
+    """A continuation cut at its budget is not kept: the judge would accept the prefix's boxed answer while the trainer
+    scores the response as truncated. A finished one is kept, and its score agrees with its accuracy. The
+    continuations' seeds are not the first round's, and the kept response's own words leave out the trigger."""
+    from reward import RewardConfig, score_batch
+    _, processor = hf("qwen2_5_vl")
+    tok = processor.tokenizer
+    more = tok.encode(" wait I recheck: 3 + 4 = 7", add_special_tokens=False)
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    cut = R.Completion(tok.decode(more), more, [-0.1] * len(more), "length")             # hit the budget
+    done = R.Completion(tok.decode(more), more + [stop], [-0.1] * (len(more) + 1), "stop")
+    engine = ScriptedEngine(tok, [cut, done])
+    cfg = R.RolloutConfig(n=2, max_tokens=64, rethink_fraction=1.0, rethink_min_new_tokens=1,
+                          rethink_max_new_tokens=len(more), rethink_triggers=("\n\nWait",))
+    sample = dataclasses.replace(val[0], answer="7")
+    comps, stats = R.rollout(engine, [sample], cfg, seed=100, reward_cfg=RewardConfig(num_workers=1))
+    assert stats == {"rethink/tried": 2, "rethink/kept": 1}
+    assert comps[0].trigger_span is None and comps[1].trigger_span is not None and comps[1].finish_reason == "stop"
+    scored = score_batch([c.text for c in comps], ["7"] * 2, [c.finish_reason == "stop" for c in comps],
+                         RewardConfig(num_workers=1))
+    assert all(r["score"] == r["accuracy"] for r in scored), scored     # no truncation penalty on a kept response
+    first, cont = engine.calls
+    assert cont["prefixes"] and cont["seed"] >= first["seed"] + first["requests"] * first["n"]   # fresh seeds
+    assert "Wait" in comps[1].text and "Wait" not in comps[1].own_text and "recheck" in comps[1].own_text
+
+
+def test_step_seeds_never_overlap():
+    """Each response of a run has its own sampling seed: the engines seed response k of prompt i with seed + i*n + k
+    and rethinking continuations from seed + B on, so the blocks train.step_seed gives must not overlap across steps."""
+    import train
+    B = 12
+    blocks = [range(train.step_seed(s, step, B), train.step_seed(s, step, B) + 2 * B)
+              for s in (0, 1) for step in range(50)]
+    seen = [x for b in blocks for x in b]
+    assert len(seen) == len(set(seen))

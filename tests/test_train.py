@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("time/", "perf/")
 
 
-def train_cmd(world: Path, out: Path, *extra: str) -> list[str]:
+def train_cmd(world: Path, out: Path, *extra: str, train_file: str = "train.jsonl") -> list[str]:
     data = world / "data"
     return [sys.executable, str(ROOT / "train.py"), "--model.path", str(world / "models" / "qwen2_5_vl-tiny"),
-            "--data.train", str(data / "train.jsonl"), "--data.validation", str(data / "validation.jsonl"),
+            "--data.train", str(data / train_file), "--data.validation", str(data / "validation.jsonl"),
             "--out-dir", str(out), "--prompts-per-step", "4", "--rollout.n", "2", "--rollout.max-tokens", "12",
             "--mini-batch-size", "4", "--micro-batch-size", "2", "--optim.lr", "1e-3", "--optim.warmup-ratio", "0",
             "--val-limit", "4", "--reward.num-workers", "1", "--reward.no-truncation-penalty",
@@ -58,12 +59,17 @@ def no_timing(m: dict) -> dict:
     return {k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)}
 
 
+EPOCH3 = "train12.jsonl"      # 12 training rows, 4 prompts per step: an epoch is 3 steps
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(toy_world, tmp_path_factory):
-    """The reference run: 2 ranks + vLLM, 3 steps, a checkpoint after every step."""
+    """The reference run: 2 ranks + vLLM, 3 steps (one epoch), a checkpoint after every step."""
+    rows = (toy_world / "data" / "train.jsonl").read_text().splitlines(keepends=True)[:12]
+    (toy_world / "data" / EPOCH3).write_text("".join(rows))
     out = tmp_path_factory.mktemp("rl2")
     p = run(train_cmd(toy_world, out, "--nproc", "2", "--max-steps", "3", "--save-every", "1",
-                      "--keep-checkpoints", "0"))
+                      "--keep-checkpoints", "0", train_file=EPOCH3))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return out, p
 
@@ -98,7 +104,7 @@ def test_two_ranks_with_vllm_complete_and_sync(two_rank_run):
 def test_kill_and_resume_equals_uninterrupted(two_rank_run, toy_world, tmp_path):
     out2, _ = two_rank_run
     cmd = train_cmd(toy_world, tmp_path, "--nproc", "2", "--max-steps", "3", "--save-every", "1",
-                    "--keep-checkpoints", "0")
+                    "--keep-checkpoints", "0", train_file=EPOCH3)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -113,6 +119,9 @@ def test_kill_and_resume_equals_uninterrupted(two_rank_run, toy_world, tmp_path)
     assert p.returncode == 0, p.stderr[-5000:]
     resumed, reference = metrics(tmp_path), metrics(out2)
     assert [m["step"] for m in resumed] == [1, 2, 3]
+    # resumed mid-epoch: the epoch's accuracy still covers its 3 steps (the mean of their per-step accuracies)
+    acc = [m["rews/acc_rewards"] for m in reference]
+    assert resumed[-1]["train/epoch_accuracy"] == pytest.approx(sum(acc) / 3, abs=1e-9) and len(set(acc)) > 1
     for r, u in zip(resumed, reference):
         r, u = no_timing(r), no_timing(u)
         assert r.keys() == u.keys()
@@ -145,7 +154,7 @@ def test_one_rank_matches_two_ranks_then_engine_death_stops_everything(two_rank_
     within 60 s with a clear message and a non-zero exit code, leaving no process behind."""
     out2, _ = two_rank_run
     cmd = train_cmd(toy_world, tmp_path, "--nproc", "1", "--max-steps", "1000", "--save-every", "1",
-                    "--keep-checkpoints", "0", "--val-every", "-1")
+                    "--keep-checkpoints", "0", "--val-every", "-1", train_file=EPOCH3)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
@@ -294,3 +303,187 @@ def test_weighting_advantages_weights_the_clipped_loss():
     expected = (w * per_token * mask).sum() / mask.sum()                                 # token-mean
     loss, _ = policy_loss(logp, old, adv * w, mask, cfg)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step's functions called directly (tests/rank_step.py) on 1 and 2 ranks, in float64, against independent values
+# ---------------------------------------------------------------------------------------------------------------------
+LENGTHS = [3, 7, 1, 5, 8, 2, 6, 4]     # B = 4 prompts x 2 responses; --rollout.max-tokens 12 exceeds every length
+MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def step_args(model_dir, micro: int, mini: int = 8, **advantage) -> "train.Args":
+    import train
+    from advantage import AdvantageConfig
+    return train.Args(model=common.ModelConfig(path=str(model_dir)), prompts_per_step=4,
+                      rollout=train.RolloutConfig(n=2, max_tokens=12), mini_batch_size=mini, micro_batch_size=micro,
+                      optim=common.OptimConfig(grad_clip=0.0),
+                      advantage=AdvantageConfig(**{"kl_coef": 0.0, **advantage}))
+
+
+def make_comps(tokenizer, engine_lp: list[list[float]] | None = None) -> list:
+    from rollout import Completion
+    words = tokenizer.encode("the sum of 3 and 4 is 7 so the answer is 7 and we check it", add_special_tokens=False)
+    ids = [[words[(i + t) % len(words)] for t in range(n)] for i, n in enumerate(LENGTHS)]
+    lps = engine_lp or [[0.0] * n for n in LENGTHS]
+    return [Completion(tokenizer.decode(x), x, lp, "stop") for x, lp in zip(ids, lps)]
+
+
+def reference_logp(model, processor, samples, comps) -> torch.Tensor:
+    """(B, R) log pi of each response token from a plain HF forward of the whole batch: full logits, the engines'
+    blocked tokens at -inf, log-softmax (no tiles, no FSDP, no micro-batches)."""
+    from rollout import MODEL_INPUTS
+    batch = common.collate(processor, samples, [c.token_ids for c in comps])
+    P = batch["response_start"]
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits[:, P - 1:-1]        # (B, R, V)
+    blocked = torch.cat([batch["blocked_token_ids"], torch.arange(batch["tokenizer_len"], logits.shape[-1])])
+    logp = logits.index_fill(-1, blocked, float("-inf")).log_softmax(-1)
+    return logp.gather(-1, batch["input_ids"][:, P:, None])[..., 0] * batch["response_mask"][:, P:]
+
+
+def expected_grads(model, logp, coef) -> dict[str, torch.Tensor]:
+    """Gradient of -sum_{i,t} coef_it log pi_it: the PPO loss's gradient at ratio 1 (pi = pi_old)."""
+    model.zero_grad()
+    (-(coef * logp).sum()).backward(retain_graph=True)
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def agg_coef(mode: str, adv: torch.Tensor, mask: torch.Tensor, L: int) -> torch.Tensor:
+    """(B, T) the weight of each token's -A log pi in each aggregation, worked out per mode (S responses, N tokens)."""
+    n_tok, S = mask.sum(1, keepdim=True), mask.any(1).sum()
+    per_mode = {"token-mean": mask.sum(), "seq-mean-token-mean": n_tok * S, "seq-mean-token-sum": S,
+                "seq-mean-token-sum-norm": L * S}
+    return adv * mask / per_mode[mode]
+
+
+@pytest.fixture(scope="module")
+def direct_runs(toy_world, tmp_path_factory):
+    """One update per case on 1 and on 2 ranks (rank_step.update_worker), and the float64 reference pieces."""
+    from unittest import mock
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import rank_step
+    model_dir = toy_world / "models" / "qwen2_5_vl-tiny"
+    processor = AutoProcessor.from_pretrained(model_dir)
+    prompts = common.load_dataset(str(toy_world / "data" / "train.jsonl"))[:4]
+    samples = [s for s in prompts for _ in range(2)]
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float64)
+    for name, p in model.named_parameters():     # as common.load_model: the vision tower frozen, its merger not
+        p.requires_grad_(not (name.startswith("model.visual.") and "merger" not in name))
+    comps = make_comps(processor.tokenizer)
+    logp = reference_logp(model, processor, samples, comps)                                           # (B, T)
+    mask = (torch.arange(logp.shape[1])[None, :] < torch.tensor(LENGTHS)[:, None]).double()         # (B, T)
+    g = torch.Generator().manual_seed(3)
+    adv = torch.randn(len(LENGTHS), mask.shape[1], generator=g, dtype=torch.float64) * mask          # (B, T)
+    noise = 0.5 * torch.randn(logp.shape, generator=g, dtype=torch.float64)                         # engine - trainer
+    engine_lp = [(logp[i, :n] + noise[i, :n]).tolist() for i, n in enumerate(LENGTHS)]
+    cases = [dict(args=step_args(model_dir, micro, loss_agg=mode), comps=comps, adv=adv)
+             for mode in MODES for micro in (1, 4)]
+    cases.append(dict(args=replace(step_args(model_dir, 2), tis="token", tis_cap=2.0),
+                      comps=make_comps(processor.tokenizer, engine_lp), adv=adv))
+    half = torch.full_like(adv, 0.5) * mask
+    ref_lp = (logp.detach() - 0.3) * mask                            # log pi - log pi_ref = 0.3 on every token
+    cases += [dict(args=step_args(model_dir, 2, mini, kl_coef=0.1, kl_type="k1"), comps=comps, adv=half,
+                   ref_lp=ref_lp) for mini in (8, 4)]
+    cases.append(dict(args=step_args(model_dir, 2, kl_coef=0.001), comps=comps, adv=adv, ref=True))   # fused pi_old
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path_factory.mktemp(f"direct{world}") / "out.pt"
+        with mock.patch.dict(os.environ):          # launch sets the rendezvous variables in this process
+            common.launch(rank_step.update_worker, world, str(model_dir), samples, cases, str(out))
+        runs[world] = torch.load(out, weights_only=False)
+    return runs, dict(model=model, logp=logp, mask=mask, adv=adv, noise=noise)
+
+
+def test_engine_gpu_is_never_a_training_ranks(monkeypatch, toy_world, tmp_path):
+    """The engine process takes the last GPU this node sees; with several GPUs no training rank may have it. Under
+    torchrun --nproc-per-node 8 on 8 GPUs the ranks hold all 8, and train.py says so before start-up."""
+    import tyro
+
+    import train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert common.engine_gpu(7) == "7"                            # python train.py --nproc 7: ranks on 0..6
+    with pytest.raises(SystemExit, match="GPU of its own"):
+        common.engine_gpu(8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,6")          # a job given four GPUs: the engine gets physical 6
+    assert common.engine_gpu(3) == "6"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert common.engine_gpu(1) == "0"                            # one GPU: shared, by memory fraction
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                   # as torchrun --nproc-per-node 8 sets it
+    with pytest.raises(SystemExit, match="GPU of its own"):
+        train.main(tyro.cli(train.Args, args=train_cmd(toy_world, tmp_path / "run")[2:]))
+    assert not (tmp_path / "run").exists()                         # refused before anything started
+
+
+def test_every_collective_is_served_on_a_gpu_machine(direct_runs):
+    """On a CUDA machine common.init_distributed's process group must serve every collective the step makes: the
+    step's bookkeeping (gathered log-probs, metric sums, validation totals, pickled batches) is on the CPU, and NCCL
+    alone serves only CUDA tensors ("No backend type associated with device type cpu" at step 1). The group is joined
+    as on CUDA (rank_step.join_as_on_cuda) and each collective's device is checked against its backends."""
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+    runs, _ = direct_runs
+    for world, run_ in runs.items():
+        served = BackendConfig(Backend(run_["backend"])).get_device_backend_map()
+        assert ("all_reduce", "cpu") in run_["collectives"] and "cuda" in served
+        unserved = [(name, dev) for name, dev in run_["collectives"] if dev != "object" and dev not in served]
+        assert not unserved, f"{world} rank(s), backend {run_['backend']!r} ({served}): {unserved} not served"
+
+
+def test_update_gradient_is_independent_of_micro_batches_and_ranks(direct_runs):
+    """In every loss aggregation the update's gradient is the same for micro-batch 1 and 4, on 1 and 2 ranks, and
+    equals the gradient of the aggregated loss worked out per mode from a plain float64 forward. Dr.GRPO's L is the
+    constant --rollout.max-tokens (12 here), not a micro-batch's own padded length."""
+    runs, ref = direct_runs
+    for k, mode in enumerate(MODES):
+        want = expected_grads(ref["model"], ref["logp"], agg_coef(mode, ref["adv"], ref["mask"], L=12))
+        for world in (1, 2):
+            for j, micro in enumerate((1, 4)):
+                got = runs[world]["results"][2 * k + j]["grads"]
+                assert got.keys() == want.keys()
+                errs = {n: ((got[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want}
+                assert max(errs.values()) < 1e-6, (mode, world, micro, max(errs.items(), key=lambda e: e[1]))
+
+
+def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
+    """--tis token, cap 2, engine log-probs = the trainer's + noise: the update's gradient is that of
+    -sum w_t A_t log pi_t / N with w_t = min(pi_old / pi_engine, 2), worked out here from the noise alone."""
+    runs, ref = direct_runs
+    eng = torch.tensor((ref["logp"] + ref["noise"]).float().tolist(), dtype=torch.float64)   # as the engine sent them
+    w = (ref["logp"].detach() - eng).exp().clamp(max=2.0)                                    # (B, T), no gradient
+    assert (w * ref["mask"]).max() == 2.0 and (w * ref["mask"]).min() < 0.5      # capped and far from 1
+    want = expected_grads(ref["model"], ref["logp"], agg_coef("token-mean", ref["adv"] * w, ref["mask"], L=12))
+    for world in (1, 2):
+        got = runs[world]["results"][8]["grads"]
+        errs = {n: ((got[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want}
+        assert max(errs.values()) < 1e-6, (world, max(errs.items(), key=lambda e: e[1]))
+
+
+def test_logged_losses_are_means_over_optimizer_steps(direct_runs):
+    """Every advantage 0.5 and log pi - log pi_ref = 0.3 on every token (k1): each mini-batch's policy loss is -0.5
+    and its KL 0.3, so the logged values are -0.5 and 0.3 with 1 or 2 mini-batches (a sum would give -1.0 and 0.6)."""
+    runs, _ = direct_runs
+    for world in (1, 2):
+        for case in (9, 10):
+            m = runs[world]["results"][case]["metrics"]
+            assert m["loss/policy_loss"] == pytest.approx(-0.5, abs=1e-6), (world, case)   # pi_old is kept in fp32
+            assert m["loss/kl_loss"] == pytest.approx(0.3, abs=1e-6), (world, case)
+
+
+def test_reflection_metrics_leave_out_the_forced_trigger():
+    """A rethought response holds the forced trigger ("Wait") in its text; MAYE's reflection ratios count the model's
+    own reflection words only, so here (one plain response, one rethought without a word of its own) they are 0."""
+    import train
+    from rollout import Completion
+    comps = [Completion("so it is 7", [5, 6, 7], [-1.0] * 3, "stop"),
+             Completion("so it is 7\n\nWait, so it is 7", [5, 6, 8, 9, 10], [-1.0, -1.0, float("nan"), -1.0, -1.0],
+                        "stop", trigger_span=(2, 3), own_text="so it is 7 so it is 7")]
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    zeros, sums = torch.zeros(2, 5), dict.fromkeys(train.SUM_KEYS, 0.0)
+    m = train.step_metrics(comps, [{"accuracy": 1.0, "format": 0.0}] * 2, torch.ones(2), mask, zeros, zeros, zeros,
+                           sums, [0, 1], [("start", 0.0), ("update", 1.0)], train.Args())
+    assert m["reflection/reflection_ratio"] == 0.0 and m["reflection/words/wait"] == 0, m
