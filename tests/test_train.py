@@ -162,12 +162,10 @@ def test_one_rank_matches_two_ranks_then_engine_death_stops_everything(two_rank_
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.1)
     os.kill(int((tmp_path / "engine.pid").read_text()), signal.SIGKILL)
-    t0 = time.time()
-    try:
+    try:     # the timeout guards against a hang (not a speed target): the run stops at its next engine call
         _, err = proc.communicate(timeout=60)
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-    assert time.time() - t0 < 60
     assert proc.returncode != 0 and "engine process died" in err, err[-3000:]
     for _ in range(100):     # helpers (reward judges, multiprocessing's resource tracker) exit on their own
         leftovers = subprocess.run(["ps", "-o", "pid,args", "--no-headers", "-s", str(proc.pid)],
