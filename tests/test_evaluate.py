@@ -2,7 +2,8 @@
 
 Expected numbers are worked by hand (arithmetic in the comments) or by brute force (all k-subsets), never by
 calling the code under test twice. A fake engine returns chosen completions; one test uses the HF engine on the tiny
-toy model, one the session's vLLM engine (a run's checkpoints share one engine).
+toy model trained briefly to answer (so that it is right on some problems), one the session's vLLM engine (a run's
+checkpoints share one engine).
 """
 import itertools
 import json
@@ -388,32 +389,74 @@ def test_plain_model_dir_is_vanilla(toy_world):
                    "epoch": 0.0, "kind": "vanilla"}]
 
 
-def test_hf_engine_on_toy_model(toy_world, tmp_path):
-    """The real chain on the tiny toy model: HF engine -> evaluate_model, and evaluate_run on a run dir whose one
-    checkpoint is that model gives the same numbers (same seeds, same prompts)."""
+def answering_copy(toy_world: Path, out: Path, samples) -> Path:
+    """The tiny model after 100 Adam steps (~6 s) on two targets, saved to `out`: the right answer to samples[0], a
+    wrong one to samples[1]. Its greedy answer then depends on the prompt, and it is right on some problems (the
+    random-init model never is, and runs every response to max_tokens)."""
     import shutil
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from common import collate
+    from rollout import compute_logprobs
+    src = toy_world / "models" / "qwen2_5_vl-tiny"
+    processor = AutoProcessor.from_pretrained(src)
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    tok, end = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    targets = [f"\\boxed{{{samples[0].answer}}}", f"\\boxed{{{int(samples[1].answer) + 1}}}"]
+    batch = collate(processor, samples[:2], [tok.encode(t, add_special_tokens=False) + [end] for t in targets])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(100):
+        loss = -(compute_logprobs(model, batch) * batch["response_mask"]).sum() / batch["response_mask"].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    shutil.copytree(src, out)
+    model.save_pretrained(out)
+    return out
+
+
+def texts(records: list[dict]) -> list[tuple]:
+    return [(r["id"], r["sample"], r["response"]) for r in records]
+
+
+def test_hf_engine_on_toy_model(toy_world, tmp_path):
+    """The real chain on a toy model that is right on some problems: HF engine -> evaluate_model, and evaluate_run on
+    a run dir whose one checkpoint is that model gives the same responses, problem by problem and sample by sample
+    (same seeds, same prompts), hence the same numbers. At T=2 the responses change with the seed, so a seed that
+    differs between the two paths shows."""
+    from dataclasses import replace
+
     from common import DataConfig, load_dataset
     from rollout import RolloutConfig, make_engine
-    model = toy_world / "models" / "qwen2_5_vl-tiny"
     data = DataConfig(validation=str(toy_world / "data" / "validation.jsonl"))
     rcfg = RolloutConfig(engine="hf", max_tokens=8)
-    cfg = ev.EvalConfig(settings=("pass@1_t0.01", "pass@2_t1.0"), splits=("validation",), max_tokens=8, limit=4)
+    cfg = ev.EvalConfig(settings=("pass@1_t0.01", "pass@3_t2.0"), splits=("validation",), max_tokens=8, limit=4,
+                        seed=7)   # not the engine's default seed 0, which an unseeded call would fall back to
     samples = load_dataset(data.validation, data)[:4]
-    res = ev.evaluate_model(make_engine(str(model), rcfg, data), samples, cfg, RCFG)
-    for name, n in (("pass@1_t0.01", 1), ("pass@2_t1.0", 2)):
+    ck = answering_copy(toy_world, tmp_path / "run" / "checkpoints" / "step_000005", samples)
+    (ck / "vlrl_state.json").write_text(json.dumps({"step": 5, "epoch": 1.0, "kind": "rl"}))
+    engine = make_engine(str(ck), rcfg, data)
+    res = ev.evaluate_model(engine, samples, cfg, RCFG)
+    for name, n in (("pass@1_t0.01", 1), ("pass@3_t2.0", 3)):
         r, recs = res[name], res[name]["records"]
         assert len(recs) == 4 * n and all(0 < x["length"] <= 8 for x in recs)
-        assert [x["id"] for x in recs] == [s.id for s in samples for _ in range(n)]
+        assert [(x["id"], x["sample"]) for x in recs] == [(s.id, j) for s in samples for j in range(n)]
         assert r["length_clip_ratio"] == sum(x["finish_reason"] == "length" for x in recs) / (4 * n)
         assert r["accuracy"] == sum(any(x["correct"] for x in recs[i:i + n]) for i in range(0, 4 * n, n)) / 4
-    ck = tmp_path / "run" / "checkpoints" / "step_000005"
-    shutil.copytree(model, ck)
-    (ck / "vlrl_state.json").write_text(json.dumps({"step": 5, "epoch": 1.0, "kind": "rl"}))
+    greedy = res["pass@1_t0.01"]["records"]
+    assert greedy[0]["response"] == f"\\boxed{{{samples[0].answer}}}" and greedy[0]["finish_reason"] == "stop"
+    assert [x["correct"] for x in greedy] == [True, False, False, False]       # right on the problem it learned
+    other_seed = ev.evaluate_model(engine, samples, replace(cfg, seed=8), RCFG, ("pass@3_t2.0",))
+    assert texts(other_seed["pass@3_t2.0"]["records"]) != texts(res["pass@3_t2.0"]["records"])
     rows = ev.evaluate_run(tmp_path / "run", data, rcfg, cfg, RCFG)
-    assert [(r["setting"], r["n_responses"]) for r in rows] == [("pass@1_t0.01", 4), ("pass@2_t1.0", 8)]
+    assert [(r["setting"], r["n_responses"]) for r in rows] == [("pass@1_t0.01", 4), ("pass@3_t2.0", 12)]
     for row in rows:
-        assert (row["accuracy"], row["mean_length"]) == (res[row["setting"]]["accuracy"],
-                                                         res[row["setting"]]["mean_length"])
+        saved = ev.read_jsonl(ck.parents[1] / "eval_responses" / ck.name / f"validation_{row['setting']}.jsonl")
+        assert texts(saved) == texts(res[row["setting"]]["records"]), row["setting"]
+        keys = ("accuracy", "mean_length", "length_clip_ratio", "response_accuracy")
+        assert [row[k] for k in keys] == [res[row["setting"]][k] for k in keys], row["setting"]
 
 
 def test_reflection_stats_hand_worked():
