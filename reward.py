@@ -4,15 +4,14 @@ Score of one response (MAYE, arXiv 2504.02587: accuracy + format + language pena
     score = accuracy + format_weight * format + language_penalty * [response mixes in CJK script]
     score = penalty                       if the response has no stop token (finished=False)
 accuracy is 1/0 from `judge`: the last \\boxed{...} (all boxes, for a gold of several parts) vs the gold answer after
-MAYE-style normalisation (degrees, %, units, \\text{}, `x=5`, choice letters), part by part (`x=1, y=2`: every part
-must match); numbers within rel_tol (exact for an integer gold), also inside tuples, intervals, sets and matrices; the
-rest by math-verify. Each judgement runs in a judge process (common.bounded_map), bounded by timeout_s whichever
+MAYE-style normalisation (degrees, %, units, \\text{}, `x=5`, choice letters), part by part (`x=1, y=2`: the parts
+must match as sets); numbers within rel_tol (exact for an integer gold), also inside tuples, intervals and matrices;
+the rest by math-verify. Each judgement runs in a judge process (common.bounded_map), bounded by timeout_s whichever
 thread calls: past it (a Python loop or one C call alike), or if it dies, the process is killed and replaced and the
 item gets accuracy 0 with the reason.
 
 Run alone:  python reward.py --responses R.jsonl [--out scored.jsonl] [--reward.num-workers 2]
 """
-import itertools
 import json
 import math
 import numbers
@@ -57,17 +56,19 @@ _TAG_RE = re.compile(r"(?<![A-Za-z\\])" + _UNITS + r"(?![A-Za-z]|\\angle)|°|\\c
 _TAGS = {"centimeter": "cm", "millimeter": "mm", "kilometer": "km", "meter": "m", "inche": "in", "inch": "in",
          "feet": "ft", "foot": "ft", "yard": "yd", "°": "deg", "\\circ": "deg", "degree": "deg", "percent": "%",
          "pct": "%"}
-_RELATIONS = [(re.compile(p), r) for p, r in ((r">=|≥|\\geqslant|\\ge(?![a-zA-Z])", r"\\geq "), (r"\\approx", "="),
+_RELATIONS = [(re.compile(p), r) for p, r in ((r"(=[^=,;]*?)\\approx[^,;]*", r"\1"),  # `x=1/3\approx0.33`: exact
+              (r">=|≥|\\geqslant|\\ge(?![a-zA-Z])", r"\\geq "), (r"\\approx", "="),
               (r"<=|≤|\\leqslant|\\le(?![a-zA-Z])", r"\\leq "), (r"!=|≠|\\ne(?![a-zA-Z])", r"\\neq "),
               (r"^\s*=", ""))]
-_SEP_RE = re.compile(r"\\(?:text|mbox|mathrm)\s*\{\s*(?:and|or)\s*\}|\s(?:and|or)\s|;|\\quad")
+_SEP_RE = re.compile(r"\\(?:text|mbox|mathrm)\s*\{\s*(?:and|or)\s*\}|\s(?:and|or)\s|;|\\quad"
+                     r"|(?<=[)\]])\s*(?:and|or)\s*(?=[(\[])")  # `(11,7)or(7,11)`
 _SPLIT_RE = re.compile(r"\\begin|\\end|\\[{}]|[([{]|[)\]}]|,")
-_THOUSANDS_RE = re.compile(r"[\s$]*-?\d{1,3}(?:,(?:\s|\\[!,])*\d{3})+(?:\.\d*)?[\s$%]*")
+_THOUSANDS_RE = re.compile(r"[\s$]*(?:\\\$)?\s*-?[1-9]\d{0,2}(?:,(?:\\[!,]\s*)*\d{3})+(?:\.\d*)?[\s$%]*")
 _NAME_SUB_RE = re.compile(r"_\{[^{}]*\}|_\w|\\angle\s*\d+")  # subscripts and `\angle 1` may hold digits in a name
 _MATRIX_RE = re.compile(r"^\\begin\{(\w+)\}(.*)\\end\{\1\}$", re.S)
 _CHOICE_GOLD_RE = re.compile(r"^\(?([A-H])\)?\.?$")
 _CHOICE_PRED_RE = re.compile(r"^\(?([A-H])(?:\)|\.|:|,|\s|$)")
-_NUM_RE = re.compile(r"^(-?)(\d{1,3}(?:,\d{3})+|\d+)?(\.\d+)?(%?)$")
+_NUM_RE = re.compile(r"^(-?)([1-9]\d{0,2}(?:,\d{3})+|\d+)?(\.\d+)?(%?)$")
 _FRAC_RE = re.compile(r"^(-?)(?:\\frac\{(-?\d+)\}\{(\d+)\}|\\frac(\d)(\d)|(-?\d+)/(\d+))(%?)$")
 _CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 _THINK_RE = re.compile(r"^\s*<think>(.+?)</think>", re.S)
@@ -130,6 +131,10 @@ def split_parts(s: str) -> list[str]:
     `and`/`or`; `a \\pm b` is two parts. `x=1, y=2` -> [`x=1`, ` y=2`]; `(1,2)` and `\\{1,2\\}` stay one part."""
     if _THOUSANDS_RE.fullmatch(s):
         return [s]
+    s = re.sub(r"(?<!\\)\\[,;:! ]", " ", s)  # spacing macros: `a=4,\,-8` is two parts, not four
+    groups = [g.split(",") for g in s.split(";")]
+    if len(groups) > 1 and all(len(g) > 1 and all("=" in x for x in g) for g in groups):  # `p=5,q=2;p=7,q=2`
+        s = ",".join("(" + ",".join(x.partition("=")[2] for x in g) + ")" for g in groups)  # is `(5,2),(7,2)`
     s, parts, depth, start = _SEP_RE.sub(",", s), [], 0, 0
     for m in _SPLIT_RE.finditer(s):
         if m.group() == "," and depth == 0:
@@ -143,25 +148,34 @@ def split_parts(s: str) -> list[str]:
 
 def named_part(part: str) -> tuple[str, str, str]:
     """(name, value, part) of a normalised part: `x=5` -> `x`, `5`; `\\angle ABC = 2+3 = 5` -> `\\angle ABC`, `5`;
-    `f(x)=3`, `|AB|=5`, `\\frac{NO}{BO}=\\frac{1}{2}` alike. A left side with digits (outside subscripts and
-    `\\angle 1`) or operators is no name (`2x=6`, `x^2+y^2=1`): the part is an equation, ('', part, part)."""
-    lhs, _, rhs = part.partition("=")
-    name = _NAME_SUB_RE.sub("", lhs)
-    if rhs and re.search(r"[A-Za-z]", name) and not re.search(r"[\d+\-*/^]|\\cdot|\\times", name):
-        return re.sub(r"\\overline|m(?=\\angle)|[{}]", "", lhs), rhs.rpartition("=")[2], part
+    `f(x)=3`, `|AB|=5`, `\\frac{NO}{BO}=\\frac{1}{2}` alike, and `1=y=x=0` -> `x`, `0` (the last left side). A left
+    side with digits (outside subscripts and `\\angle 1`) or operators is no name (`2x=6`, `x^2+y^2=1`): the part is
+    an equation, ('', part, part). Only `=` outside braces counts (`F_n=\\sum_{k=0}^{n}F_k`)."""
+    cut = [i for i, c in enumerate(re.sub(r"\{(?:[^{}]|\{[^{}]*\})*\}", lambda m: "_" * len(m[0]), part)) if c == "="]
+    for lhs in [part[:cut[0]], part[cut[-2] + 1:cut[-1]] if len(cut) > 1 else ""] if cut else []:
+        name = _NAME_SUB_RE.sub("", lhs)
+        if re.search(r"[A-Za-z]", name) and not re.search(r"[\d+\-*/^]|\\cdot|\\times", name):
+            return re.sub(r"\\overline|m(?=\\angle)|[{}]", "", lhs), part[cut[-1] + 1:], part
     return "", part, part
 
 
+def answer_parts(text: str) -> list[tuple[str, str, str]]:
+    """`named_part` of each part of a raw answer (`split_parts`); a set, or braces that `normalize` drops (`{1,2,3}`),
+    stands for the list of its elements, so `\\{1,2\\}`, `{1,2}` and `1, 2` compare alike."""
+    normalised, ps = normalize(text), split_parts(text)
+    if ps == [text] and len(inner := split_parts(re.sub(r"^\\\{(.*)\\\}$", r"\1", normalised))) > 1:
+        ps = inner
+    return [named_part(normalised)] if ps == [text] else [named_part(normalize(x)) for x in ps]
+
+
 def elements(s: str) -> tuple[str, list[str]] | None:
-    """A normalised tuple, interval, set or matrix as (kind, elements), else None. kind: the brackets (`(]`, `set`) or
-    the matrix environment with its row lengths, so that only like compares with like."""
+    """A normalised tuple, interval or matrix as (kind, elements), else None. kind: the brackets and the length (`(]2`)
+    or the matrix environment with its row lengths, so that only like compares with like."""
     if m := _MATRIX_RE.match(s):
         rows = [r.split("&") for r in m.group(2).split("\\\\") if r]
         return f"{m.group(1)}{[len(r) for r in rows]}", [c for r in rows for c in r]
-    if s.startswith("\\{") and s.endswith("\\}"):
-        return "set", split_parts(s[2:-2])
     if s[:1] in "([" and s[-1:] in ")]" and len(items := split_parts(s[1:-1])) > 1:
-        return s[0] + s[-1], items
+        return f"{s[0]}{s[-1]}{len(items)}", items
     return None
 
 
@@ -197,21 +211,20 @@ def _too_big(s: str) -> str:
 
 # ---- judging ---------------------------------------------------------------------------------------------------------
 def match_all(preds: list, golds: list, same, ordered: bool) -> tuple[float, str]:
-    """1.0 if each gold item has its own pred item equal to it by `same(p, g) -> (accuracy, reason)`: in order, or
-    (not `ordered`, up to 6 items) in any order; with the first reason seen."""
-    if len(preds) != len(golds):
-        return 0.0, ""
-    if ordered or len(golds) > 6:
-        return next((res for p, g in zip(preds, golds) if not (res := same(p, g))[0]), (1.0, ""))
+    """1.0 if the items are equal by `same(p, g) -> (accuracy, reason)`: pairwise in order (lists of one length), or
+    (not `ordered`) as sets, each gold item equal to some pred item and each pred item to some gold item (repeats
+    aside); with the first reason seen."""
+    if ordered:
+        return next((r for p, g in zip(preds, golds) if not (r := same(p, g))[0]), (1.0, ""))
     res = [[same(p, g) for g in golds] for p in preds]
-    ok = any(all(res[i][j][0] for i, j in enumerate(order)) for order in itertools.permutations(range(len(golds))))
+    ok = all(any(r[0] for r in row) for row in res) and all(any(row[j][0] for row in res) for j in range(len(golds)))
     return float(ok), next((r for row in res for _, r in row if r), "")
 
 
 def same_part(p: str, g: str, cfg: RewardConfig) -> tuple[float, str]:
     """One normalised part or element: equal strings; an equation never equals a value; two plain numbers by
-    `numbers_match` (50% may mean 50 or 0.5); tuples, intervals, sets and matrices of one kind element by element (sets
-    in any order); else math-verify parses both: two numbers by `numbers_match`, anything else by its verify."""
+    `numbers_match` (50% may mean 50 or 0.5); tuples, intervals and matrices of one kind element by element; else
+    math-verify parses both: two numbers by `numbers_match`, anything else by its verify."""
     if p == g or ("=" in p) != ("=" in g):  # `x^2+y^2=1` vs `1`: math-verify would compare the right side alone
         return float(p == g), ""
     if (pn := to_number(p)) is not None and (gn := to_number(g)) is not None:
@@ -219,7 +232,7 @@ def same_part(p: str, g: str, cfg: RewardConfig) -> tuple[float, str]:
         return float(any(numbers_match(a, b, cfg.rel_tol, gn[1]) for a in pv for b in gv)), ""
     if (pe := elements(p)) and (ge := elements(g)) and pe[0] == ge[0]:
         return match_all([normalize(x) for x in pe[1]], [normalize(x) for x in ge[1]],
-                         lambda a, b: same_part(a, b, cfg), ordered=pe[0] != "set")
+                         lambda a, b: same_part(a, b, cfg), ordered=True)
     if why := next((f"{w} in {side}" for side, text in (("answer", g), ("pred", p)) if (w := _too_big(text))), ""):
         return 0.0, why
     import logging  # lazy imports keep `import reward` and --help fast
@@ -242,9 +255,9 @@ def same_part(p: str, g: str, cfg: RewardConfig) -> tuple[float, str]:
 
 def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[float, str]:
     """accuracy (1.0/0.0) and reason ('' when judged normally). Length guards, string equality after `normalize`,
-    differing units, choice letters; then part by part (`split_parts`, `named_part`): each gold part needs its own
-    equal pred part (`same_part`), in any order, with the same name where both have one (`x=1, y=2` is neither `2`
-    nor `x=2, y=1`). Unbounded in time: called inside a judge process (score_batch)."""
+    differing units, choice letters, a decimal comma against a number (`1000,99`); then part by part (`answer_parts`):
+    the parts, as sets, equal by `same_part`, with the same name where both have one (`x=1, y=2` is neither `2` nor
+    `x=2, y=1`). Unbounded in time: called inside a judge process (score_batch)."""
     gold = (extract_boxed(gold) or gold) if "\\boxed" in gold or "\\fbox" in gold else gold
     for side, text in (("answer", gold), ("pred", pred)):  # 10x before normalising: it is cheap but O(n)
         if len(text) > 10 * cfg.max_answer_chars:
@@ -259,20 +272,18 @@ def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[flo
         return 0.0, ""
     if p == g:
         return 1.0, ""
-    if gm := _CHOICE_GOLD_RE.match(g):  # multiple choice: one letter ("(B) 30", "B.", "B"), not "A and C"
-        pm = _CHOICE_PRED_RE.match(_WRAP_RE.sub(r"\1", pred).strip().strip("$").strip())
-        return float(bool(pm) and pm.group(1) == gm.group(1) and len(split_parts(pred)) == 1), ""
-
-    def parts(text: str, normalised: str) -> list[tuple[str, str, str]]:  # a one-part answer is normalised already
-        ps = split_parts(text)
-        return [named_part(normalised)] if ps == [text] else [named_part(normalize(x)) for x in ps]
+    if gm := _CHOICE_GOLD_RE.match(g):  # multiple choice: one letter ("(B) 30", "B.", "B"), not "\text{A and C}"
+        pm = _CHOICE_PRED_RE.match(bare := _WRAP_RE.sub(r"\1", pred).strip().strip("$").strip())
+        return float(bool(pm) and pm.group(1) == gm.group(1) and len(split_parts(bare)) == 1), ""
+    if (to_number(p) is None) != (to_number(g) is None):  # `1,22` against 1.22: read as a decimal comma
+        pred, gold = (x.replace(",", ".") if re.fullmatch(r"-?\d+,\d+", x.strip(" $")) else x for x in (pred, gold))
 
     def same(a, b):  # a, b: named parts; a named value vs an equation: compare the whole parts
         if a[0] and b[0] and a[0] != b[0]:
             return 0.0, ""
         return same_part(*((a[1], b[1]) if ("=" in a[1]) == ("=" in b[1]) else (a[2], b[2])), cfg)
 
-    return match_all(parts(pred, p), parts(gold, g), same, ordered=False)
+    return match_all(answer_parts(pred), answer_parts(gold), same, ordered=False)
 
 
 _FN_CACHE: dict[str, object] = {}
@@ -299,8 +310,8 @@ def _result(score, accuracy, fmt, reason, pred=None, mixed=False) -> dict:
 def _score_unbounded(response: str, answer: str, finished: bool, cfg: RewardConfig) -> dict:
     """The score formula at the top for one response, unbounded in time (it runs inside a judge process)."""
     pred, boxes = extract_answer(response, cfg.answer_fallback), extract_boxes(response)
-    if len(boxes) > 1 and len(split_parts(extract_boxed(answer) or answer)) > len(split_parts(pred)):
-        pred = ", ".join(boxes)  # a gold of several parts: the boxes together are the answer
+    if len(boxes) > 1 and len(answer_parts(extract_boxed(answer) or answer)) > len(answer_parts(pred)):
+        pred = ", ".join(boxes)  # a gold of several parts: the boxes together are the answer (as a set: repeats aside)
     fmt = float(bool(pred) and bool(boxes))
     if fmt and cfg.require_think:
         m = _THINK_RE.match(response)

@@ -1,9 +1,12 @@
 """Tests for reward.py: extraction, a 60-case judgement table (through the judge pool and by a direct call), the
-353-case table of tests/fixtures/judge_table.jsonl (no false positive), bad
-inputs within the time limit, timeouts from a non-main thread, workers that spin, hang in C code or die,
-penalties/format, custom reward functions, pool lifecycle and the CLI.
-~45-60 s on the 2-core box, most of it judge start-up (every replaced worker pays it again)."""
+353-case table of tests/fixtures/judge_table.jsonl (no false positive), Math-Verify's own public cases
+(tests/fixtures/mathverify_table.jsonl: no false positive, at least math-verify's agreement), the answer classes of
+issue 25, bad inputs (verdict and reason) within the time limit, timeouts from a non-main thread, workers that spin,
+hang in C code or die, penalties/format, custom reward functions, pool lifecycle and the CLI.
+~60-75 s on the 2-core box, most of it judge start-up (every replaced worker pays it again) and math-verify's own
+judgement of its 219 cases (~10 s)."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -80,6 +83,91 @@ KNOWN_MISSES = {("12 cm", "120 mm"),  # (gold, boxed answer) judged wrong though
                 ("\\begin{pmatrix} 3 \\\\ 0 \\\\ -2 \\end{pmatrix}", "(3, 0, -2)")}  # nor vectors as tuples
 
 
+# Math-Verify's public test suite (Apache-2.0): its curated final-answer cases as rows, by
+# tests/fixtures/make_mathverify_table.py (tests/fixtures/README.md says which cases and how).
+MV_TABLE = [json.loads(x) for x in (ROOT / "tests" / "fixtures" / "mathverify_table.jsonl").read_text().splitlines()
+            if x]
+JUDGE_CATEGORIES = {"number", "fraction_percent", "units_degrees", "choice", "equation_lhs", "multi_part",
+                    "tuple_interval_set", "matrix", "relation", "symbolic", "text"}
+
+
+def test_fixture_tables_hold_what_the_judge_tests_rely_on():
+    """Read from the files: the row counts bench/README.md reports, every category of the judge table with both
+    verdicts (a category without a wrong answer could hide a false positive), no repeated row, and public rows that
+    each name the Math-Verify test they come from."""
+    for rows, n in ((TABLE, 353), (MV_TABLE, 219)):
+        assert len(rows) == n and len({(r["gold"], r["response"]) for r in rows}) == n
+        assert all(type(r["expected"]) is bool and r["gold"] and isinstance(r["response"], str) for r in rows)
+    assert {(r["category"], r["expected"]) for r in TABLE} == {(c, e) for c in JUDGE_CATEGORIES for e in (True, False)}
+    source = re.compile(r"Math-Verify@[0-9a-f]{7} tests/test_\w+\.py::test_(\w+)\[\d+\]")
+    assert all((m := source.fullmatch(r["source"])) and m.group(1) == r["category"] for r in MV_TABLE)
+    assert sum(not r["expected"] for r in MV_TABLE) == 32
+
+
+def _raw_math_verify(gold: str, response: str) -> bool:
+    """math-verify alone, as bench/bench_judge.py runs it: its default configs and its own timeouts."""
+    import logging
+
+    from math_verify import parse, verify
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # parse failures on odd text are expected
+    return bool(verify(parse("$" + gold + "$"), parse(response)))
+
+
+def test_public_suite_no_false_positive_and_at_least_math_verify():
+    """On Math-Verify's own cases ours never calls a wrong answer right, and agrees with the labels at least as often
+    as math-verify alone (computed here, on 2 forked processes; 213 of 219 on 2026-12-06, ours 216)."""
+    res = score_batch([r["response"] for r in MV_TABLE], [r["gold"] for r in MV_TABLE], cfg=POOL)
+    ours = [x["accuracy"] > 0 for x in res]
+    assert [(r["source"], r["gold"]) for r, o in zip(MV_TABLE, ours) if o and not r["expected"]] == []
+    mv = common.bounded_map(_raw_math_verify, [(r["gold"], r["response"]) for r in MV_TABLE], 2, 60.0)
+    assert not [m for m in mv if isinstance(m, str)]  # no math-verify judgement timed out or died
+    agree_ours, agree_mv = (sum(v == r["expected"] for v, r in zip(vs, MV_TABLE)) for vs in (ours, mv))
+    assert agree_ours >= agree_mv, (agree_ours, agree_mv)
+
+
+# Issue 25: classes of answers the judge got wrong (each class: a wrong answer accepted, or a right one refused),
+# with the near cases that must keep their verdict. (gold, response, expected accuracy)
+R = "So the answer is $\\boxed{%s}$."
+F = "F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}"
+T7 = "(1,2),(3,4),(5,6),(7,8),(9,10),(11,12),(13,14)"
+ISSUE_25 = {
+    "spaced_thousands_is_two_numbers": [
+        ("32349", "is $\\boxed{32, 349}$", 0), ("32349", "is $\\boxed{32,\\! 349}$", 1), ("1000", R % "1, 000", 0),
+        ("7425000", R % "7,425,000", 1)],
+    "sums_with_other_bounds_differ": [
+        (F, R % "F_n = \\sum_{k=0}^{n-2} F_k F_{n-k-2}", 0), (F, R % "F_n = \\sum_{k=0}^{n-1} F_{n-k-1} F_k", 1),
+        ("\\sum_{i=1}^{n} i", R % "\\sum_{i=0}^{n} i^2", 0)],
+    "hedged_choice_is_wrong": [
+        ("A", R % "\\text{A and B}", 0), ("A", R % "\\text{A or B}", 0), ("(B)", R % "\\text{B, C}", 0),
+        ("A", R % "\\text{(A)}", 1), ("C", R % "(C) 30", 1)],
+    "tuples_in_another_order": [
+        ("(37,3,3,13),(17,3,3,7),(3,37,3,13),(3,17,3,7),(3,3,2,3)",  # Math-Verify test_numina_cases[0]: one repeated
+         R % "(3, 37, 3, 13), (3, 17, 3, 7), (3, 3, 2, 3), (3,17,3,7), (17,3,3,7), (37,3,3,13)", 1),
+        (T7, R % "(13,14),(11,12),(9,10),(7,8),(5,6),(3,4),(1,2)", 1),
+        (T7, R % "(13,14),(11,12),(9,10),(7,8),(5,6),(3,4),(2,1)", 0), ("(1,2),(3,4)", R % "(3,4),(1,2),(5,6)", 0)],
+    "semicolon_separators": [
+        ("(0;0;0),(0;-2;0),(4;0;6)", R % "(4, 0, 6), (0, 0, 0), (0, -2, 0)", 1),
+        ("-12;-11;-10;-8", R % "\\{-8, -10, -11, -12\\}", 1), ("-12;-11;-10;-8", R % "\\{-8, -10, -11\\}", 0),
+        ("p=5,q=2;p=7,q=2", R % "(5,2),(7,2)", 1), ("p=5,q=2;p=7,q=2", R % "(2,5),(2,7)", 0)],
+    "decimal_comma": [
+        ("1000.99", R % "1000,99", 1), ("1,22", R % "1.22", 1), ("0,111", R % "0.111", 1), ("1,22", R % "1.5", 0),
+        ("1, 2", R % "1.2", 0), ("1000", R % "1,000", 1)],
+    "answer_split_over_boxes": [
+        ("\\{1,2,3\\}", "\\boxed{1}, \\boxed{2}, \\boxed{3}", 1),
+        ("{1,2,3}", "\\boxed{1} and \\boxed{2} and \\boxed{3}", 1),
+        ("(2, 2), (6, 2)", "$$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$$", 1),
+        ("\\{1,2,3\\}", "\\boxed{1}, \\boxed{2}, \\boxed{4}", 0), ("\\{1,2,3\\}", "\\boxed{1}, \\boxed{2}", 0)],
+}
+
+
+@pytest.mark.parametrize("name", ISSUE_25)
+def test_issue_25_answer_class(name):
+    cases = ISSUE_25[name]
+    res = score_batch([c[1] for c in cases], [c[0] for c in cases], cfg=POOL)
+    assert [(g, extract_boxed(r), x["accuracy"]) for (g, r, _), x in zip(cases, res)] == \
+        [(g, extract_boxed(r), float(e)) for g, r, e in cases]
+
+
 def test_judge_table_never_calls_a_wrong_answer_right():
     res = score_batch([r["response"] for r in TABLE], [r["gold"] for r in TABLE], cfg=POOL)
     false_pos = [(r["category"], r["gold"], r["response"]) for r, x in zip(TABLE, res) if x["accuracy"] and
@@ -98,11 +186,6 @@ def pool_results():
 def _case_id(i):
     r, g, e = CASES[i]
     return f"{i}-{extract_boxed(r)}-vs-{g}"
-
-
-def test_table_is_large_enough():
-    assert len(CASES) >= 40
-    assert {e for _, _, e in CASES} == {0, 1}
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=_case_id)
@@ -194,23 +277,28 @@ def test_batch_finished_and_lengths():
 
 
 # ------------------------------------------------------------------------------------------------- bad inputs
+# (response, gold, accuracy, reason): malformed or hostile input gets a verdict and a reason, never an exception
 BAD = [
-    (None, "1", "bad_input: response is NoneType"),
-    (b"\\boxed{1}", "1", "bad_input: response is bytes"),
-    (B % "1", None, "bad_input: answer is NoneType"),
-    ("x" * 100_000 + "\\boxed{1}", "1", ""),
-    ("\\boxed{" + "1" * 100_000 + "}", "1", "too_long"), ("\\boxed{\\frac{" + "1" * 5000 + "}{2}}", "1", "too_long"),
-    ("\\boxed{" + "x+" * 50_000 + "1}", "1", "too_long"),
-    ("\\boxed{" + "{" * 1000 + "1" + "}" * 1000 + "}", "1", ""),
-    ("\\boxed{10^{10^{10^{10}}}}", "5", "too_large: nested power"),
-    ("\\boxed{2^{10000000}}", "5", "too_large: exponent product"),
-    ("\\boxed{(2^{9999})^{9999}}", "5", "too_large: exponent product"),
-    ("\\boxed{99999!}", "5", "too_large: factorial"),
-    ("\\boxed{\\frac{1}{2}", "1", "no_answer"),  # unclosed box
-    ("\\boxed{\\frac{1}{}}", "1", ""), ("\\boxed{\\sqrt[}{x}}", "1", ""), ("\\boxed{)(}", "1", ""),
-    ("\\boxed{\\unknowncommand{3}}", "3", ""),
-    ("\\boxed{一}", "1", ""), ("\\boxed{١٢}", "12", ""),  # CJK, Arabic-Indic digits
-    ("\\boxed{\ud800}", "1", ""), ("\\boxed{5\u200b}", "5", ""),  # lone surrogate, zero-width space
+    (None, "1", 0.0, "bad_input: response is NoneType, expected str"),
+    (b"\\boxed{1}", "1", 0.0, "bad_input: response is bytes, expected str"),
+    (B % "1", None, 0.0, "bad_input: answer is NoneType, expected str"),
+    ("x" * 100_000 + "\\boxed{1}", "1", 1.0, ""),  # a long response is still judged
+    ("\\boxed{" + "1" * 100_000 + "}", "1", 0.0, "too_long: pred has 100000 chars > 10 x 1000"),
+    ("\\boxed{\\frac{" + "1" * 5000 + "}{2}}", "1", 0.0, "too_long: pred has 5010 chars > 1000"),
+    ("\\boxed{" + "x+" * 50_000 + "1}", "1", 0.0, "too_long: pred has 100001 chars > 10 x 1000"),
+    ("\\boxed{" + "{" * 1000 + "1" + "}" * 1000 + "}", "1", 1.0, ""),  # {{{...1...}}} is 1
+    ("\\boxed{10^{10^{10^{10}}}}", "5", 0.0, "too_large: nested power in pred"),
+    ("\\boxed{2^{10000000}}", "5", 0.0, "too_large: exponent product > 1e6 in pred"),
+    ("\\boxed{(2^{9999})^{9999}}", "5", 0.0, "too_large: exponent product > 1e6 in pred"),
+    ("\\boxed{99999!}", "5", 0.0, "too_large: factorial of a 5+ digit number in pred"),
+    ("\\boxed{\\frac{1}{2}", "1", 0.0, "no_answer"),  # unclosed box
+    # malformed LaTeX and an unknown command: judged wrong, not an error (the parser's failure is no verdict of 1)
+    ("\\boxed{\\frac{1}{}}", "1", 0.0, ""), ("\\boxed{\\sqrt[}{x}}", "1", 0.0, ""), ("\\boxed{)(}", "1", 0.0, ""),
+    ("\\boxed{\\unknowncommand{3}}", "3", 0.0, ""),
+    ("\\boxed{一}", "1", 0.0, ""),  # a CJK numeral is not read as a number (the language penalty's business)
+    ("\\boxed{١٢}", "12", 1.0, ""),  # Arabic-Indic digits are digits: twelve
+    ("\\boxed{\ud800}", "1", 0.0, ""),  # a lone surrogate
+    ("\\boxed{5\u200b}", "5", 1.0, ""),  # a zero-width space is nothing
 ]
 
 
@@ -220,13 +308,8 @@ def test_bad_inputs_return_a_score_with_reason_in_time(workers):
     t0 = time.perf_counter()
     res = score_batch([b[0] for b in BAD], [b[1] for b in BAD], cfg=cfg)
     elapsed = time.perf_counter() - t0
-    for (response, gold, reason), r in zip(BAD, res):
-        assert isinstance(r["score"], float) and isinstance(r["reason"], str)
-        assert r["reason"].startswith(reason), (str(response)[:40], r["reason"])
-        assert r["accuracy"] in (0.0, 1.0)
-        assert not r["reason"].startswith("timeout")  # the size guards answer these quickly
-    assert res[3]["accuracy"] == 1.0  # a 100k-char response is still judged
-    assert res[7]["accuracy"] == 1.0  # {{{...1...}}} is 1
+    assert [(str(b[0])[:40], r["accuracy"], r["score"], r["reason"]) for b, r in zip(BAD, res)] == \
+        [(str(b[0])[:40], b[2], b[2], b[3]) for b in BAD]  # score == accuracy: finished, no format weight
     assert elapsed < 10.0 * len(BAD) / max(workers, 1)
 
 
