@@ -551,7 +551,7 @@ def test_ssr_sample():
 # ----------------------------------------------------------------------------- CLI
 def test_cli_main_prints_table(capsys):
     import tyro
-    args = tyro.cli(Args, args=["--scores", "1", "0", "0", "1", "1", "1", "--group-size", "3", "--advantage.estimator", "grpo"])
+    args = tyro.cli(Args, args="--scores 1 0 0 1 1 1 --group-size 3 --advantage.estimator grpo".split())
     adv = main(args)
     out = capsys.readouterr().out
     assert "+1.1547" in out and "-0.5773" in out and "+0.0000" in out
@@ -562,8 +562,8 @@ def test_cli_main_prints_table(capsys):
 
 def test_script_runs_alone():
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "advantage.py"), "--scores", "1", "0", "0.5", "1", "--group-size", "2",
-                          "--lengths", "3", "2", "4", "1", "--advantage.estimator", "rloo"],
+    cli = "--scores 1 0 0.5 1 --group-size 2 --lengths 3 2 4 1 --advantage.estimator rloo".split()
+    out = subprocess.run([sys.executable, str(root / "advantage.py"), *cli],
                          capture_output=True, text=True, timeout=120, cwd=root)
     # rloo: [1 - 0, 0 - 1, 0.5 - 1, 1 - 0.5] = [+1, -1, -0.5, +0.5] on every valid token
     assert out.returncode == 0, out.stderr
