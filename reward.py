@@ -132,9 +132,8 @@ def split_parts(s: str) -> list[str]:
     if _THOUSANDS_RE.fullmatch(s):
         return [s]
     s = re.sub(r"(?<!\\)\\[,;:! ]", " ", s)  # spacing macros: `a=4,\,-8` is two parts, not four
-    groups = [g.split(",") for g in s.split(";")]
-    if len(groups) > 1 and all(len(g) > 1 and all("=" in x for x in g) for g in groups):  # `p=5,q=2;p=7,q=2`
-        s = ",".join("(" + ",".join(x.partition("=")[2] for x in g) + ")" for g in groups)  # is `(5,2),(7,2)`
+    if len(gs := [g.split(",") for g in s.split(";")]) > 1 and all(len(g) > 1 and all("=" in x for x in g) for g in gs):
+        s = ",".join("(" + ",".join(x.partition("=")[2] for x in g) + ")" for g in gs)  # `p=5,q=2;p=7,q=2`: (5,2),(7,2)
     s, parts, depth, start = _SEP_RE.sub(",", s), [], 0, 0
     for m in _SPLIT_RE.finditer(s):
         if m.group() == "," and depth == 0:
@@ -211,9 +210,8 @@ def _too_big(s: str) -> str:
 
 # ---- judging ---------------------------------------------------------------------------------------------------------
 def match_all(preds: list, golds: list, same, ordered: bool) -> tuple[float, str]:
-    """1.0 if the items are equal by `same(p, g) -> (accuracy, reason)`: pairwise in order (lists of one length), or
-    (not `ordered`) as sets, each gold item equal to some pred item and each pred item to some gold item (repeats
-    aside); with the first reason seen."""
+    """1.0 if the items are equal by `same(p, g) -> (accuracy, reason)`: pairwise if `ordered` (lists of one length),
+    else as sets (each item of each list equals one of the other's, repeats aside); with the first reason seen."""
     if ordered:
         return next((r for p, g in zip(preds, golds) if not (r := same(p, g))[0]), (1.0, ""))
     res = [[same(p, g) for g in golds] for p in preds]
@@ -257,7 +255,7 @@ def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[flo
     """accuracy (1.0/0.0) and reason ('' when judged normally). Length guards, string equality after `normalize`,
     differing units, choice letters, a decimal comma against a number (`1000,99`); then part by part (`answer_parts`):
     the parts, as sets, equal by `same_part`, with the same name where both have one (`x=1, y=2` is neither `2` nor
-    `x=2, y=1`). Unbounded in time: called inside a judge process (score_batch)."""
+    `x=2, y=1`), or in order against a tuple gold. Unbounded in time: called inside a judge process (score_batch)."""
     gold = (extract_boxed(gold) or gold) if "\\boxed" in gold or "\\fbox" in gold else gold
     for side, text in (("answer", gold), ("pred", pred)):  # 10x before normalising: it is cheap but O(n)
         if len(text) > 10 * cfg.max_answer_chars:
@@ -283,7 +281,10 @@ def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[flo
             return 0.0, ""
         return same_part(*((a[1], b[1]) if ("=" in a[1]) == ("=" in b[1]) else (a[2], b[2])), cfg)
 
-    return match_all(answer_parts(pred), answer_parts(gold), same, ordered=False)
+    preds, golds = answer_parts(pred), answer_parts(gold)
+    if len(golds) == 1 and (e := elements(golds[0][1])) and e[0] == f"(){len(preds)}":  # `1, 3` or `{1,3}` for the
+        preds = [named_part(f"({','.join(p[2] for p in preds)})")]  # point (1,3): its coordinates in order
+    return match_all(preds, golds, same, ordered=False)
 
 
 _FN_CACHE: dict[str, object] = {}
