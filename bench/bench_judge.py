@@ -1,9 +1,13 @@
-"""Benchmark: judge agreement with a hand-labelled table, per answer category: our reward judge vs raw math-verify.
+"""Benchmark: judge agreement with labelled tables, per answer category: our reward judge vs raw math-verify.
 
-Each row of tests/fixtures/judge_table.jsonl is {category, gold, response, expected, source}: a gold answer as the
-datasets store it (geometry3k, MM-Math, MathVerse forms and cases from public answer-checker test suites), a short
-model response with its answer in \\boxed{}, and whether a careful human grader calls the final answer equal to the
-gold. Two judges are scored against `expected`:
+Two tables of rows {category, gold, response, expected, source}: a gold answer as the datasets store it, a model
+response with its answer in \\boxed{}, and whether a careful human grader calls the final answer equal to the gold.
+  tests/fixtures/judge_table.jsonl       353 rows: geometry3k, MM-Math, MathVerse forms, cases from public
+                                         answer-checker test suites, issue 14, and 105 held-out rows
+  tests/fixtures/mathverify_table.jsonl  219 rows: Math-Verify's own test suite (Apache-2.0), its curated
+                                         final-answer cases; category = the Math-Verify test function
+                                         (tests/fixtures/README.md says how they were made)
+Two judges are scored against `expected`:
   ours         reward.score_batch(responses, golds, None, RewardConfig(num_workers=2)); correct = accuracy > 0
   math-verify  verify(parse("$" + gold + "$"), parse(response)), default configs and math-verify's own timeouts,
                on the main thread; an exception or a case over 5 s counts as False
@@ -11,9 +15,9 @@ The table lists rows, agreement % and false positives (judged equal where `expec
 every row where ours disagrees with `expected`, and judgements/s for each judge (ours: the whole score_batch call,
 pool start included; math-verify: parse + verify, sequential, this process).
 
-    python bench/bench_judge.py                                      # the default table
-    python bench/bench_judge.py --table tests/fixtures/judge_table.jsonl
-Final line: RESULT {"name": "judge_agreement", ...}. Always exits 0: it reports figures, it gates nothing.
+    python bench/bench_judge.py                                      # both tables
+    python bench/bench_judge.py --table tests/fixtures/mathverify_table.jsonl
+Final line: RESULT {"name": "judge_agreement", "tables": [...]}. Always exits 0: it reports figures, it gates nothing.
 """
 import argparse
 import json
@@ -79,11 +83,20 @@ def short(s: str, n: int = 60) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--table", type=Path, default=ROOT / "tests" / "fixtures" / "judge_table.jsonl")
+    ap.add_argument("--table", type=Path, nargs="+", default=[ROOT / "tests" / "fixtures" / f"{name}.jsonl" for name
+                                                             in ("judge_table", "mathverify_table")])
     args = ap.parse_args()
-    rows = load_table(args.table)
-    result = {"name": "judge_agreement", "table": str(args.table), "rows": len(rows),
-              "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
+    results = []
+    for table in args.table:
+        print(f"== {table}")
+        results.append(bench_table(table))
+        print()
+    print("RESULT " + json.dumps({"name": "judge_agreement", "tables": results}))
+
+
+def bench_table(table: Path) -> dict:
+    rows = load_table(table)
+    result = {"table": str(table), "rows": len(rows), "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
 
     ours, dt_ours, err = judge_ours(rows)
     mv, dt_mv = judge_mv(rows)
@@ -113,7 +126,8 @@ def main():
             print("-" * len(head))
         print(f"{key:20s} | {n:4d} | {o_pct:>12s} | {100 * ma / n:19.1f} | {o_fp:>14s} | {mfp:12d}")
         if key == "TOTAL":
-            result.update({"ours_agree_pct": None if ours is None else round(100 * oa / n, 1),
+            result.update({"ours_agree": None if ours is None else oa, "mv_agree": ma,
+                           "ours_agree_pct": None if ours is None else round(100 * oa / n, 1),
                            "mv_agree_pct": round(100 * ma / n, 1), "ours_false_pos": None if ours is None else ofp,
                            "mv_false_pos": mfp})
     result["per_category"] = {k: {"rows": stats[k][0],
@@ -135,7 +149,7 @@ def main():
     print(f"math-verify: {len(rows)} judgements in {dt_mv:.2f} s = {len(rows) / dt_mv:.0f}/s "
           f"(parse + verify, sequential, this process)")
     result["mv_per_s"] = round(len(rows) / dt_mv, 1)
-    print("RESULT " + json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
