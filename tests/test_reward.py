@@ -310,6 +310,7 @@ def test_bad_inputs_return_a_score_with_reason_in_time(workers):
     elapsed = time.perf_counter() - t0
     assert [(str(b[0])[:40], r["accuracy"], r["score"], r["reason"]) for b, r in zip(BAD, res)] == \
         [(str(b[0])[:40], b[2], b[2], b[3]) for b in BAD]  # score == accuracy: finished, no format weight
+    # a hang guard, not a speed target: no item may take its whole 10 s limit (the batch normally takes seconds)
     assert elapsed < 10.0 * len(BAD) / max(workers, 1)
 
 
@@ -344,7 +345,8 @@ def test_timeout_inside_worker_thread(tmp_path, workers):
     for pid in map(int, (tmp_path / "spinning").read_text().split()):   # the spinning judges were killed
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    # 2 x 0.5 s limit + a new pool (forked: cheap) per timeout; generous for a loaded 2-core box
+    # a guard that the 0.5 s limit is what ended the spins (2 x 0.5 s + a new forked pool per timeout, a few seconds
+    # normally), not the 60 s join above; generous for a loaded 2-core box
     assert time.perf_counter() - t0 < 30
     # and the judge still works, sympy path included: the stopped workers were replaced by fresh ones
     ok = score_batch([B % "1", B % "3.46"], ["1", "2\\sqrt{3}"], cfg=RewardConfig(num_workers=workers))
