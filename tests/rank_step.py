@@ -25,7 +25,7 @@ class RecordingOptimizer:
     """Stands in for AdamW: step() adds the full (unsharded) gradients to `grads` and leaves the weights alone."""
 
     def __init__(self, model):
-        self.model, self.grads, self.param_groups = model, {}, [{"lr": 0.0}]
+        self.model, self.grads = model, {}
 
     def step(self):
         for name, p in self.model.named_parameters():
@@ -85,7 +85,7 @@ def run_case(policy, processor, samples, case: dict, rank: int, world: int, devi
     scored = [{"accuracy": 0.0, "format": 0.0}] * B
     metrics = train.step_metrics(comps, scored, torch.zeros(B), mask, old_lp, ref_lp, ent, sums, list(range(B)),
                                  [("start", 0.0), ("update", 1.0)], args)
-    return {"grads": optimizer.grads, "metrics": metrics, "old_lp": old_lp}
+    return {"grads": optimizer.grads, "metrics": metrics}
 
 
 def update_worker(model_dir: str, samples: list, cases: list[dict], out_file: str) -> None:
