@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
-from common import DataConfig, figure, fits_model, load_dataset, mean_std, read_jsonl
+from safetensors.torch import load_file
+
+from common import figure, mean_std, read_jsonl
+from data import DataConfig, fits_model, load_dataset
 from reward import RewardConfig, score_batch
 from rollout import RolloutConfig, make_engine
 
@@ -172,10 +175,9 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
         try:
             if engine is None or engine_fn or rollout_cfg.engine != "vllm":
                 engine = engine_fn(ck["path"]) if engine_fn else make_engine(ck["path"], rollout_cfg, data_cfg)
-            else:  # the checkpoint's weights into the run's vLLM engine: no second start-up
-                from safetensors import safe_open   # one tensor at a time
-                engine.update_weights((k, st.get_tensor(k)) for f in sorted(Path(ck["path"]).glob("*.safetensors"))
-                                      for st in [safe_open(f, "pt")] for k in st.keys())
+            else:  # the checkpoint's weights into the run's vLLM engine, a file at a time: no second start-up
+                for f in sorted(Path(ck["path"]).glob("*.safetensors")):
+                    engine.update_weights(load_file(f).items())
         except Exception as e:  # re-raised with the checkpoint named: the caller sees which one is broken
             raise RuntimeError(f"checkpoint {ck['path']} failed to load: {type(e).__name__}: {e}") from e
         for sp, s in mine:
@@ -269,12 +271,15 @@ def findings(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], arms: 
         out.append(f"- {name.capitalize()} at the last checkpoint ({splits[0]}, {setting}): " + ", ".join(
             f"{a} {m:.1f}" + (f" ± {sd:.1f}" if sd else "") + unit for a in arm_order(last)
             for m, sd in [mean_std(last[a])]) + ".")
-    corr = {run: statistics.correlation(*zip(*xy)) for run, rows in metrics.items() if arms[run] == "rl" and len(xy := [
-        [float(r[k]) for k in ("response/lengths", "reflection/reflection_ratio")] for r in rows if
-        "reflection/reflection_ratio" in r and "response/lengths" in r]) > 2 and all(len(set(v)) > 1 for v in zip(*xy))}
-    if corr:  # (Pearson's r is undefined for a constant series)
+    corr = []   # Pearson's r of length and reflection ratio over each RL run's steps (undefined for a constant series)
+    for run, rows in metrics.items():
+        xy = [(float(r["response/lengths"]), float(r["reflection/reflection_ratio"])) for r in rows
+              if "reflection/reflection_ratio" in r and "response/lengths" in r]
+        if arms[run] == "rl" and len(xy) > 2 and all(len(set(v)) > 1 for v in zip(*xy)):
+            corr.append(statistics.correlation(*zip(*xy)))
+    if corr:
         out.append("- Over RL's steps, response length and reflection ratio correlate at " + ", ".join(
-            f"{c:+.2f}" for c in corr.values()) + " (Pearson, one figure per run; MAYE Figure 4 pairs them).")
+            f"{c:+.2f}" for c in corr) + " (Pearson, one figure per run; MAYE Figure 4 pairs them).")
     return out
 
 

@@ -7,19 +7,19 @@ What this stage does (MAYE, arXiv 2504.02587, Table 3's "SFT" arm; MAYE never re
    to stop. Bad targets (empty, special tokens inside, too long) fail like rollout.py's bad rows: the error names
    file:line and the field; `--data.skip-invalid` skips and reports them.
 2. Trains with the same process layout and model code as train.py (FSDP2 ranks, `load_model`/`shard_model`/
-   `build_optimizer`, M-RoPE-correct `rollout.collate` + `compute_logprobs`). Loss on response tokens only:
+   `build_optimizer`, M-RoPE-correct `data.collate` + `rollout.compute_logprobs`). Loss on response tokens only:
        L = -sum_{i,t} m_it log pi(y_it | image, prompt, y_i<t) / N,   N = response tokens of the GLOBAL batch,
    summed over micro-batches and ranks, so 1 rank and N ranks take the same step (tests check this to 1e-5).
 3. Per epoch (and every --val-every steps): validation loss (all ranks) and greedy validation accuracy
-   (train.validate: T=0.01, top_p=0.001, MAYE's pass@1 setting), metrics.jsonl, an HF-format checkpoint.
+   (evaluate.validate: T=0.01, top_p=0.001, MAYE's pass@1 setting), metrics.jsonl, an HF-format checkpoint.
 
 Validation engine: an FSDP-sharded model cannot generate on one rank, so rank 0 gathers the full state dict (a
 collective, also used for the checkpoint; LoRA merged in) and pushes it into ONE engine process kept for the whole
 run (common.EngineClient: `--rollout.engine vllm` or `hf`, started at the first validation, on the last GPU as in
 train.py: run --nproc (GPUs - 1)). The other ranks wait at a barrier meanwhile.
 
-Simplifications: padding, not packing (rollout.collate's left-padded prompts + right-padded responses); the LR
-schedule steps once per optimizer step; the last partial batch of each epoch is dropped (rollout.batch_indices, a
+Simplifications: padding, not packing (data.collate's left-padded prompts + right-padded responses); the LR
+schedule steps once per optimizer step; the last partial batch of each epoch is dropped (common.batch_indices, a
 pure function of (seed, step), so --resume continues on exactly the data an uninterrupted run would see).
 MAYE's SFT settings are the defaults (lr 1e-5, warm-up + cosine, batch 16, vision tower frozen); the toy warm start
 needs a much hotter run (see run.sh): random-init weights, vision tower trained.
@@ -42,11 +42,11 @@ from dataclasses import asdict, dataclass
 import torch
 import tyro
 
-from common import (DataConfig, DataError, EngineClient, MetricsLogger, ModelConfig, OptimConfig, Sample, batch_indices,
-                    blocked_token_ids, build_optimizer, check_model, clip_grad_norm, collate, engine_gpu, fits_model,
-                    format_line, full_state_dict, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
-                    load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
-                    stop_token_ids, to_device)
+from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, batch_indices, build_optimizer, check_model,
+                    clip_grad_norm, engine_gpu, format_line, full_state_dict, init_distributed, latest_checkpoint,
+                    launch, load_model, load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint,
+                    shard_model, to_device)
+from data import DataConfig, DataError, Sample, blocked_token_ids, collate, fits_model, load_dataset, stop_token_ids
 from evaluate import validate
 from reward import RewardConfig
 from rollout import RolloutConfig, compute_logprobs, make_engine
@@ -134,7 +134,7 @@ def response_ids(tokenizer, sample: Sample, max_tokens: int) -> list[int]:
 
 def load_sft_data(path: str, data_cfg: DataConfig, tokenizer, max_tokens: int, check=None,
                   verbose: bool = True) -> tuple[list[Sample], list[list[int]]]:
-    """common.load_dataset whose rows must also pass `check` and have a valid SFT target (response_ids): (samples,
+    """data.load_dataset whose rows must also pass `check` and have a valid SFT target (response_ids): (samples,
     responses). A bad target fails like a bad row: file:line and field named, or skipped with --data.skip-invalid."""
     def check_row(s: Sample) -> None:
         (check or (lambda _: None))(s)
@@ -152,7 +152,7 @@ def response_nll(model, batch: dict) -> torch.Tensor:
 
 
 class CachedProcessor:
-    """The processor with its per-prompt outputs memoised (--cache-prompts). rollout.collate calls
+    """The processor with its per-prompt outputs memoised (--cache-prompts). data.collate calls
     processor(text=[prompt], images=sample.images) for each distinct sample of a batch; SFT revisits every sample
     each epoch, and the images are the same PIL objects for the whole run, so (prompt, image ids) is a safe key."""
 
@@ -290,7 +290,8 @@ def main(args: Args) -> None:
                      (min(args.micro_batch_size, args.epochs) < 1 or args.max_steps < 0,
                       "--micro-batch-size and --epochs must be >= 1, --max-steps >= 0"),
                      (args.resume and args.restart, "--resume continues the run in --out-dir, --restart moves it "
-                                                    "aside")):
+                                                    "aside"),
+                     (args.rollout.seed != RolloutConfig.seed, "--rollout.seed is rollout.py's: validation seeds its requests")):
         if bad:
             raise SystemExit(f"sft.py: {msg}")
     if args.val_every >= 0:   # validation starts an engine: its GPU is free of ranks, or exit

@@ -43,11 +43,11 @@ import tyro
 
 from advantage import (AdvantageConfig, compute_advantages, kl_penalty, loss_normalizer, policy_loss,
                        select_samples)
-from common import (DataConfig, EngineClient, MetricsLogger, ModelConfig, OptimConfig, all_reduce_sums, batch_indices,
-                    broadcast, build_optimizer, check_model, clip_grad_norm, collate, engine_gpu, fits_model,
-                    format_line, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
-                    load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
-                    sync_weights, to_device)
+from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, all_reduce_sums, batch_indices, broadcast,
+                    build_optimizer, check_model, clip_grad_norm, engine_gpu, format_line, init_distributed,
+                    latest_checkpoint, launch, load_model, load_trainer_state, micro_batches, prepare_out_dir, print0,
+                    save_checkpoint, shard_model, sync_weights, to_device)
+from data import DataConfig, collate, fits_model, load_dataset
 from evaluate import reflection_stats, validate
 from reward import RewardConfig, score_batch
 from rollout import RolloutConfig, compute_logprobs, make_engine, rollout
@@ -115,7 +115,7 @@ SUM_KEYS = ("loss/policy_loss", "loss/kl_loss", "training/clipfrac", "training/d
 
 def response_logprobs(model, rows: list[int], samples, comps, processor, args: Args, device, entropy: bool = False):
     """(b, R) log-probs (and entropies) of responses `rows` under `model`, aligned to the response (R = the rows'
-    longest response): rollout.compute_logprobs on the response block of rollout.collate's layout."""
+    longest response): rollout.compute_logprobs on the response block of data.collate's layout."""
     batch = to_device(collate(processor, [samples[i] for i in rows], [comps[i].token_ids for i in rows], args.data),
                       device)
     out = compute_logprobs(model, batch, args.rollout.temperature, return_entropy=entropy)
@@ -266,8 +266,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     steps_per_epoch = len(train_set) // args.prompts_per_step
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     n = args.rollout.n                                     # responses per prompt: B = P * n per step
-    engine = EngineClient(make_engine, str(ckpt or args.model.path), args.rollout, args.data, args.out_dir) \
-        if rank == 0 else None
+    engine = EngineClient(make_engine, str(ckpt or args.model.path), args.rollout, args.data) if rank == 0 else None
 
     policy = shard_model(load_model(args.model.path, args.model, device, resume=ckpt), args.model, device)
     ref = shard_model(load_model(args.model.path, args.model, device, trainable=False), args.model, device) \
@@ -354,6 +353,7 @@ def check_args(args: Args, world: int, train_size: int) -> None:
             (mini >= 1 and (P * n) % mini, f"--mini-batch-size {mini} must divide the {P * n} responses of a step "
                                            f"(--prompts-per-step x --rollout.n), or the last optimizer step is uneven"),
             (args.tis_cap < 1, f"--tis-cap {args.tis_cap} must be >= 1 (a cap below 1 would down-weight every token)"),
+            (args.rollout.seed != RolloutConfig.seed, "--rollout.seed is rollout.py's: here --seed seeds every request"),
             (min(args.micro_batch_size, args.ppo_epochs, args.epochs) < 1 or args.max_steps < 0,
              "--micro-batch-size, --ppo-epochs and --epochs must be >= 1, --max-steps >= 0"),
             (args.resume and args.restart, "--resume continues the run in --out-dir, --restart moves it aside")):

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import data
+import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("time/", "perf/")
@@ -81,7 +83,7 @@ def test_two_ranks_with_vllm_complete_and_sync(two_rank_run):
     assert "step     3/3" in p.stdout and "val/accuracy" in ms[-1]
     # quiet: none of the known-harmless engine warnings (3 weight syncs happened), nor FSDP2's view-output warning
     log = p.stdout + p.stderr
-    assert not [m for ms_ in common.HARMLESS_VLLM_WARNINGS.values() for m in ms_ if m in log], log[-3000:]
+    assert not [m for ms_ in rollout.HARMLESS_VLLM_WARNINGS.values() for m in ms_ if m in log], log[-3000:]
     assert "returned a view tensor" not in log and "Loading safetensors checkpoint shards" not in log, log[-3000:]
     for key in ("rews/scores", "loss/policy_loss", "training/clipfrac", "training/grad_norm", "training/entropy",
                 "response/lengths", "reflection/reflection_ratio", "time/generate", "time/sync"):
@@ -149,6 +151,16 @@ def test_qwen3_vl_with_lora_syncs_merged_weights_to_vllm(toy_world, tmp_path):
     assert (ckpt / "adapter" / "adapter_config.json").is_file()
 
 
+def engine_pid(launcher: int) -> int:
+    """The engine process of a 1-rank run: rank 0 (the launcher's spawned child) spawned it, so its command line
+    differs from rank 0's (its own pipe handle), where rank 0's forked judges repeat rank 0's."""
+    ps = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "-s", str(launcher)], capture_output=True, text=True).stdout
+    procs = [line.split(None, 2) for line in ps.splitlines()]
+    [rank0] = [(pid, args) for pid, ppid, args in procs if int(ppid) == launcher and "spawn_main" in args]
+    [engine] = [int(pid) for pid, ppid, args in procs if ppid == rank0[0] and "spawn_main" in args and args != rank0[1]]
+    return engine
+
+
 def test_one_rank_matches_two_ranks_then_engine_death_stops_everything(two_rank_run, toy_world, tmp_path):
     """A 1-rank run takes the same first step as the 2-rank run; then its engine is killed: the run must stop
     within 60 s with a clear message and a non-zero exit code, leaving no process behind."""
@@ -161,7 +173,7 @@ def test_one_rank_matches_two_ranks_then_engine_death_stops_everything(two_rank_
     while not (tmp_path / "checkpoints" / "step_000001" / "vlrl_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.1)
-    os.kill(int((tmp_path / "engine.pid").read_text()), signal.SIGKILL)
+    os.kill(engine_pid(proc.pid), signal.SIGKILL)
     try:     # the timeout guards against a hang (not a speed target): the run stops at its next engine call
         _, err = proc.communicate(timeout=60)
     finally:
@@ -247,12 +259,12 @@ def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     still equal the trainer's (the forced trigger tokens are left out of that check)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import common
     from test_rollout import stop_prone_copy
     src = toy_world / "models" / "qwen2_5_vl-tiny"
     model, processor = AutoModelForImageTextToText.from_pretrained(src).eval(), AutoProcessor.from_pretrained(src)
     stop_prone = tmp_path / "stop_prone"
-    stop_prone_copy(model, processor, common.load_dataset(str(toy_world / "data" / "validation.jsonl"))).save_pretrained(stop_prone)
+    val = data.load_dataset(str(toy_world / "data" / "validation.jsonl"))
+    stop_prone_copy(model, processor, val).save_pretrained(stop_prone)
     processor.save_pretrained(stop_prone)
     cmd = train_cmd(toy_world, tmp_path / "run", "--nproc", "1", "--max-steps", "2", "--rollout.engine", "hf",
                     "--val-every", "-1", "--rollout.rethink-fraction", "1", "--rollout.rethink-min-new-tokens", "1",
@@ -331,7 +343,7 @@ def reference_logp(model, processor, samples, comps) -> torch.Tensor:
     """(B, R) log pi of each response token from a plain HF forward of the whole batch: full logits, the engines'
     blocked tokens at -inf, log-softmax (no tiles, no FSDP, no micro-batches)."""
     from rollout import MODEL_INPUTS
-    batch = common.collate(processor, samples, [c.token_ids for c in comps])
+    batch = data.collate(processor, samples, [c.token_ids for c in comps])
     P = batch["response_start"]
     logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits[:, P - 1:-1]        # (B, R, V)
     blocked = torch.cat([batch["blocked_token_ids"], torch.arange(batch["tokenizer_len"], logits.shape[-1])])
@@ -364,7 +376,7 @@ def direct_runs(toy_world, tmp_path_factory):
     import rank_step
     model_dir = toy_world / "models" / "qwen2_5_vl-tiny"
     processor = AutoProcessor.from_pretrained(model_dir)
-    prompts = common.load_dataset(str(toy_world / "data" / "train.jsonl"))[:4]
+    prompts = data.load_dataset(str(toy_world / "data" / "train.jsonl"))[:4]
     samples = [s for s in prompts for _ in range(2)]
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float64)
     for name, p in model.named_parameters():     # as common.load_model: the vision tower frozen, its merger not
