@@ -37,9 +37,8 @@ import torch
 
 from data import DataError, file_rows
 
-# --------------------------------------------------------------------------------------------------------------
-# The engine process (rollout.make_engine's engine, served over a pipe) and the weight sync
-# --------------------------------------------------------------------------------------------------------------
+
+# ---- The engine process (rollout.make_engine's engine, served over a pipe) and its client
 def engine_dtype(name: str) -> torch.dtype:
     """--rollout.dtype as a torch dtype: auto = bfloat16 on GPU, float32 on CPU."""
     return getattr(torch, name if name != "auto" else "bfloat16" if torch.cuda.is_available() else "float32")
@@ -47,9 +46,8 @@ def engine_dtype(name: str) -> torch.dtype:
 
 def _receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
     """The engine's side of EngineClient.update_weights: (name, tensor) views of one received bucket at a time. Each
-    bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete). The bytes are read
-    straight into it from the pipe's socket (recv_into: 3 GB/s here, against 0.6 GB/s for Connection.recv_bytes_into,
-    which copies through a BytesIO; bench/bench_sync.py)."""
+    bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete), read straight from the
+    pipe's socket: Connection.recv_bytes_into would copy it through a BytesIO (5x slower, bench/bench_sync.py)."""
     import socket
     with socket.socket(fileno=os.dup(conn.fileno())) as sock:
         while (header := conn.recv()) is not None:
@@ -72,7 +70,6 @@ def engine_main(conn, make_engine, model_dir: str, cfg, data_cfg, env: dict) -> 
     die_with_parent()
     try:
         engine = make_engine(model_dir, cfg, data_cfg)
-        conn.send(("started", None))
         while (msg := conn.recv()) != "close":      # EOFError (rank 0 died) ends the process too
             if msg[0] == "update_weights":
                 engine.update_weights(weights := _receive_weights(conn))
@@ -123,21 +120,19 @@ class EngineClient:
 
     def _call(self, method: str, *args, send: Callable[[], None] | None = None):
         """Forward one call (`send()` then writes what follows it). The engine starts while the caller goes on (rank 0
-        loads its models), so the first call's answer comes after the start-up message."""
+        loads its models): an error at its start-up is the first call's answer."""
         try:
             self.conn.send((method, args))
             if send is not None:
                 send()
             status, result = self.conn.recv()
-            if status == "started":
-                status, result = self.conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError):
             status, result = "died", None
-            while status in ("died", "started") and self.conn.poll(1):   # it stopped reading: was it an error?
-                try:
+            try:                      # it stopped reading: did it say why?
+                if self.conn.poll(1):
                     status, result = self.conn.recv()
-                except (EOFError, OSError):
-                    break
+            except (EOFError, OSError):
+                pass
             if status != "error":
                 self.proc.join(5)
                 raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})") from None
@@ -189,9 +184,7 @@ class EngineClient:
         self.proc.kill()          # a no-op once it has exited
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Model, optimizer, processes, checkpoints, logging
-# --------------------------------------------------------------------------------------------------------------
+# ---- Model, optimizer, processes, checkpoints, logging
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "toy/models/qwen2_5_vl-small"
@@ -239,24 +232,18 @@ def check_model(cfg: ModelConfig) -> None:
     """--model.path is a local Hugging Face folder of a vision-language model, and the LoRA flags can work; or a
     SystemExit that says what is wrong."""
     import importlib.util
-    check_model_dir(cfg.path)
+    p = Path(cfg.path)
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"--model.path {p}: {'no config.json in that folder' if p.is_dir() else 'no such folder'} "
+                         f"(a local Hugging Face model folder is needed; nothing is downloaded)")
+    if "vision_config" not in (config := json.loads((p / "config.json").read_text())):
+        raise SystemExit(f"--model.path {p}: a {config.get('model_type', '?')!r} model has no vision tower; vlrl "
+                         f"trains vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
     if cfg.lora_rank < 0 or cfg.lora_alpha <= 0:
         raise SystemExit(f"--model.lora-rank {cfg.lora_rank} must be >= 0 (0 = no LoRA) and --model.lora-alpha "
                          f"{cfg.lora_alpha} > 0")
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
         raise SystemExit(f"--model.lora-rank {cfg.lora_rank} needs peft (in the requirements files): bash run.sh setup")
-
-
-def check_model_dir(path: str, flag: str = "--model.path") -> None:
-    """A local Hugging Face folder of a vision-language model, or a SystemExit that says what is wrong with it."""
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise SystemExit(f"{flag} {path}: {'no config.json in that folder' if p.is_dir() else 'no such folder'} "
-                         f"(a local Hugging Face model folder is needed; nothing is downloaded)")
-    config = json.loads((p / "config.json").read_text())
-    if "vision_config" not in config:
-        raise SystemExit(f"{flag} {path}: a {config.get('model_type', '?')!r} model has no vision tower; vlrl trains "
-                         f"vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
 
 
 def prepare_out_dir(out_dir: str, resume: bool, restart: bool) -> None:
@@ -645,27 +632,26 @@ class MetricsLogger:
     """Rank 0 only: metrics.jsonl (always), one greppable line per step, optional TensorBoard / wandb (lazy)."""
 
     def __init__(self, out_dir: str, config: dict, resumed: dict | None, tensorboard=False, wandb_project=""):
-        """resumed: None for a new run, else the resumed checkpoint's vlrl_state.json ({"step": 0} if none)."""
-        self.path = Path(out_dir) / "metrics.jsonl"
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=1, default=str))
-        # On resume, lines logged after the checkpoint by the killed run are moved aside (kept, not lost) and redone;
-        # the checkpoint's own line comes from the checkpoint if the run was killed before logging it.
-        step = -1 if resumed is None else resumed["step"]                # a new run keeps no line
-        rows = [json.loads(line) for line in self.path.read_text().splitlines()] \
-            if step >= 0 and self.path.exists() else []
-        keep = [r for r in rows if r["step"] <= step]
-        if step >= 0 and resumed.get("metrics") and step not in {r["step"] for r in keep}:
-            keep.append(resumed["metrics"])
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        self.rows = keep                                                 # what the run logged before this start
-        if drop := [r for r in rows if r["step"] > step]:
-            with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in drop)
+        """resumed: None for a new run, else the resumed checkpoint's vlrl_state.json ({"step": 0} if none). On resume,
+        the lines a killed run logged after its checkpoint are moved aside (to metrics.discarded.jsonl) and redone;
+        the checkpoint's own line comes from the checkpoint if the run was killed before logging it."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        self.path, step = out / "metrics.jsonl", -1 if resumed is None else resumed["step"]   # a new run keeps none
+        rows = read_jsonl(self.path) if step >= 0 and self.path.exists() else []
+        self.rows = [r for r in rows if r["step"] <= step]             # what the run logged before this start
+        if step >= 0 and resumed.get("metrics") and step not in {r["step"] for r in self.rows}:
+            self.rows.append(resumed["metrics"])
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        discarded = [json.dumps(r) + "\n" for r in rows if r["step"] > step]
+        if discarded:
+            with open(out / "metrics.discarded.jsonl", "a") as f:
+                f.writelines(discarded)
         self.tb = self.wandb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            self.tb = SummaryWriter(str(out / "tb"))
         if wandb_project:
             import wandb
             self.wandb = wandb.init(project=wandb_project, config=config)

@@ -84,8 +84,8 @@ toy_chain() {
   # step 2: the vanilla instruct model, the analogue of Qwen2.5-VL-Instruct: SFT from random init on related data
   #         (reading digits, adding numbers, the task in another phrasing), so it follows the answer format and is
   #         mediocre on the task. Built once per toy world; both arms start from it. The vision tower stays frozen
-  #         (as in MAYE): its random features already tell the digits apart, and training it at this rate collapsed
-  #         them (measured: stuck at chance for 240 steps).
+  #         (as in MAYE): its random features already tell the digits apart, and training them at this rate
+  #         collapses them.
   if [ ! -f "$VANILLA/config.json" ]; then
     "$PY" sft.py --model.path "$MODEL" "${DATA[@]}" --data.train "$TOY/data/instruct.jsonl" --out-dir "$TOY/vanilla_run" \
         --restart --max-steps "$VANILLA_STEPS" --batch-size 32 --micro-batch-size 32 --optim.lr 1e-3 --cache-prompts \
@@ -96,7 +96,7 @@ toy_chain() {
   # step 3: per seed, SFT and RL from the vanilla model for the same number of epochs over the training split.
   #         --restart: a rerun moves the previous runs aside (runs/sft_s1.old-TIME) instead of refusing to start.
   #         SFT: batch 32, lr 3e-4. RL: 16 prompts x 8 responses per step at MAYE's T=1.0, GRPO, one update per
-  #         step, lr 1e-4 (5e-4 diverged: measured), no KL (the reference would be the mediocre vanilla model).
+  #         step, lr 1e-4 (5e-4 diverges), no KL (the reference would be the mediocre vanilla model).
   ARMS=("$VANILLA") LABELS=(vanilla)
   for SEED in $(seq 1 "$SEEDS"); do
     "$PY" sft.py --model.path "$VANILLA" "${DATA[@]}" "${TRAIN[@]}" --out-dir "$RUNS/sft_s$SEED" --restart --seed "$SEED" \

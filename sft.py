@@ -192,6 +192,30 @@ def validation_loss(model, processor, samples: list[Sample], responses: list[lis
     return (total[0] / total[1]).item()
 
 
+def sft_step(model, optimizer, scheduler, samples: list[Sample], responses: list[list[int]], processor, args: Args,
+             step: int, rank: int, world: int, device) -> tuple[float, float, float, int]:
+    """One optimizer step on the global batch: this rank takes every world-th row, micro-batch by micro-batch, and
+    divides its loss sums by the GLOBAL token count N (times world, since FSDP2 averages gradients over ranks), so 1
+    rank and N ranks take the same step. Returns (mean loss per token over all ranks, grad norm, the lr used, N)."""
+    import torch.distributed as dist
+    n_tokens = sum(len(r) for r in responses)                         # the same on every rank
+    mbs = micro_batches(list(range(rank, len(samples), world)), args.micro_batch_size)   # same count on every rank
+    nll = torch.zeros(1, dtype=torch.float64)
+    for k, mb in enumerate(mbs):
+        model.set_requires_gradient_sync(k == len(mbs) - 1)           # reduce-scatter once per step
+        batch = to_device(collate(processor, [samples[i] for i in mb], [responses[i] for i in mb], args.data), device)
+        loss_sum = response_nll(model, batch)
+        (loss_sum * (world / n_tokens)).backward()
+        nll += loss_sum.item()
+    gn = clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.optim.grad_clip, step)
+    lr = scheduler.get_last_lr()[0]                                    # the lr this step used
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    dist.all_reduce(nll)
+    return nll.item() / n_tokens, gn, lr, n_tokens
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The SFT loop (one process per rank)
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,7 +234,6 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
     optimizer, scheduler = build_optimizer(model, args.optim, total_steps)
     state = load_trainer_state(ckpt, model, optimizer, scheduler) if ckpt else {"step": 0}
     start = state["step"]
-    params = [p for p in model.parameters() if p.requires_grad]
     batch_processor = CachedProcessor(processor) if args.cache_prompts else processor
     logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard, args.wandb) \
         if rank == 0 else None
@@ -223,24 +246,11 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
             for step in range(start, total_steps):
                 t0 = time.time()
                 _, idx = batch_indices(len(train_set), args.batch_size, args.seed, step)
-                n_tokens = sum(len(train_resp[i]) for i in idx)           # global normaliser: all ranks know it
-                mbs = micro_batches(idx[rank::world], args.micro_batch_size)   # same count on every rank
-                nll = torch.zeros(1, dtype=torch.float64)
-                for k, mb in enumerate(mbs):
-                    model.set_requires_gradient_sync(k == len(mbs) - 1)     # reduce-scatter once per step
-                    batch = to_device(collate(batch_processor, [train_set[i] for i in mb],
-                                              [train_resp[i] for i in mb], args.data), device)
-                    loss_sum = response_nll(model, batch)
-                    (loss_sum * (world / n_tokens)).backward()     # FSDP2 averages gradients over ranks: undo it
-                    nll += loss_sum.item()
-                gn = clip_grad_norm(params, args.optim.grad_clip, step)
-                lr = scheduler.get_last_lr()[0]                    # the lr this step used
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                dist.all_reduce(nll)
+                samples, responses = [train_set[i] for i in idx], [train_resp[i] for i in idx]   # (B,) each
+                loss, gn, lr, n_tokens = sft_step(model, optimizer, scheduler, samples, responses, batch_processor,
+                                                  args, step, rank, world, device)
                 done, t1 = step + 1, time.time()
-                metrics = {"step": done, "epoch": done / steps_per_epoch, "train/loss": nll.item() / n_tokens,
+                metrics = {"step": done, "epoch": done / steps_per_epoch, "train/loss": loss,
                            "training/lr": lr, "training/grad_norm": gn, "train/tokens": n_tokens,
                            "time/step": t1 - t0, "perf/tokens_per_s": n_tokens / (t1 - t0)}
 
@@ -291,7 +301,8 @@ def main(args: Args) -> None:
                       "--micro-batch-size and --epochs must be >= 1, --max-steps >= 0"),
                      (args.resume and args.restart, "--resume continues the run in --out-dir, --restart moves it "
                                                     "aside"),
-                     (args.rollout.seed != RolloutConfig.seed, "--rollout.seed is rollout.py's: validation seeds its requests")):
+                     (args.rollout.seed != RolloutConfig.seed,
+                      "--rollout.seed is rollout.py's: validation seeds its own requests")):
         if bad:
             raise SystemExit(f"sft.py: {msg}")
     if args.val_every >= 0:   # validation starts an engine: its GPU is free of ranks, or exit

@@ -353,7 +353,7 @@ def check_args(args: Args, world: int, train_size: int) -> None:
             (mini >= 1 and (P * n) % mini, f"--mini-batch-size {mini} must divide the {P * n} responses of a step "
                                            f"(--prompts-per-step x --rollout.n), or the last optimizer step is uneven"),
             (args.tis_cap < 1, f"--tis-cap {args.tis_cap} must be >= 1 (a cap below 1 would down-weight every token)"),
-            (args.rollout.seed != RolloutConfig.seed, "--rollout.seed is rollout.py's: here --seed seeds every request"),
+            (args.rollout.seed != RolloutConfig.seed, "--rollout.seed is rollout.py's: --seed seeds every request"),
             (min(args.micro_batch_size, args.ppo_epochs, args.epochs) < 1 or args.max_steps < 0,
              "--micro-batch-size, --ppo-epochs and --epochs must be >= 1, --max-steps >= 0"),
             (args.resume and args.restart, "--resume continues the run in --out-dir, --restart moves it aside")):

@@ -329,6 +329,7 @@ def test_bad_flags_fail_before_start_up_naming_the_flag(toy_world, tmp_path, fla
     ({"resume": True, "restart": True}, 1, "--restart"),
     ({"ppo_epochs": 0}, 1, "--ppo-epochs"),
     ({"tis": "token", "tis_cap": 0.5}, 1, "--tis-cap 0.5 must be >= 1"),
+    ({"rollout_seed": 3}, 1, "--rollout.seed is rollout.py's: --seed seeds every request"),
 ])
 def test_check_args(changes, world, words):
     import dataclasses
@@ -337,7 +338,8 @@ def test_check_args(changes, world, words):
     base = train.Args(prompts_per_step=4, mini_batch_size=8, rollout=train.RolloutConfig(n=2))
     train.check_args(base, 1, train_size=64)                             # the flags before the change are fine
     changes = dict(changes)
-    bad = dataclasses.replace(base, rollout=train.RolloutConfig(n=changes.pop("n", 2)))
+    rollout = train.RolloutConfig(n=changes.pop("n", 2), seed=changes.pop("rollout_seed", 0))
+    bad = dataclasses.replace(base, rollout=rollout)
     if "advantage" in changes:
         bad = dataclasses.replace(bad, advantage=train.AdvantageConfig(estimator=changes.pop("advantage")))
     with pytest.raises(SystemExit, match=words):
@@ -347,4 +349,4 @@ def test_check_args(changes, world, words):
 def test_a_text_only_model_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(SystemExit, match="'qwen2' model has no vision tower"):
-        common.check_model_dir(str(tmp_path))
+        common.check_model(common.ModelConfig(path=str(tmp_path)))
