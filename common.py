@@ -640,7 +640,7 @@ class MetricsLogger:
         (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
         self.path, step = out / "metrics.jsonl", -1 if resumed is None else resumed["step"]   # a new run keeps none
         rows = read_jsonl(self.path) if step >= 0 and self.path.exists() else []
-        self.rows = [r for r in rows if r["step"] <= step]             # what the run logged before this start
+        self.rows = [r for r in rows if r["step"] <= step]             # the run's lines so far (log() adds each)
         if step >= 0 and resumed.get("metrics") and step not in {r["step"] for r in self.rows}:
             self.rows.append(resumed["metrics"])
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
@@ -657,6 +657,7 @@ class MetricsLogger:
             self.wandb = wandb.init(project=wandb_project, config=config)
 
     def log(self, metrics: dict, line: str | None = None) -> None:
+        self.rows.append(metrics)
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if line:

@@ -258,6 +258,17 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             }
 
 
+def build_models(args: Args, device, ckpt, total_steps: int):
+    """The policy (from the checkpoint when resuming), the frozen reference when the KL needs one, both sharded with
+    FSDP2, the optimizer and its schedule, and the run's state (the checkpoint's, or step 0)."""
+    policy = shard_model(load_model(args.model.path, args.model, device, resume=ckpt), args.model, device)
+    ref = shard_model(load_model(args.model.path, args.model, device, trainable=False), args.model, device) \
+        if args.advantage.kl_coef > 0 else None
+    optimizer, scheduler = build_optimizer(policy, args.optim, total_steps)
+    state = load_trainer_state(ckpt, policy, optimizer, scheduler) if ckpt else {"step": 0}
+    return policy, ref, optimizer, scheduler, state
+
+
 def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     from transformers import AutoProcessor
     rank, world, device = init_distributed(args.threads)
@@ -268,17 +279,10 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     n = args.rollout.n                                     # responses per prompt: B = P * n per step
     engine = EngineClient(make_engine, str(ckpt or args.model.path), args.rollout, args.data) if rank == 0 else None
 
-    policy = shard_model(load_model(args.model.path, args.model, device, resume=ckpt), args.model, device)
-    ref = shard_model(load_model(args.model.path, args.model, device, trainable=False), args.model, device) \
-        if args.advantage.kl_coef > 0 else None
-    optimizer, scheduler = build_optimizer(policy, args.optim, total_steps)
-    state = load_trainer_state(ckpt, policy, optimizer, scheduler) if ckpt else {"step": 0}
+    policy, ref, optimizer, scheduler, state = build_models(args, device, ckpt, total_steps)
     logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard,
                            args.wandb) if rank == 0 else None
     print0(f"[train] {world} rank(s) on {device}, steps {state['step']}->{total_steps} from {ckpt or args.model.path}")
-    # a mid-epoch resume gets the epoch's earlier steps back, so that train/epoch_accuracy covers the whole epoch
-    epoch_start = state["step"] - state["step"] % steps_per_epoch
-    epoch_acc = [r["rews/acc_rewards"] for r in logger.rows if r["step"] > epoch_start] if logger else []  # per step
     try:
         for step in range(state["step"], total_steps):
             times = [("start", time.time())]
@@ -325,9 +329,9 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             scheduler.step()
             metrics = {"step": done, "epoch": done / steps_per_epoch, "training/lr": lr, **rethink,
                        **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
-            epoch_acc.append(metrics["rews/acc_rewards"])            # every step has B responses: a mean of means
-            if done % steps_per_epoch == 0:
-                metrics["train/epoch_accuracy"], epoch_acc = sum(epoch_acc) / len(epoch_acc), []
+            if done % steps_per_epoch == 0 and logger:   # every step has B responses: the mean of the steps' means
+                accs = [r["rews/acc_rewards"] for r in logger.rows if r["step"] > done - steps_per_epoch]
+                metrics["train/epoch_accuracy"] = (sum(accs) + metrics["rews/acc_rewards"]) / (len(accs) + 1)
             if (args.save_every and done % args.save_every == 0) or done == total_steps:
                 save_checkpoint(args.out_dir, done, done / steps_per_epoch, "rl", policy, optimizer, scheduler,
                                 processor, keep=args.keep_checkpoints, metrics=metrics)
