@@ -258,31 +258,32 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             }
 
 
-def build_models(args: Args, device, ckpt, total_steps: int):
-    """The policy (from the checkpoint when resuming), the frozen reference when the KL needs one, both sharded with
-    FSDP2, the optimizer and its schedule, and the run's state (the checkpoint's, or step 0)."""
+def start_run(args: Args, rank: int, world: int, device, total_steps: int):
+    """What a rank needs, from the latest checkpoint with --resume: the processor; on rank 0 the engine process (it
+    starts while the models load) and the metrics logger; the policy and, when the KL needs one, the frozen reference,
+    both sharded with FSDP2; the optimizer and its schedule; the run's state (the checkpoint's, or step 0)."""
+    from transformers import AutoProcessor
+    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
+    processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
+    engine = EngineClient(make_engine, str(ckpt or args.model.path), args.rollout, args.data) if rank == 0 else None
     policy = shard_model(load_model(args.model.path, args.model, device, resume=ckpt), args.model, device)
     ref = shard_model(load_model(args.model.path, args.model, device, trainable=False), args.model, device) \
         if args.advantage.kl_coef > 0 else None
     optimizer, scheduler = build_optimizer(policy, args.optim, total_steps)
     state = load_trainer_state(ckpt, policy, optimizer, scheduler) if ckpt else {"step": 0}
-    return policy, ref, optimizer, scheduler, state
-
-
-def rl_worker(args: Args, train_set: list, val_set: list) -> None:
-    from transformers import AutoProcessor
-    rank, world, device = init_distributed(args.threads)
-    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
-    processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
-    steps_per_epoch = len(train_set) // args.prompts_per_step
-    total_steps = args.max_steps or steps_per_epoch * args.epochs
-    n = args.rollout.n                                     # responses per prompt: B = P * n per step
-    engine = EngineClient(make_engine, str(ckpt or args.model.path), args.rollout, args.data) if rank == 0 else None
-
-    policy, ref, optimizer, scheduler, state = build_models(args, device, ckpt, total_steps)
     logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard,
                            args.wandb) if rank == 0 else None
     print0(f"[train] {world} rank(s) on {device}, steps {state['step']}->{total_steps} from {ckpt or args.model.path}")
+    return processor, engine, policy, ref, optimizer, scheduler, state, logger
+
+
+def rl_worker(args: Args, train_set: list, val_set: list) -> None:
+    rank, world, device = init_distributed(args.threads)
+    steps_per_epoch = len(train_set) // args.prompts_per_step
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    n = args.rollout.n                                     # responses per prompt: B = P * n per step
+    run = start_run(args, rank, world, device, total_steps)
+    processor, engine, policy, ref, optimizer, scheduler, state, logger = run
     try:
         for step in range(state["step"], total_steps):
             times = [("start", time.time())]
@@ -291,9 +292,8 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             samples = [s for s in prompts for _ in range(n)]                                      # (B,) = P*n
 
             # step 1: rollout -- the engine (rank 0) samples n responses per prompt, each prompt's n adjacent
-            comps, rethink = rollout(engine, prompts, args.rollout, step_seed(args.seed, step, len(samples)),
-                                     args.reward) \
-                if rank == 0 else (None, None)                                                    # (B,)
+            seed = step_seed(args.seed, step, len(samples))                                      # [seed, seed + 2B)
+            comps, rethink = rollout(engine, prompts, args.rollout, seed, args.reward) if rank == 0 else (None, None)
             times.append(("generate", time.time()))
 
             # step 2: reward -- rank 0 scores every response in its judge pool; every rank gets both
@@ -309,8 +309,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             # selection on the full batch (the same on every rank)
             old_lp, ref_lp, ent = old_and_ref_logprobs(policy, ref, samples, comps, mask.shape[1], processor, args,
                                                        rank, world, device)                       # (B, T) each
-            kl = kl_penalty(old_lp, ref_lp, args.advantage.kl_type) * mask \
-                if ref is not None and not args.advantage.kl_in_loss else None                    # reward KL only
+            kl = kl_penalty(old_lp, ref_lp, args.advantage.kl_type) * mask if ref is not None else None  # (B, T)
             adv = compute_advantages(scores, mask, n, args.advantage, kl=kl)                      # (B, T)
             generator = torch.Generator().manual_seed(args.seed * 7919 + step)
             keep = select_samples(scores, adv, mask, n, args.advantage, generator, multiple_of=world)   # (K,)
