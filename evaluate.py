@@ -1,7 +1,9 @@
 """evaluate.py: MAYE's evaluation scheme (stage 6): accuracy under three decodings, length, reflection; reports.
 
-MAYE (arXiv 2504.02587, sec. 4): `evaluate_model` scores one engine on one split; `evaluate_run` a run's checkpoints,
-into a resumable RUN/eval.jsonl; `write_report` writes Table 3, Figures 4 and 5 and report.md. Run alone:
+MAYE (arXiv 2504.02587, sec. 4): `evaluate_model`: reward.py's accuracy at pass@1 T=0.01 (top_p 0.001), pass@1 T=0.6,
+pass@8 T=1.0, length, truncation, reflection (`validate`: the trainers' pass@1 T=0.01). `evaluate_run`: a resumable
+RUN/eval.jsonl (a line per checkpoint x split x setting; one engine per run). `write_report`: Table 3 (per run mean and
+max over epochs, then mean ± std across an arm's runs), Figures 4 and 5, report.md. Run alone (--report-only redraws):
     python evaluate.py --model toy/models/qwen2_5_vl-tiny --data-file toy/data/validation.jsonl --eval.max-tokens 64
     python evaluate.py --runs runs/rl runs/sft toy/models/qwen2_5_vl-tiny --out report --eval.max-tokens 64
 """
@@ -12,13 +14,10 @@ import re
 import statistics
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
-from safetensors.torch import load_file
-
-from common import read_jsonl
+from common import figure, mean_std, read_jsonl
 from data import DataConfig, fits_model, load_dataset
 from reward import RewardConfig, score_batch
 from rollout import RolloutConfig, make_engine
@@ -41,8 +40,8 @@ class EvalConfig:
 REFLECTION_WORDS = ("re-check", "re-evaluate", "re-examine", "re-think", "recheck", "reevaluate", "reexamine",
                     "reevaluation", "rethink", "check again", "think again", "try again", "verify", "wait", "yet")
 Setting = NamedTuple("Setting", [("name", str), ("k", int), ("n", int), ("temperature", float), ("top_p", float)])
-EVAL_KEYS = ("checkpoint", "step", "epoch", "kind", "split", "setting", "max_tokens", "limit", "accuracy")
-ARM_COLOURS = {"vanilla": "0.35", "sft": "tab:blue", "rl": "tab:red"}  # MAYE's column order; others: C3, C4...
+EVAL_KEYS = ("checkpoint", "step", "epoch", "kind", "split", "setting", "max_tokens", "limit", "accuracy")  # eval.jsonl
+ARM_COLOURS = {"vanilla": "0.35", "sft": "tab:blue", "rl": "tab:red"}  # in MAYE's column order; others: C3, C4...
 FIGURE4 = [  # MAYE Figure 4 panels: (title, x, y label, [(metrics.jsonl key, line style, label suffix)])
     ("Training accuracy per epoch", "epoch", "accuracy", [("train/epoch_accuracy", "-", "")]),
     ("Response length", "step", "mean tokens per response", [("response/lengths", "-", "")]),
@@ -54,8 +53,7 @@ FIGURE4 = [  # MAYE Figure 4 panels: (title, x, y label, [(metrics.jsonl key, li
 
 def parse_setting(name: str) -> Setting:
     """'pass@8_t1.0' -> Setting(k=8, n=8, T=1.0, top_p=1.0); 'pass@1_t0.01' -> top_p 0.001 (MAYE's near-greedy)."""
-    m = re.fullmatch(r"pass@(\d+)_t(\d+(?:\.\d*)?)(?:_p(\d*\.?\d+(?:e-?\d+)?))?(?:_n(\d+))?", name)
-    if not m:
+    if not (m := re.fullmatch(r"pass@(\d+)_t(\d+(?:\.\d*)?)(?:_p(\d*\.?\d+(?:e-?\d+)?))?(?:_n(\d+))?", name)):
         raise ValueError(f"eval setting {name!r}: expected 'pass@K_tT[_pP][_nN]', e.g. 'pass@8_t1.0'")
     k, t, n = int(m.group(1)), float(m.group(2)), int(m.group(4) or m.group(1))
     top_p = float(m.group(3)) if m.group(3) else (0.001 if t <= 0.01 else 1.0)
@@ -65,17 +63,14 @@ def parse_setting(name: str) -> Setting:
 
 
 def pass_at_k(correct: list[list[bool]], k: int, unbiased: bool = False) -> float:
-    """Mean over problems of pass@k from n >= k verdicts each: MAYE's 'any of the first k correct', or unbiased (Chen
-    et al. 2021, eq. 1) 1 - C(n-c, k) / C(n, k) for c correct, computed as 1 - prod_{i=n-c+1..n} (1 - k/i)."""
+    """Mean over problems of pass@k from n >= k verdicts each: MAYE's 'any of the first k correct', or unbiased (Chen et
+    al. 2021, eq. 1) 1 - C(n-c, k) / C(n, k) for c correct, computed as 1 - prod_{i=n-c+1..n} (1 - k/i)."""
     if not correct or min(map(len, correct)) < k:
         raise ValueError(f"pass_at_k: no problems, or one with fewer than k={k} responses")
     if not unbiased:
         return sum(any(c[:k]) for c in correct) / len(correct)
-    total = 0
-    for c in correct:
-        wrong = len(c) - sum(map(bool, c))
-        total += 1.0 if wrong < k else 1.0 - math.prod(1.0 - k / i for i in range(wrong + 1, len(c) + 1))
-    return total / len(correct)
+    return sum(1.0 if (wrong := len(c) - sum(map(bool, c))) < k else
+               1.0 - math.prod(1.0 - k / i for i in range(wrong + 1, len(c) + 1)) for c in correct) / len(correct)
 
 
 def reflection_stats(responses: list[str], correct: list[bool], words=REFLECTION_WORDS) -> dict:
@@ -85,14 +80,14 @@ def reflection_stats(responses: list[str], correct: list[bool], words=REFLECTION
     correct_ratio_in_no_reflection_texts (C-RC)/(N-R)."""
     if len(responses) != len(correct) or not all(isinstance(t, str) for t in responses):
         raise ValueError(f"reflection_stats: {len(responses)} responses (strings needed), {len(correct)} correct flags")
-    hits = [{w: text.lower().count(w) for w in words} for text in responses]  # per response: count of each word
+    hits = [{w: low.count(w) for w in words} for low in map(str.lower, responses)]
     refl, ok = [any(h.values()) for h in hits], [bool(c) for c in correct]
     n, r, c, rc = len(ok), sum(refl), sum(ok), sum(x and y for x, y in zip(refl, ok))
     ratios = {"reflection_ratio": (r, n), "reflection_ratio_in_correct_answers": (rc, c),
               "reflection_ratio_in_incorrect_answers": (r - rc, n - c), "correct_ratio_in_reflection_texts": (rc, r),
               "correct_ratio_in_no_reflection_texts": (c - rc, n - r)}
-    out = {name: a / b if b else 0.0 for name, (a, b) in ratios.items()}
-    return out | {f"words/{w}": sum(h[w] for h in hits) for w in words}
+    return {**{k: a / b if b else 0.0 for k, (a, b) in ratios.items()},
+            **{f"words/{w}": sum(h[w] for h in hits) for w in words}}
 
 
 def evaluate_model(engine, samples, cfg: EvalConfig = EvalConfig(), reward_cfg: RewardConfig = RewardConfig(),
@@ -102,31 +97,28 @@ def evaluate_model(engine, samples, cfg: EvalConfig = EvalConfig(), reward_cfg: 
     reflection/* (reflection_stats), records}}. on_batch(prompts done) drives a progress bar."""
     out = {}
     for s in map(parse_setting, settings if settings is not None else cfg.settings):
-        responses = []  # (sample, index among its n, completion), problem-major
+        comps = []
         for b in range(0, len(samples), cfg.batch_size):
             chunk = samples[b:b + cfg.batch_size]
-            seed = None if cfg.seed is None else cfg.seed + b * s.n  # the seeds of one call for all prompts
             got = engine.generate(chunk, n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=cfg.max_tokens,
-                                  seed=seed)
+                                  seed=None if cfg.seed is None else cfg.seed + b * s.n)  # = one call's seeds
             if len(got) != len(chunk) or any(len(g) != s.n for g in got):
                 raise RuntimeError(f"engine.generate returned {[len(g) for g in got]} completions for "
                                    f"{len(chunk)} prompts x n={s.n}")
-            for x, completions in zip(chunk, got):
-                responses += [(x, j, c) for j, c in enumerate(completions)]
+            comps += got
             on_batch(len(chunk))
-        texts, N = [c.text for _, _, c in responses], len(responses)
-        stopped = [c.finish_reason == "stop" for _, _, c in responses]
-        scores = score_batch(texts, [x.answer for x, _, _ in responses], stopped, reward_cfg)
+        flat = [(x, j, c) for x, cs in zip(samples, comps) for j, c in enumerate(cs)]  # (P*n,), problem-major
+        texts, N = [c.text for _, _, c in flat], len(flat)
+        scores = score_batch(texts, [x.answer for x, _, _ in flat], [c.finish_reason == "stop" for _, _, c in flat],
+                             reward_cfg)
         ok = [r["accuracy"] > 0.5 for r in scores]
-        records = []
-        for (x, j, c), r, v in zip(responses, scores, ok):
-            records.append(dict(id=x.id, sample=j, response=c.text, answer=x.answer, pred=r["pred"],
-                                accuracy=r["accuracy"], correct=v, finish_reason=c.finish_reason,
-                                length=len(c.token_ids), reason=r["reason"]))
+        records = [dict(id=x.id, sample=j, response=c.text, answer=x.answer, pred=r["pred"], accuracy=r["accuracy"],
+                        correct=v, finish_reason=c.finish_reason, length=len(c.token_ids), reason=r["reason"])
+                   for (x, j, c), r, v in zip(flat, scores, ok)]
         out[s.name] = {
             "accuracy": pass_at_k([ok[i:i + s.n] for i in range(0, N, s.n)], s.k, cfg.unbiased),
-            "mean_length": sum(len(c.token_ids) for _, _, c in responses) / N,
-            "length_clip_ratio": sum(c.finish_reason == "length" for _, _, c in responses) / N,
+            "mean_length": sum(len(c.token_ids) for _, _, c in flat) / N,
+            "length_clip_ratio": sum(c.finish_reason == "length" for _, _, c in flat) / N,
             "format_ratio": sum(r["format"] for r in scores) / N, "response_accuracy": sum(ok) / N,
             "n_problems": len(samples), "n_responses": N, "records": records,
             **{f"reflection/{k}": v for k, v in reflection_stats(texts, ok).items()}}
@@ -139,7 +131,6 @@ def validate(engine, samples, reward_cfg: RewardConfig, max_tokens: int) -> dict
     return {"val/accuracy": res["pass@1_t0.01"]["accuracy"], "val/mean_length": res["pass@1_t0.01"]["mean_length"]}
 
 
-# ---- whole runs ----------------------------------------------------------------------------------------------------
 def list_checkpoints(run_dir: str | Path) -> list[dict]:
     """[{name, path, step, epoch, kind}] by step: RUN/checkpoints/*/, or a plain HF model dir as 'vanilla' step 0."""
     run, out = Path(run_dir), []
@@ -154,18 +145,6 @@ def list_checkpoints(run_dir: str | Path) -> list[dict]:
     return sorted(out, key=lambda c: c["step"])
 
 
-def load_checkpoint(engine, ck: dict, rollout_cfg: RolloutConfig, data_cfg: DataConfig, engine_fn=None):
-    """An engine on checkpoint `ck`: a new one, or the run's vLLM `engine` given the checkpoint's weights."""
-    try:
-        if engine is None or engine_fn or rollout_cfg.engine != "vllm":
-            return engine_fn(ck["path"]) if engine_fn else make_engine(ck["path"], rollout_cfg, data_cfg)
-        for f in sorted(Path(ck["path"]).glob("*.safetensors")):
-            engine.update_weights(load_file(f).items())
-        return engine
-    except Exception as e:  # re-raised with the checkpoint named: the caller sees which one is broken
-        raise RuntimeError(f"checkpoint {ck['path']} failed to load: {type(e).__name__}: {e}") from e
-
-
 def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollout_cfg: RolloutConfig = RolloutConfig(),
                  cfg: EvalConfig = EvalConfig(), reward_cfg: RewardConfig = RewardConfig(),
                  engine_fn: Callable[[str], object] | None = None, progress=None, eval_dir=None) -> list[dict]:
@@ -174,59 +153,47 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
     ckpts = list_checkpoints(run_dir)
     ckpts = [c for i, c in enumerate(ckpts) if i % max(cfg.every_k, 1) == 0 or i == len(ckpts) - 1]
     settings = [parse_setting(s) for s in cfg.settings]
-    out_dir = Path(eval_dir or run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    eval_path = out_dir / "eval.jsonl"
-    rows = read_jsonl(eval_path, EVAL_KEYS) if eval_path.exists() else []
-    for r in rows:
-        if (r["max_tokens"], r["limit"]) != (cfg.max_tokens, cfg.limit):
-            raise ValueError(f"{eval_path} has results at max_tokens={r['max_tokens']}, limit={r['limit']}; "
-                             f"this call asks for {cfg.max_tokens}, {cfg.limit}: move that file away first")
+    (run := Path(eval_dir or run_dir)).mkdir(parents=True, exist_ok=True)
+    rows = read_jsonl(eval_path, EVAL_KEYS) if (eval_path := run / "eval.jsonl").exists() else []
+    if other := [r for r in rows if (r["max_tokens"], r["limit"]) != (cfg.max_tokens, cfg.limit)]:
+        raise ValueError(f"{eval_path} has results at max_tokens={other[0]['max_tokens']}, limit={other[0]['limit']}; "
+                         f"this call asks for {cfg.max_tokens}, {cfg.limit}: move that file away first")
     done = {(r["checkpoint"], r["split"], r["setting"]) for r in rows}
     todo = [(c, sp, s) for c in ckpts for sp in cfg.splits for s in settings if (c["name"], sp, s.name) not in done]
-    fits = None  # prompt lengths and images vs our engines' limits
-    if todo and not engine_fn:
-        fits = fits_model(ckpts[-1]["path"], data_cfg, cfg.max_tokens, rollout_cfg.max_model_len,
-                          rollout_cfg.max_images)
-    data = {}  # every split is loaded and checked before any model is
-    for _, sp, _ in todo:
-        if sp not in data:
-            data[sp] = load_dataset(getattr(data_cfg, sp), data_cfg, fits)[:cfg.limit or None]  # --data.<split>
+    data, fits = {}, None if engine_fn or not todo else fits_model(  # prompt lengths vs our engines' limit; images
+        ckpts[-1]["path"], data_cfg, cfg.max_tokens, rollout_cfg.max_model_len, rollout_cfg.max_images)
+    for sp in dict.fromkeys(sp for _, sp, _ in todo):  # load and check every split before any model is loaded
+        data[sp] = load_dataset(getattr(data_cfg, sp), data_cfg, fits)[:cfg.limit or None]  # --data.<split>
     task = progress.add_task(Path(run_dir).name, total=sum(len(data[sp]) for _, sp, _ in todo)) if progress else None
-    on_batch = partial(progress.advance, task) if progress else lambda prompts_done: None
     engine = None  # a vLLM engine serves the whole run
     for ck in ckpts:
-        mine = [(sp, s) for c, sp, s in todo if c is ck]
-        if not mine:
+        if not (mine := [(sp, s) for c, sp, s in todo if c is ck]):
             continue
-        engine = load_checkpoint(engine, ck, rollout_cfg, data_cfg, engine_fn)
+        try:
+            if engine is None or engine_fn or rollout_cfg.engine != "vllm":
+                engine = engine_fn(ck["path"]) if engine_fn else make_engine(ck["path"], rollout_cfg, data_cfg)
+            else:  # the checkpoint's weights into the run's vLLM engine (no second start-up), a file at a time
+                from safetensors.torch import load_file
+                shards = sorted(Path(ck["path"]).glob("*.safetensors"))
+                engine.update_weights(kv for f in shards for kv in load_file(f).items())   # a file in memory at a time
+        except Exception as e:  # re-raised with the checkpoint named: the caller sees which one is broken
+            raise RuntimeError(f"checkpoint {ck['path']} failed to load: {type(e).__name__}: {e}") from e
         for sp, s in mine:
             t0 = time.perf_counter()
-            res = evaluate_model(engine, data[sp], cfg, reward_cfg, (s.name,), on_batch)[s.name]
-            res["time_s"] = round(time.perf_counter() - t0, 3)
-            records = res.pop("records")  # to eval_responses/, not eval.jsonl
+            res = evaluate_model(engine, data[sp], cfg, reward_cfg, (s.name,),
+                                 on_batch=(lambda m: progress.advance(task, m)) if progress else lambda m: None)[s.name]
+            records, res["time_s"] = res.pop("records"), round(time.perf_counter() - t0, 3)
             if cfg.save_responses:
-                responses_dir = out_dir / "eval_responses" / ck["name"]
-                responses_dir.mkdir(parents=True, exist_ok=True)
-                (responses_dir / f"{sp}_{s.name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+                (rdir := run / "eval_responses" / ck["name"]).mkdir(parents=True, exist_ok=True)
+                (rdir / f"{sp}_{s.name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             with open(eval_path, "a", encoding="utf-8") as f:  # a line per result as it is done: resumable
                 f.write(json.dumps({"run": str(run_dir), "checkpoint": ck["name"], "step": ck["step"],
-                                    "epoch": ck["epoch"], "kind": ck["kind"], "split": sp, "setting": s.name,
-                                    "k": s.k, "n": s.n, "temperature": s.temperature, "top_p": s.top_p,
+                                    "epoch": ck["epoch"], "kind": ck["kind"], "split": sp, "setting": s.name, "k": s.k,
+                                    "n": s.n, "temperature": s.temperature, "top_p": s.top_p,
                                     "max_tokens": cfg.max_tokens, "limit": cfg.limit, **res}) + "\n")
-    del engine  # the run's engine (a vLLM one holds GPU memory) goes before the next run's starts
+    del engine
     gc.collect()
     return read_jsonl(eval_path, EVAL_KEYS) if eval_path.exists() else []
-
-
-# ---- several runs: MAYE Table 3, Figures 4 and 5, report.md --------------------------------------------------------
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1; 0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def percent(mean_and_std: tuple[float, float], with_std: bool) -> str:
-    return f"{100 * mean_and_std[0]:.1f}" + (f" ± {100 * mean_and_std[1]:.1f}" if with_std else "")
 
 
 def arm_order(arms) -> list[str]:
@@ -240,47 +207,36 @@ def aggregate(runs: dict[str, list[dict]], arms: dict[str, str], split: str, set
     for a vanilla model). Per arm: {n, mean: (mean, std) across runs, max: (mean, std), per_run: {run: {mean, max}}}."""
     per_arm: dict[str, dict] = {}
     for run, rows in runs.items():
-        mine = [r for r in rows if r["split"] == split and r["setting"] == setting]
-        if not mine:
-            continue
-        trained = [r for r in mine if r["epoch"] > 0]
-        vals = [float(r[metric]) for r in trained or mine]
-        per_arm.setdefault(arms[run], {})[run] = {"mean": sum(vals) / len(vals), "max": max(vals), "epochs": len(vals)}
-    out = {}
-    for arm, per_run in per_arm.items():
-        means, maxes = [p["mean"] for p in per_run.values()], [p["max"] for p in per_run.values()]
-        out[arm] = {"n": len(per_run), "mean": mean_std(means), "max": mean_std(maxes), "per_run": per_run}
-    return out
+        if mine := [r for r in rows if r["split"] == split and r["setting"] == setting]:
+            vals = [float(r[metric]) for r in ([r for r in mine if r["epoch"] > 0] or mine)]
+            per_arm.setdefault(arms[run], {})[run] = {"mean": sum(vals) / len(vals), "max": max(vals),
+                                                      "epochs": len(vals)}
+    return {arm: {"n": len(pr), "mean": mean_std([p["mean"] for p in pr.values()]),
+                  "max": mean_std([p["max"] for p in pr.values()]), "per_run": pr} for arm, pr in per_arm.items()}
 
 
 def table_markdown(runs: dict[str, list[dict]], arms: dict[str, str], splits, settings) -> str:
     """A MAYE-Table-3 markdown table per setting: rows Vanilla, <arm> mean, <arm> max; columns splits; % mean ± std."""
-    tables = []
+    out = []
     for setting in settings:
         agg = {sp: aggregate(runs, arms, sp, setting) for sp in splits}
-        present = arm_order({arm for per_split in agg.values() for arm in per_split})
-        if not present:
+        if not (present := arm_order({a for g in agg.values() for a in g})):
             continue
-        lines = [f"**{setting}** (accuracy %, mean ± std across runs)", "", "| | " + " | ".join(splits) + " |",
-                 "|---|" + "---:|" * len(splits)]
-        for stat in ("mean", "max"):
-            for arm in present:
-                if (arm, stat) == ("vanilla", "max"):
-                    continue  # an untrained model has one checkpoint: its mean is its max
-                n = max(agg[sp][arm]["n"] for sp in splits if arm in agg[sp])
-                name = "Vanilla" if arm == "vanilla" else f"{arm.upper() if len(arm) <= 4 else arm} {stat}"
-                cells = [percent(agg[sp][arm][stat], agg[sp][arm]["n"] > 1) if arm in agg[sp] else "–"
-                         for sp in splits]
-                lines.append(f"| {name} ({n} run{'s' * (n > 1)}) | " + " | ".join(cells) + " |")
-        tables.append("\n".join(lines))
-    return "\n\n".join(tables) + "\n"
+        out.append("\n".join([f"**{setting}** (accuracy %, mean ± std across runs)", "",
+                              "| | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]))
+        for stat, arm in [(st, a) for st in ("mean", "max") for a in present if (a, st) != ("vanilla", "max")]:
+            n = max(agg[sp][arm]["n"] for sp in splits if arm in agg[sp])
+            name = "Vanilla" if arm == "vanilla" else f"{arm.upper() if len(arm) <= 4 else arm} {stat}"
+            cells = [(f"{100 * a[arm][stat][0]:.1f}" + (f" ± {100 * a[arm][stat][1]:.1f}" if a[arm]["n"] > 1 else ""))
+                     if arm in (a := agg[sp]) else "–" for sp in splits]
+            out[-1] += f"\n| {name} ({n} run{'s' * (n > 1)}) | " + " | ".join(cells) + " |"
+    return "\n\n".join(out) + "\n"
 
 
 def series(rows: list[dict], key: str, x: str, where: str = "") -> dict[float, float]:
     """{x: value} of `key` over the metric rows that have it (a later line at the same x wins: resumed runs)."""
-    for r in rows:
-        if key in r and (isinstance(r[key], bool) or not isinstance(r[key], (int, float))):
-            raise ValueError(f"{where}: {key!r} at {x}={r[x]} is {r[key]!r}, expected a number")
+    if bad := [r for r in rows if key in r and (isinstance(r[key], bool) or not isinstance(r[key], (int, float)))]:
+        raise ValueError(f"{where}: {key!r} at {x}={bad[0][x]} is {bad[0][key]!r}, expected a number")
     return {float(r[x]): float(r[key]) for r in rows if key in r}
 
 
@@ -289,178 +245,96 @@ def findings(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], arms: 
     """'What this shows', written from the numbers: RL vs SFT per split (Table 3's mean over epochs; a gap counts when
     it exceeds the larger std across runs) and per decoding on the last split; the last checkpoints' response length
     and reflection ratio (first split, a sampled decoding where there is one); length vs reflection over RL steps."""
-    out = []
+    out, pct = [], lambda ms: f"{100 * ms[0]:.1f}" + (f" ± {100 * ms[1]:.1f}" if ms[1] else "")
     for sp in splits:
-        agg = aggregate(runs, arms, sp, settings[0])
-        if not {"sft", "rl"} <= set(agg):
-            continue
-        (rl, rl_std), (sft, sft_std) = agg["rl"]["mean"], agg["sft"]["mean"]
-        verdict = ("one run per arm, no spread to judge it by (`SEEDS=3`)." if min(agg["rl"]["n"], agg["sft"]["n"]) < 2
-                   else "more than the spread across runs." if abs(rl - sft) > max(rl_std, sft_std)
-                   else "within the spread across runs, so not a clear difference.")
-        means = "".join(f"{a} {percent(agg[a]['mean'], bool(agg[a]['mean'][1]))}, " for a in arm_order(agg))
-        out.append(f"- **{sp}**{' (out of distribution)' * (sp == 'test')}, {settings[0]}, mean over epochs: {means}"
-                   f"so {'RL' if rl > sft else 'SFT'} leads by {100 * abs(rl - sft):.1f} points: {verdict}")
-    last_split = {s: aggregate(runs, arms, splits[-1], s) for s in settings}
-    compared = [s for s, agg in last_split.items() if {"sft", "rl"} <= set(agg)]
-    wins = [s for s in compared if last_split[s]["rl"]["mean"][0] > last_split[s]["sft"]["mean"][0]]
-    if compared:
-        out.append(f"- On {splits[-1]}, RL's mean beats SFT's in {len(wins)} of {len(compared)} decodings"
-                   + (f" ({', '.join(wins)})." if wins else "."))
+        if {"sft", "rl"} <= set(agg := aggregate(runs, arms, sp, settings[0])):
+            (r, rs), (f, fs), n = agg["rl"]["mean"], agg["sft"]["mean"], min(agg[a]["n"] for a in ("rl", "sft"))
+            out.append(f"- **{sp}**{' (out of distribution)' * (sp == 'test')}, {settings[0]}, mean over epochs: " +
+                       "".join(f"{a} {pct(agg[a]['mean'])}, " for a in arm_order(agg)) +
+                       f"so {'RL' if r > f else 'SFT'} leads by {100 * abs(r - f):.1f} points: " + (
+                           "one run per arm, no spread to judge it by (`SEEDS=3`)." if n < 2 else
+                           "more than the spread across runs." if abs(r - f) > max(rs, fs) else
+                           "within the spread across runs, so not a clear difference."))
+    if both := {s: a for s in settings if {"sft", "rl"} <= set(a := aggregate(runs, arms, splits[-1], s))}:
+        wins = [s for s, a in both.items() if a["rl"]["mean"][0] > a["sft"]["mean"][0]]
+        out.append(f"- On {splits[-1]}, RL's mean beats SFT's in {len(wins)} of {len(both)} decodings" +
+                   (f" ({', '.join(wins)})." if wins else "."))
     setting = next((s for s in settings if parse_setting(s).temperature > 0.01), settings[0])
-    for key, name, scale, unit in (("mean_length", "Response length", 1, " tokens"),
-                                   ("reflection/reflection_ratio", "Reflection ratio", 100, "%")):
+    for key, name, scale, unit in (("mean_length", "response length", 1, " tokens"),
+                                   ("reflection/reflection_ratio", "reflection ratio", 100, "%")):
         last = {}  # arm -> [value at each run's last evaluated checkpoint]
         for run, rows in runs.items():
-            mine = [r for r in rows if (r["split"], r["setting"]) == (splits[0], setting) and key in r]
-            if mine:
+            if mine := [r for r in rows if (r["split"], r["setting"]) == (splits[0], setting) and key in r]:
                 last.setdefault(arms[run], []).append(scale * max(mine, key=lambda r: r["step"])[key])
-        values = []
-        for arm in arm_order(last):
-            m, sd = mean_std(last[arm])
-            values.append(f"{arm} {m:.1f}" + (f" ± {sd:.1f}" if sd else "") + unit)
-        out.append(f"- {name} at the last checkpoint ({splits[0]}, {setting}): " + ", ".join(values) + ".")
-    corr = []  # Pearson's r of length and reflection ratio over each RL run's steps (undefined for a constant series)
+        out.append(f"- {name.capitalize()} at the last checkpoint ({splits[0]}, {setting}): " + ", ".join(
+            f"{a} {m:.1f}" + (f" ± {sd:.1f}" if sd else "") + unit for a in arm_order(last)
+            for m, sd in [mean_std(last[a])]) + ".")
+    corr, keys = [], ("response/lengths", "reflection/reflection_ratio")   # Pearson's r over each RL run's steps
     for run, rows in metrics.items():
-        both = [r for r in rows if "reflection/reflection_ratio" in r and "response/lengths" in r]
-        lengths = [float(r["response/lengths"]) for r in both]
-        ratios = [float(r["reflection/reflection_ratio"]) for r in both]
-        if arms[run] == "rl" and len(both) > 2 and len(set(lengths)) > 1 and len(set(ratios)) > 1:
-            corr.append(f"{statistics.correlation(lengths, ratios):+.2f}")
+        xy = [[float(r[k]) for k in keys] for r in rows if set(keys) <= r.keys()]
+        if arms[run] == "rl" and len(xy) > 2 and all(len(set(v)) > 1 for v in zip(*xy)):   # r needs variation
+            corr.append(statistics.correlation(*zip(*xy)))
     if corr:
-        out.append("- Over RL's steps, response length and reflection ratio correlate at " + ", ".join(corr)
-                   + " (Pearson, one figure per run; MAYE Figure 4 pairs them).")
+        out.append("- Over RL's steps, response length and reflection ratio correlate at " + ", ".join(
+            f"{c:+.2f}" for c in corr) + " (Pearson, one figure per run; MAYE Figure 4 pairs them).")
     return out
-
-
-def figure(path: Path, title: str, panels: list, arms: dict[str, str], colours: dict[str, str], ncols: int, figsize,
-           empty: str, ylim=None) -> None:
-    """PNG of panels (title, xlabel, ylabel, [(label suffix, line style, {run: {x: y}})]): per arm (in the order and
-    colours of `colours`), mean ± std (shaded, clipped at 0 for non-negative data) across its runs (`arms`: run ->
-    arm); a vanilla arm with one point per run as a dashed level."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
-    fig = Figure(figsize=figsize, constrained_layout=True)
-    axes = fig.subplots(math.ceil(len(panels) / ncols), ncols, squeeze=False)
-    for ax, (panel_title, xlabel, ylabel, curves) in zip(axes.flat, panels):
-        for arm, colour in colours.items():
-            for suffix, style, data in curves:
-                per_run = [s for run, s in data.items() if arms[run] == arm and s]
-                if not per_run:
-                    continue
-                xs = sorted({x for s in per_run for x in s})
-                m, sd = zip(*[mean_std([s[x] for s in per_run if x in s]) for x in xs])  # over the runs that have x
-                label = f"{arm}{suffix} (n={len(per_run)})"
-                if arm == "vanilla" and len(xs) == 1:  # an untrained model: a level across the panel
-                    ax.axhline(m[0], color=colour, ls="--", lw=1.8, label=label)
-                    ax.axhspan(m[0] - sd[0], m[0] + sd[0], color=colour, alpha=0.12 if sd[0] else 0, lw=0)
-                    continue
-                ax.plot(xs, m, style, color=colour, label=label, lw=1.8, marker="o" if len(xs) < 12 else None, ms=3)
-                floor = 0.0 if min(v for s in per_run for v in s.values()) >= 0 else -math.inf
-                ax.fill_between(xs, [max(a - b, floor) for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
-                                color=colour, alpha=0.18, lw=0)
-        ax.set(title=panel_title, xlabel=xlabel, ylabel=ylabel)
-        if ylim:
-            ax.set_ylim(ylim)
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=9)
-        else:
-            ax.text(0.5, 0.5, empty, ha="center", va="center", color="0.4", transform=ax.transAxes)
-    fig.suptitle(title, fontsize=14)
-    fig.savefig(path, dpi=110)
-
-
-def figure4(metrics: dict[str, list[dict]]) -> list:
-    """`figure`'s panels for MAYE Figure 4: FIGURE4, then the two most frequent reflection words; before any epoch
-    ends, the rollouts' accuracy per step in the first panel."""
-    logged = [r for rows in metrics.values() for r in rows]
-    totals = {}  # reflection/words/<w> -> occurrences over all logged steps
-    for r in logged:
-        for k, v in r.items():
-            if k.startswith("reflection/words/") and isinstance(v, (int, float)):
-                totals[k] = totals.get(k, 0) + v
-    words = [k for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0][:2]
-    panels = list(FIGURE4)
-    for w in words:
-        panels.append((f"Reflection word '{w.removeprefix('reflection/words/')}'", "step", "occurrences per step",
-                       [(w, "-", "")]))
-    panels += [("Reflection word", "step", "occurrences per step", [])] * (2 - len(words))
-    if not any("train/epoch_accuracy" in r for r in logged):
-        panels[0] = ("Training accuracy per step (no epoch finished)", "step", "accuracy",
-                     [("rews/acc_rewards", "-", "")])
-    out = []
-    for title, x, ylabel, keys in panels:
-        curves = []
-        for key, style, suffix in keys:
-            per_run = {run: series(rows, key, x, f"{run}/metrics.jsonl") for run, rows in metrics.items()}
-            curves.append((suffix, style, per_run))
-        out.append((title, x, ylabel, curves))
-    return out
-
-
-def log_check(runs: dict[str, list[dict]], metrics: dict[str, list[dict]]) -> list[str]:
-    """report.md's check: validation pass@1_t0.01 here vs `val/accuracy` and `val/mean_length` logged during training
-    at the same step (nan where no length was logged); nothing if no step has both."""
-    table, differences = [], []
-    for run, rows in runs.items():
-        acc = series(metrics.get(run, []), "val/accuracy", "step", f"{run}/metrics.jsonl")
-        length = series(metrics.get(run, []), "val/mean_length", "step", f"{run}/metrics.jsonl")
-        for r in rows:
-            step = float(r["step"])
-            if (r["split"], r["setting"]) != ("validation", "pass@1_t0.01") or step not in acc:
-                continue
-            differences.append(abs(acc[step] - r["accuracy"]))
-            table.append(f"| `{run}` | {r['step']} | {100 * acc[step]:.1f} | {100 * r['accuracy']:.1f} | "
-                         f"{length.get(step, math.nan):.2f} | {r.get('mean_length', math.nan):.2f} |")
-    if not table:
-        return []
-    return ["## Check: evaluation vs the training log", "",
-            "validation pass@1_t0.01 here vs `val/accuracy` and `val/mean_length` logged during training at the "
-            f"same step (largest accuracy difference {100 * max(differences):.1f} points):", "",
-            "| run | step | accuracy % (log) | accuracy % (eval) | mean length (log) | mean length (eval) |",
-            "|---|---:|---:|---:|---:|---:|", *table]
 
 
 def write_report(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], arms: dict[str, str], out: str | Path,
                  splits=("validation", "test"), settings=EvalConfig.settings) -> Path:
     """OUT/report.md: Table 3 (also table.md), Figures 4 and 5 (PNGs), a check against the logged val/* at each step."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = table_markdown(runs, arms, splits, settings)
-    (out / "table.md").write_text(table)
+    (out := Path(out)).mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table := table_markdown(runs, arms, splits, settings))
+    logged = [r for rows in metrics.values() for r in rows]  # Figure 4: also the two most frequent reflection words
+    totals = {k: sum(r[k] for r in logged if isinstance(r.get(k), (int, float)))
+              for k in dict.fromkeys(k for r in logged for k in r if k.startswith("reflection/words/"))}
+    words = [k for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0][:2]
+    panels = FIGURE4 + [(f"Reflection word '{w[17:]}'", "step", "occurrences per step", [(w, "-", "")]) for w in words]
+    panels += [("Reflection word", "step", "occurrences per step", [])] * (2 - len(words))
+    if not any("train/epoch_accuracy" in r for r in logged):  # no epoch finished yet: the rollouts' accuracy
+        panels[0] = ("Training accuracy per step (no epoch finished)", "step", "accuracy",
+                     [("rews/acc_rewards", "-", "")])
     colours = {a: ARM_COLOURS.get(a, f"C{(k + 3) % 10}") for k, a in enumerate(arm_order(set(arms.values())))}
-    figure(out / "training_curves.png", "Training dynamics (mean ± std across runs)", figure4(metrics), arms, colours,
-           3, (16, 8.5), "no data in metrics.jsonl")
-    figure5 = []
-    for setting in settings:
-        for sp in splits:
-            per_run = {}
-            for run, rows in runs.items():
-                per_run[run] = {r["epoch"]: r["accuracy"] for r in rows if (r["split"], r["setting"]) == (sp, setting)}
-            figure5.append((f"{sp}: {setting}", "epoch", "accuracy", [("", "-", per_run)]))
-    figure(out / "accuracy_per_epoch.png", "Accuracy per epoch (mean ± std across runs)", figure5, arms, colours,
-           len(splits), (6.5 * len(splits), 3.6 * len(settings) + 0.6), "not evaluated", ylim=(-0.02, 1.02))
+    figure(out / "training_curves.png", "Training dynamics (mean ± std across runs)", [
+        (title, x, ylabel, [(suffix, style, {run: series(rows, key, x, f"{run}/metrics.jsonl")
+                                             for run, rows in metrics.items()}) for key, style, suffix in keys])
+        for title, x, ylabel, keys in panels], arms, colours, 3, (16, 8.5), "no data in metrics.jsonl")
+    figure(out / "accuracy_per_epoch.png", "Accuracy per epoch (mean ± std across runs)", [
+        (f"{sp}: {setting}", "epoch", "accuracy", [("", "-", {run: {r["epoch"]: r["accuracy"] for r in rows
+         if (r["split"], r["setting"]) == (sp, setting)} for run, rows in runs.items()})])
+        for setting in settings for sp in splits],
+        arms, colours, len(splits), (6.5 * len(splits), 3.6 * len(settings) + 0.6), "not evaluated", ylim=(-0.02, 1.02))
     lines = ["# vlrl evaluation report", "", "## Runs", "", "| run | arm | checkpoints evaluated | metrics lines |",
-             "|---|---|---:|---:|"]
+             "|---|---|---:|---:|", *[f"| `{run}` | {arms[run]} | {len({r['checkpoint'] for r in rows})} | "
+                                       f"{len(metrics.get(run, []))} |" for run, rows in runs.items()],
+             "", "## Accuracy (MAYE Table 3)", "",
+             "Mean: per run, the mean over its epochs (checkpoints after epoch 0), then mean ± std across runs. "
+             "Max: per run, the best epoch, then mean ± std across runs.", "", table,
+             "## What this shows", "", *findings(runs, metrics, arms, splits, settings), "",
+             "## Training dynamics (MAYE Figure 4)", "", "![training curves](training_curves.png)", "",
+             "## Accuracy per epoch (MAYE Figure 5)", "", "![accuracy per epoch](accuracy_per_epoch.png)", ""]
+    check = []  # (run, step, logged accuracy, eval accuracy, logged mean length, eval mean length; NaN if absent)
     for run, rows in runs.items():
-        checkpoints = len({r["checkpoint"] for r in rows})
-        lines.append(f"| `{run}` | {arms[run]} | {checkpoints} | {len(metrics.get(run, []))} |")
-    lines += ["", "## Accuracy (MAYE Table 3)", "",
-              "Mean: per run, the mean over its epochs (checkpoints after epoch 0), then mean ± std across runs. "
-              "Max: per run, the best epoch, then mean ± std across runs.", "", table,
-              "## What this shows", "", *findings(runs, metrics, arms, splits, settings), "",
-              "## Training dynamics (MAYE Figure 4)", "", "![training curves](training_curves.png)", "",
-              "## Accuracy per epoch (MAYE Figure 5)", "", "![accuracy per epoch](accuracy_per_epoch.png)", "",
-              *log_check(runs, metrics)]
+        acc, length = (series(metrics.get(run, []), k, "step", f"{run}/metrics.jsonl")
+                       for k in ("val/accuracy", "val/mean_length"))
+        check += [(run, r["step"], acc[float(r["step"])], r["accuracy"], length.get(float(r["step"]), math.nan),
+                   r.get("mean_length", math.nan)) for r in rows
+                  if (r["split"], r["setting"]) == ("validation", "pass@1_t0.01") and float(r["step"]) in acc]
+    if check:
+        lines += ["## Check: evaluation vs the training log", "",
+                  "validation pass@1_t0.01 here vs `val/accuracy` and `val/mean_length` logged during training at the "
+                  f"same step (largest accuracy difference {100 * max(abs(c[2] - c[3]) for c in check):.1f} points):",
+                  "", "| run | step | accuracy % (log) | accuracy % (eval) | mean length (log) | mean length (eval) |",
+                  "|---|---:|---:|---:|---:|---:|", *[f"| `{run}` | {step} | {100 * a:.1f} | {100 * b:.1f} | {la:.2f} "
+                                                    f"| {lb:.2f} |" for run, step, a, b, la, lb in check]]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
 
 
-# ---- CLI -----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Args:
     model: str = ""  # One model dir (HF format) to evaluate on --data-file; prints a table.
-    data_file: str = ""  # Split file for --model (MAYE jsonl, verl parquet or messages jsonl), read by data.py.
+    data_file: str = ""  # Split file for --model (MAYE jsonl, verl parquet or messages jsonl), as rollout.py's.
     runs: tuple[str, ...] = ()  # Run dirs (RUN/checkpoints/*) and/or plain model dirs (vanilla) to evaluate, compare.
     labels: tuple[str, ...] = ()  # Arm of each --runs entry (e.g. rl rl sft vanilla); default: the checkpoints' kind.
     out: str = ""  # --runs: report dir (plain model dirs' evals: OUT/models/); --model: results.json, responses.jsonl.
@@ -471,35 +345,9 @@ class Args:
     reward: RewardConfig = RewardConfig()
 
 
-def evaluate_one_model(args: Args, progress) -> None:
-    """--model DIR --data-file FILE: a table of the settings; with --out, results.json and responses.jsonl."""
-    from rich.table import Column, Table
-    fits = fits_model(args.model, args.data, args.eval.max_tokens, args.rollout.max_model_len, args.rollout.max_images)
-    samples = load_dataset(args.data_file, args.data, fits)[:args.eval.limit or None]
-    settings = [parse_setting(s) for s in args.eval.settings]  # a bad one fails before the model loads
-    engine = make_engine(args.model, args.rollout, args.data)
-    with progress:
-        task = progress.add_task(Path(args.model).name, total=len(samples) * len(settings))
-        res = evaluate_model(engine, samples, args.eval, args.reward, on_batch=lambda m: progress.advance(task, m))
-    title = f"{args.model} on {args.data_file} ({len(samples)} problems, max {args.eval.max_tokens} tokens)"
-    columns = [Column(name, justify="right") for name in ("accuracy", "mean length", "clipped", "reflection ratio")]
-    table = Table("setting", *columns, title=title)
-    for name, r in res.items():
-        table.add_row(name, f"{100 * r['accuracy']:.1f}%", f"{r['mean_length']:.1f}",
-                      f"{100 * r['length_clip_ratio']:.1f}%", f"{100 * r['reflection/reflection_ratio']:.1f}%")
-    progress.console.print(table)
-    if args.out:
-        responses, results = [], {}
-        for name, r in res.items():
-            responses += [json.dumps({"setting": name, **record}) + "\n" for record in r["records"]]
-            results[name] = {k: v for k, v in r.items() if k != "records"}
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "responses.jsonl").write_text("".join(responses))
-        Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
-
-
 def main(args: Args) -> None:
     import rich.progress as rp
+    from rich.table import Column, Table
     progress = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
                            rp.TimeElapsedColumn(), rp.TimeRemainingColumn())
     if bool(args.model) == bool(args.runs) or not (args.data_file if args.model else args.out):
@@ -507,32 +355,44 @@ def main(args: Args) -> None:
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit(f"--labels has {len(args.labels)} entries for {len(args.runs)} --runs")
     if args.model:
-        evaluate_one_model(args, progress)
+        fits = fits_model(args.model, args.data, args.eval.max_tokens, args.rollout.max_model_len,
+                          args.rollout.max_images)
+        samples = load_dataset(args.data_file, args.data, fits)[:args.eval.limit or None]
+        settings = [parse_setting(s) for s in args.eval.settings]  # a bad one fails before the model loads
+        engine = make_engine(args.model, args.rollout, args.data)
+        with progress:
+            task = progress.add_task(Path(args.model).name, total=len(samples) * len(settings))
+            res = evaluate_model(engine, samples, args.eval, args.reward, on_batch=lambda m: progress.advance(task, m))
+        table = Table("setting", *(Column(c, justify="right") for c in ("accuracy", "mean length", "clipped",
+                      "reflection ratio")), title=f"{args.model} on {args.data_file} ({len(samples)} problems, max "
+                      f"{args.eval.max_tokens} tokens)")
+        for name, r in res.items():
+            table.add_row(name, f"{100 * r['accuracy']:.1f}%", f"{r['mean_length']:.1f}",
+                          f"{100 * r['length_clip_ratio']:.1f}%", f"{100 * r['reflection/reflection_ratio']:.1f}%")
+        progress.console.print(table)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Path(args.out, "responses.jsonl").write_text("".join(json.dumps({"setting": n, **rec}) + "\n"
+                                                                 for n, r in res.items() for rec in r["records"]))
+            Path(args.out, "results.json").write_text(json.dumps({n: {k: v for k, v in r.items() if k != "records"}
+                                                                  for n, r in res.items()}, indent=1))
         return
-    eval_dirs = {}  # a plain model dir (vanilla) is not written into: its eval.jsonl goes to OUT/models/<its path>
-    for run in args.runs:
-        if (Path(run) / "checkpoints").is_dir():
-            eval_dirs[run] = run
-        else:
-            flat_path = re.sub(r"[^\w.-]+", "_", str(Path(run).resolve()).strip("/"))
-            eval_dirs[run] = str(Path(args.out) / "models" / flat_path)
+    # a plain model dir (vanilla) is not written into: its eval.jsonl goes to OUT/models/<its path, flattened>
+    eval_dirs = {run: run if (Path(run) / "checkpoints").is_dir() else
+                 str(Path(args.out) / "models" / re.sub(r"[^\w.-]+", "_", str(Path(run).resolve()).strip("/")))
+                 for run in args.runs}
     if not args.report_only:
         with progress:
             for run in args.runs:
                 evaluate_run(run, args.data, args.rollout, args.eval, args.reward, progress=progress,
                              eval_dir=eval_dirs[run])
     runs = {run: read_jsonl(Path(eval_dirs[run]) / "eval.jsonl", EVAL_KEYS) for run in args.runs}
-    if args.labels:
-        arms = dict(zip(args.runs, args.labels))
-    else:  # the `kind` of a run's last evaluated checkpoint (a run may start from a vanilla step 0)
-        arms = {run: max(rows, key=lambda r: r["step"])["kind"] for run, rows in runs.items()}
-    metrics = {}
-    for run in args.runs:
-        metrics_path = Path(run, "metrics.jsonl")
-        metrics[run] = read_jsonl(metrics_path, ("step", "epoch")) if metrics_path.exists() else []
+    # default arm: the `kind` of a run's last evaluated checkpoint (a run may start from a vanilla step 0)
+    arms = dict(zip(args.runs, args.labels or [max(rows, key=lambda r: r["step"])["kind"] for rows in runs.values()]))
+    metrics = {run: read_jsonl(p, ("step", "epoch")) if (p := Path(run, "metrics.jsonl")).exists() else []
+               for run in args.runs}
     path = write_report(runs, metrics, arms, args.out, args.eval.splits, args.eval.settings)
-    progress.console.print(Path(args.out, "table.md").read_text())
-    progress.console.print(f"report: {path}")
+    progress.console.print(Path(args.out, "table.md").read_text(), f"report: {path}", sep="\n")
 
 
 if __name__ == "__main__":
