@@ -6,32 +6,25 @@ Score of one response (MAYE, arXiv 2504.02587: accuracy + format + language pena
 accuracy is 1/0 from `judge`: the last \\boxed{...} (all boxes, for a gold of several parts) vs the gold answer after
 MAYE-style normalisation (degrees, %, units, \\text{}, `x=5`, choice letters), part by part (`x=1, y=2`: the parts
 must match as sets); numbers within rel_tol (exact for an integer gold), also inside tuples, intervals and matrices;
-the rest by math-verify. Each judgement runs in a judge process (`_judge_all`), bounded by timeout_s whichever
+the rest by math-verify. Each judgement runs in a judge process (common.bounded_map), bounded by timeout_s whichever
 thread calls: past it (a Python loop or one C call alike), or if it dies, the process is killed and replaced and the
-item gets accuracy 0 with the reason. The pool is our own because no library's keeps that: pebble 5.2.3's stops for
-good when a worker dies between tasks, and the standard library's pools cannot kill one task.
+item gets accuracy 0 with the reason.
 
 Run alone:  python reward.py --responses R.jsonl [--out scored.jsonl] [--reward.num-workers 2]
 """
-import atexit
-import gc
 import json
 import math
-import multiprocessing
 import numbers
 import os
 import re
 import runpy
-import signal
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from pathlib import Path
 
-from common import die_with_parent, read_jsonl
+from common import bounded_map, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -339,95 +332,11 @@ def _score_unbounded(response: str, answer: str, finished: bool, cfg: RewardConf
         return _result(cfg.penalty, acc, fmt, "truncated" + (f"; {reason}" if reason else ""), pred, mixed)
     return _result(acc + cfg.format_weight * fmt + cfg.language_penalty * mixed, acc, fmt, reason, pred, mixed)
 
-# ---- scoring a batch, in judge processes -----------------------------------------------------------------------------
-# A judge is a process forked by the thread that scores, one item in flight, killed and replaced past timeout_s or
-# when it dies. The warm-up judgements (one per math-verify path) pay the lazy imports (~1 s) before the forks.
+
+# ---- scoring a batch: in judge processes (common.bounded_map), one item in flight each, killed and replaced past
+# timeout_s. The warm-up judgements (one per math-verify path) pay the lazy imports (~1 s) once, before the first fork.
 _WARM_UP = (("2\\sqrt{3}", "\\sqrt{12}"), ("3.46", "2\\sqrt{3}"), ("[1,2)", "(1,2]"), ("x \\geq 2", "[2,\\infty)"),
             ("\\{2,1\\}", "\\{1,2\\}"), ("y=1+2x", "y=2x+1"), ("r^2\\pi", "\\pi r^2"))
-_JUDGES, _OWNER, _LOCK = [], [], threading.Lock()  # [process, connection] per judge; [thread, pid] that forked them
-
-
-def _serve(conn) -> None:
-    """A judge: answer each item from conn with _score_unbounded(*item), or the exception it raised, until EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
-    die_with_parent()  # Linux kills it when the thread that forked it ends
-    gc.freeze()  # the inherited heap (torch's, in a trainer) is never garbage here: no collection walks it again
-    while True:
-        try:
-            item = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send(_score_unbounded(*item))
-        except Exception as e:
-            conn.send(e)
-
-
-def _fork() -> list:
-    """A new judge, [process, connection]. Forked: spawn would re-import the caller's __main__ (torch, in a trainer)."""
-    conn, child = multiprocessing.Pipe()
-    proc = multiprocessing.get_context("fork").Process(target=_serve, args=(child,), daemon=True)
-    proc.start()
-    child.close()  # only the judge holds that end now: its death is EOF here
-    return [proc, conn]
-
-
-@atexit.register
-def close_judges() -> None:
-    """Kill this process's judges (also at exit); the next score_batch forks new ones."""
-    for proc, _ in _JUDGES if _OWNER[1:] == [os.getpid()] else []:  # a forked child's copy names its parent's
-        proc.kill()
-        proc.join()
-    _JUDGES.clear()
-    _OWNER.clear()
-
-
-def _judge_all(items: list[tuple], workers: int, timeout_s: float) -> list:
-    """[_score_unbounded(*item) for item in items] on `workers` judges; for an item whose judge ran past timeout_s
-    (one C call that never returns included) or died, the reason, a str starting 'timeout:' or 'worker_died:'. An
-    exception _score_unbounded raised is raised here."""
-    out, todo, busy = [None] * len(items), list(range(len(items)))[::-1], {}  # busy: judge -> (item, its deadline)
-    with _LOCK:
-        if _OWNER != [threading.current_thread(), os.getpid()] or len(_JUDGES) != workers:
-            close_judges()  # a judge dies with the thread that forked it: each new caller forks its own
-            for pred, gold in _WARM_UP:
-                judge(pred, gold)
-            for _ in range(workers):
-                _JUDGES.append(_fork())
-            _OWNER.extend([threading.current_thread(), os.getpid()])
-        try:
-            while todo or busy:
-                for k in range(workers):
-                    if todo and k not in busy:
-                        if not _JUDGES[k][0].is_alive():  # died while idle: nothing is lost
-                            _JUDGES[k] = _fork()
-                        busy[k] = (todo.pop(), time.monotonic() + timeout_s)
-                        _JUDGES[k][1].send(items[busy[k][0]])
-                wait_s = max(0.0, min(deadline for _, deadline in busy.values()) - time.monotonic())
-                ready = wait([_JUDGES[k][1] for k in busy], wait_s)
-                for k, (i, deadline) in list(busy.items()):
-                    proc, conn = _JUDGES[k]
-                    if conn in ready:
-                        try:
-                            out[i] = conn.recv()
-                        except (EOFError, OSError):
-                            proc.join(1)
-                            out[i] = f"worker_died: process exited with code {proc.exitcode}"
-                    elif time.monotonic() >= deadline:
-                        out[i] = f"timeout: exceeded {timeout_s} s"
-                    else:
-                        continue
-                    del busy[k]
-                    if isinstance(out[i], BaseException):
-                        raise out[i]
-                    if isinstance(out[i], str):  # its judge is killed (if still alive) and replaced
-                        proc.kill()
-                        proc.join()
-                        _JUDGES[k] = _fork()
-        except BaseException:  # an item in flight would answer the next call: start afresh
-            close_judges()
-            raise
-    return out
 
 
 def score_batch(responses: list[str], answers: list[str], finished: list[bool] | None = None,
@@ -446,7 +355,8 @@ def score_batch(responses: list[str], answers: list[str], finished: list[bool] |
     fail = [next((f"bad_input: {k} is {type(v).__name__}, expected str" for k, v in (("response", r), ("answer", a))
                   if not isinstance(v, str)), "") for r, a in zip(responses, answers)]
     todo = [(r, a, bool(f), cfg) for r, a, f, why in zip(responses, answers, finished, fail) if not why]
-    done, out = iter(_judge_all(todo, max(cfg.num_workers, 1), cfg.timeout_s)), []
+    done, out = iter(bounded_map(_score_unbounded, todo, max(cfg.num_workers, 1), cfg.timeout_s,
+                                 lambda: [judge(p, g) for p, g in _WARM_UP])), []
     for f, why in zip(finished, fail):
         res = why or next(done)  # a result dict, or why there is none: bad_input, timeout, worker_died
         out.append(res if isinstance(res, dict) else _result(cfg.penalty if not f else 0.0, 0.0, 0.0, res))
