@@ -153,12 +153,17 @@ def test_qwen3_vl_with_lora_syncs_merged_weights_to_vllm(toy_world, tmp_path):
 
 def engine_pid(launcher: int) -> int:
     """The engine process of a 1-rank run: rank 0 (the launcher's spawned child) spawned it, so its command line
-    differs from rank 0's (its own pipe handle), where rank 0's forked judges repeat rank 0's."""
-    ps = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "-s", str(launcher)], capture_output=True, text=True).stdout
+    differs from rank 0's, where rank 0's forked judges repeat rank 0's."""
+    ps = subprocess.run(["ps", "-ww", "-o", "pid=,ppid=,args=", "-s", str(launcher)],   # -ww: whole command lines
+                        capture_output=True, text=True).stdout
     procs = [line.split(None, 2) for line in ps.splitlines()]
-    [rank0] = [(pid, args) for pid, ppid, args in procs if int(ppid) == launcher and "spawn_main" in args]
-    [engine] = [int(pid) for pid, ppid, args in procs if ppid == rank0[0] and "spawn_main" in args and args != rank0[1]]
-    return engine
+    rank0 = [(pid, args) for pid, ppid, args in procs if int(ppid) == launcher and "spawn_main" in args]
+    assert len(rank0) == 1, ps
+    rank0 = rank0[0]
+    engine = [pid for pid, ppid, args in procs
+              if ppid == rank0[0] and args != rank0[1] and "resource_tracker" not in args]
+    assert len(engine) == 1, ps
+    return int(engine[0])
 
 
 def test_one_rank_matches_two_ranks_then_engine_death_stops_everything(two_rank_run, toy_world, tmp_path):
