@@ -19,6 +19,7 @@ import common as C
 import rollout as R
 
 ARCHS = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+pytestmark = pytest.mark.xdist_group("vllm_engine")   # one worker starts the engines (conftest)
 
 
 @pytest.fixture(scope="module")
