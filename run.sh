@@ -120,8 +120,10 @@ case "${1:-main}" in
   setup) setup ;;
   test)
     setup
-    # The whole suite, on CPU; the toy world and a vLLM engine are built once per session (tests/conftest.py).
-    exec "$PY" -m pytest -q tests "${@:2}"
+    # The whole suite, on CPU, two tests at a time (pytest-xdist; tests that share an expensive fixture share a worker,
+    # pytest.ini). The toy world and a vLLM engine are built once per worker (tests/conftest.py).
+    # `bash run.sh test -m "not slow"`: all but the few slow tests (whole runs of a script), the quick inner loop.
+    exec "$PY" -m pytest -q -n 2 --dist loadgroup tests "${@:2}"
     ;;
   main)
     setup

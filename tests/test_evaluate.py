@@ -487,6 +487,7 @@ def test_reflection_stats_zero_denominators_and_custom_words():
         ev.reflection_stats(["a", None], [True, False])
 
 
+@pytest.mark.xdist_group("vllm_engine")
 def test_one_vllm_engine_serves_a_run(toy_world, tmp_path, vllm_engine, monkeypatch):
     """evaluate_run starts one vLLM engine per run and loads each later checkpoint's weights into it: checkpoint 2
     then gives exactly the responses a freshly started engine on checkpoint 2 gives."""

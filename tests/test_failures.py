@@ -28,7 +28,8 @@ def train_args(world: Path, out: Path, data: Path | None = None) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "--model.path", str(world / "models" / "qwen2_5_vl-tiny"),
             "--data.train", str(data or d / "train.jsonl"), "--data.validation", str(d / "validation.jsonl"),
             "--out-dir", str(out), "--prompts-per-step", "4", "--rollout.n", "2", "--rollout.max-tokens", "8",
-            "--mini-batch-size", "8", "--micro-batch-size", "4", "--val-limit", "2", "--rollout.engine", "hf"]
+            "--mini-batch-size", "8", "--micro-batch-size", "4", "--val-limit", "2", "--rollout.engine", "hf",
+            "--threads", "1"]
 
 
 def run(cmd, timeout=120):
@@ -41,6 +42,7 @@ def session_processes(sid: int) -> str:
                           text=True).stdout.strip()
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_launcher_leaves_no_process(toy_world, tmp_path):
     cmd = train_args(toy_world, tmp_path / "run") + ["--nproc", "2", "--max-steps", "1000", "--val-every", "-1",
                                                      "--reward.num-workers", "1"]
@@ -256,6 +258,7 @@ def test_a_bad_text_or_image_count_fails_before_start_up(toy_world, tmp_path, ch
     assert not (tmp_path / "run").exists()   # refused before the out-dir is prepared: before any rank or the engine
 
 
+@pytest.mark.slow
 def test_skip_invalid_trains_on_the_other_rows(toy_world, tmp_path):
     rows = [json.loads(x) for x in (toy_world / "data" / "train.jsonl").read_text().splitlines()[:8]]
     rows = [{**r, "image": str(toy_world / "data" / r["image"])} for r in rows]

@@ -20,6 +20,7 @@ import data as D
 import rollout as R
 
 ARCHS = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+pytestmark = pytest.mark.xdist_group("vllm_engine")   # one worker starts the engines (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,7 @@ def weights(ckpt):
     return AutoModelForImageTextToText.from_pretrained(ckpt).state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,lora", [("qwen2_5_vl", False), ("qwen3_vl", True)])
 def test_two_ranks_equal_one_rank_resume_and_reload(toy_world, tmp_path, arch, lora):
     """Run a: 1 rank, 2 steps (one micro-batch of 4), checkpoints at steps 1 and 2. Run b: a's step-1 checkpoint,

@@ -30,7 +30,8 @@ def train_cmd(world: Path, out: Path, *extra: str, train_file: str = "train.json
             "--out-dir", str(out), "--prompts-per-step", "4", "--rollout.n", "2", "--rollout.max-tokens", "12",
             "--mini-batch-size", "4", "--micro-batch-size", "2", "--optim.lr", "1e-3", "--optim.warmup-ratio", "0",
             "--val-limit", "4", "--reward.num-workers", "1", "--reward.no-truncation-penalty",
-            "--reward.fn", str(ROOT / "tests" / "fixtures" / "length_reward.py") + ":digit_count", *extra]
+            "--reward.fn", str(ROOT / "tests" / "fixtures" / "length_reward.py") + ":digit_count", "--threads", "1",
+            *extra]
 
 
 def run(cmd, timeout=300, **kw):
@@ -76,6 +77,8 @@ def two_rank_run(toy_world, tmp_path_factory):
     return out, p
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_rank_run")
 def test_two_ranks_with_vllm_complete_and_sync(two_rank_run):
     out, p = two_rank_run
     ms = metrics(out)
@@ -103,6 +106,8 @@ def test_two_ranks_with_vllm_complete_and_sync(two_rank_run):
     assert torch.equal(model.state_dict()["lm_head.weight"], load_file(ckpts[-1] / "model.safetensors")["lm_head.weight"])
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_rank_run")
 def test_kill_and_resume_equals_uninterrupted(two_rank_run, toy_world, tmp_path):
     out2, _ = two_rank_run
     cmd = train_cmd(toy_world, tmp_path, "--nproc", "2", "--max-steps", "3", "--save-every", "1",
@@ -131,6 +136,7 @@ def test_kill_and_resume_equals_uninterrupted(two_rank_run, toy_world, tmp_path)
             assert r[k] == pytest.approx(u[k], abs=1e-6), (r["step"], k)
 
 
+@pytest.mark.slow
 def test_qwen3_vl_with_lora_syncs_merged_weights_to_vllm(toy_world, tmp_path):
     """RL on the Qwen3-VL toy with LoRA (rank 4) and vLLM: every step's rollout comes from the synced (merged)
     weights, so the engine's log-probs equal the trainer's (peft forward); the KL reference is the base model."""
@@ -166,6 +172,8 @@ def engine_pid(launcher: int) -> int:
     return int(engine[0])
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_rank_run")
 def test_one_rank_matches_two_ranks_then_engine_death_stops_everything(two_rank_run, toy_world, tmp_path):
     """A 1-rank run takes the same first step as the 2-rank run; then its engine is killed: the run must stop
     within 60 s with a clear message and a non-zero exit code, leaving no process behind."""
@@ -208,6 +216,7 @@ train.ppo_update, train.policy_loss = ppo_update, policy_loss
 """
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_before_checkpoint(toy_world, tmp_path):
     p = run_patched(NAN_AT_STEP_2, train_cmd(toy_world, tmp_path, "--max-steps", "3", "--save-every", "1",
                                              "--rollout.engine", "hf", "--val-every", "-1"))
@@ -216,6 +225,7 @@ def test_nan_loss_stops_before_checkpoint(toy_world, tmp_path):
     assert [m["step"] for m in metrics(tmp_path)] == [1]
 
 
+@pytest.mark.slow
 def test_two_node_rendezvous_on_localhost(toy_world, tmp_path):
     """`torchrun --nnodes 2` (two 'nodes' on this machine) runs one step."""
     import socket
@@ -239,6 +249,7 @@ def test_two_node_rendezvous_on_localhost(toy_world, tmp_path):
     assert [m["step"] for m in metrics(tmp_path)] == [1]
 
 
+@pytest.mark.slow
 def test_fused_old_logprobs_equal_a_separate_pass(toy_world, tmp_path):
     """One on-policy update (mini-batch = the whole batch): taking pi_old from the update's own forward gives the
     same step as a separate no-grad pass."""
@@ -258,6 +269,7 @@ def test_fused_old_logprobs_equal_a_separate_pass(toy_world, tmp_path):
         assert m1[k] == pytest.approx(m2[k], abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     """--rollout.rethink-fraction 1 in train.py: responses that stopped are continued after a trigger, kept when the
     judge accepts the new text (here: any digit), scored and trained on; the engine's log-probs of the sampled tokens
@@ -435,6 +447,8 @@ def test_engine_gpu_is_never_a_training_ranks(monkeypatch, toy_world, tmp_path):
     assert not (tmp_path / "run").exists()                         # refused before anything started
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
 def test_every_collective_is_served_on_a_gpu_machine(direct_runs):
     """On a CUDA machine common.init_distributed's process group must serve every collective the step makes: the
     step's bookkeeping (gathered log-probs, metric sums, validation totals, pickled batches) is on the CPU, and NCCL
@@ -449,6 +463,8 @@ def test_every_collective_is_served_on_a_gpu_machine(direct_runs):
         assert not unserved, f"{world} rank(s), backend {run_['backend']!r} ({served}): {unserved} not served"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
 def test_update_gradient_is_independent_of_micro_batches_and_ranks(direct_runs):
     """In every loss aggregation the update's gradient is the same for micro-batch 1 and 4, on 1 and 2 ranks, and
     equals the gradient of the aggregated loss worked out per mode from a plain float64 forward. Dr.GRPO's L is the
@@ -464,6 +480,8 @@ def test_update_gradient_is_independent_of_micro_batches_and_ranks(direct_runs):
                 assert max(errs.values()) < 1e-6, (mode, world, micro, max(errs.items(), key=lambda e: e[1]))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
 def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
     """--tis token, cap 2, engine log-probs = the trainer's + noise: the update's gradient is that of
     -sum w_t A_t log pi_t / N with w_t = min(pi_old / pi_engine, 2), worked out here from the noise alone."""
@@ -478,6 +496,8 @@ def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
         assert max(errs.values()) < 1e-6, (world, max(errs.items(), key=lambda e: e[1]))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
 def test_logged_losses_are_means_over_optimizer_steps(direct_runs):
     """Every advantage 0.5 and log pi - log pi_ref = 0.3 on every token (k1): each mini-batch's policy loss is -0.5
     and its KL 0.3, so the logged values are -0.5 and 0.3 with 1 or 2 mini-batches (a sum would give -1.0 and 0.6)."""
