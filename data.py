@@ -303,11 +303,11 @@ def fits_model(model_dir: str, data_cfg: DataConfig, max_new_tokens: int = 0, ma
     from transformers import PreTrainedTokenizerFast
     d = Path(model_dir)
     ip = _model_json(d, "preprocessor_config.json") or _model_json(d, "processor_config.json").get("image_processor")
-    if not ip or not (d / "tokenizer.json").is_file():
-        raise SystemExit(f"{model_dir}: a Qwen-VL model folder needs tokenizer.json and an image processor config "
-                         f"(preprocessor_config.json or processor_config.json)")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(d)
-    template = tokenizer.chat_template or _model_json(d, "chat_template.json").get("chat_template")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(d) if (d / "tokenizer.json").is_file() else None
+    template = tokenizer and (tokenizer.chat_template or _model_json(d, "chat_template.json").get("chat_template"))
+    if not ip or not template:
+        raise SystemExit(f"{model_dir}: a Qwen-VL model folder needs tokenizer.json, a chat template and an image "
+                         f"processor config (preprocessor_config.json or processor_config.json)")
     factor, size = ip["patch_size"] * ip["merge_size"], ip.get("size") or {}
     lo = data_cfg.min_pixels or size.get("shortest_edge") or ip["min_pixels"]
     hi = data_cfg.max_pixels or size.get("longest_edge") or ip["max_pixels"]

@@ -349,6 +349,14 @@ def test_check_args(changes, world, words):
         train.check_args(dataclasses.replace(bad, **changes), world, train_size=64)
 
 
+def test_a_model_folder_without_a_chat_template_is_named(toy_world, tmp_path):
+    import shutil
+    model = shutil.copytree(toy_world / "models" / "qwen2_5_vl-tiny", tmp_path / "m")
+    (model / "chat_template.jinja").unlink()
+    with pytest.raises(SystemExit, match="needs tokenizer.json, a chat template and an image processor config"):
+        data.fits_model(str(model), data.DataConfig())
+
+
 def test_a_text_only_model_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(SystemExit, match="'qwen2' model has no vision tower"):
