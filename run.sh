@@ -31,7 +31,7 @@ setup() {
   if [ "$REQ" = requirements-cpu.txt ] && ! ls "${PIP_FIND_LINKS:-/nonexistent}"/torch-*+cpu* >/dev/null 2>&1; then
     extra=(--extra-index-url https://download.pytorch.org/whl/cpu)   # CPU torch wheels live on PyTorch's index
   fi
-  # --no-compile: do not byte-compile every installed file up front; Python compiles what it imports, once.
+  # --no-compile: the venv is byte-compiled once below, after the torchvision fix.
   # pip's own output is hundreds of lines (and -q shows nothing for minutes): print every 10th package and errors.
   "$PY" -m pip install --no-compile --disable-pip-version-check "${extra[@]}" -r "$REQ" 2>&1 | awk '
     /^Collecting/ { if (++n % 10 == 1) printf "[setup] pip: package %d (%s)\n", n, $2; fflush() }
@@ -56,6 +56,12 @@ path.write_text(src)
 EOF
   fi
   "$PY" -c "import torchvision, vllm" || { echo "[setup] torchvision/vllm import failed" >&2; exit 1; }
+  # Byte-compile the venv now: where PYTHONDONTWRITEBYTECODE is set (as on this machine and its CI) Python never
+  # caches what it compiles, and every process (each rank, engine and test subprocess) would spend 10-30 s
+  # compiling torch, transformers and vLLM again. compileall exits 1 for the few files written for newer Pythons
+  # (never imported here), so its status is not checked; the import above already proved the install.
+  local site; site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$PY" -m compileall -q -j 0 "$site" >/dev/null || true
   rm -f "$VENV"/.vlrl-setup-*; touch "$stamp"
   echo "[setup] done in $((SECONDS - t0))s; venv size $(du -sh "$VENV" | cut -f1)"
 }
