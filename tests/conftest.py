@@ -42,3 +42,9 @@ def vllm_engine(toy_world):
             engines[arch] = rollout.VLLMEngine(str(toy_world / "models" / f"{arch}-tiny"), cfg)
         return engines[arch]
     return get
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first (stable order otherwise): pytest-xdist hands out work in collection order, and a
+    minutes-long test started last would leave the other worker idle to the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

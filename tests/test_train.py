@@ -65,9 +65,11 @@ def no_timing(m: dict) -> dict:
 EPOCH3 = "train12.jsonl"      # 12 training rows, 4 prompts per step: an epoch is 3 steps
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_rank_run(toy_world, tmp_path_factory):
-    """The reference run: 2 ranks + vLLM, 3 steps (one epoch), a checkpoint after every step."""
+    """The reference run: 2 ranks + vLLM, 3 steps (one epoch), a checkpoint after every step. Session-scoped: its users
+    share one xdist worker (xdist_group), which may run other modules' tests between them; a module fixture would
+    be built again on the way back."""
     rows = (toy_world / "data" / "train.jsonl").read_text().splitlines(keepends=True)[:12]
     (toy_world / "data" / EPOCH3).write_text("".join(rows))
     out = tmp_path_factory.mktemp("rl2")
@@ -383,9 +385,10 @@ def agg_coef(mode: str, adv: torch.Tensor, mask: torch.Tensor, L: int) -> torch.
     return adv * mask / per_mode[mode]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def direct_runs(toy_world, tmp_path_factory):
-    """One update per case on 1 and on 2 ranks (rank_step.update_worker), and the float64 reference pieces."""
+    """One update per case on 1 and on 2 ranks (rank_step.update_worker), and the float64 reference pieces (session
+    scope, as two_rank_run)."""
     from unittest import mock
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
