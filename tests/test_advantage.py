@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from advantage import (AdvantageConfig, Args, aggregate, compute_advantages, kl_penalty, loss_normalizer, main,
-                       policy_loss, select_samples, ssr_sample)
+                       policy_loss, rollout_correction, select_samples)
 
 ESTIMATORS = ["reinforce_pp", "reinforce_pp_baseline", "grpo", "dr_grpo", "rloo"]
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -526,26 +526,30 @@ def test_select_samples_rejects_bad_inputs():
     assert select_samples(s, nan_on_padding, length_mask([1, 2]), 2, cfg, g) == [0, 1]
 
 
-def test_ssr_sample():
+def test_ssr_draws():
+    """SSR through select_samples, one token per response (so A_i is the response's advantage), no dynamic sampling."""
     adv = torch.tensor([0.0, 2.0, -1.0, 0.0, 1.0, -4.0])
-    a = ssr_sample(adv, 3, 1.0, torch.Generator().manual_seed(7))
-    b = ssr_sample(adv, 3, 1.0, torch.Generator().manual_seed(7))
+
+    def ssr(k, alpha, g, a=adv):
+        cfg = AdvantageConfig(ssr=True, ssr_size=k, ssr_alpha=alpha)
+        return torch.tensor(select_samples(torch.zeros(len(a)), a[:, None], torch.ones(len(a), 1), 1, cfg, g))
+    a = ssr(3, 1.0, torch.Generator().manual_seed(7))
+    b = ssr(3, 1.0, torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and a.tolist() == sorted(a.tolist())  # deterministic, sorted
     assert set(a.tolist()) <= {1, 2, 4, 5}
-    many = ssr_sample(adv, 50, 1.0, torch.Generator().manual_seed(0)).tolist()   # with replacement: k > K is fine
+    many = ssr(50, 1.0, torch.Generator().manual_seed(0)).tolist()   # with replacement: k > K is fine
     assert len(many) == 50 and set(many) <= {1, 2, 4, 5} and len(set(many)) < 50
     # k = 1: P(i) = |A_i| / 8 -> index 5 has p = 0.5, index 2 p = 0.125. 4000 draws, std of freq ~ 0.008.
     g = torch.Generator().manual_seed(1)
-    counts = torch.bincount(torch.cat([ssr_sample(adv, 1, 1.0, g) for _ in range(4000)]), minlength=6)
+    counts = torch.bincount(torch.cat([ssr(1, 1.0, g) for _ in range(4000)]), minlength=6)
     freq = counts.double() / 4000
     assert counts[0] == counts[3] == 0
     assert torch.allclose(freq[[1, 2, 4, 5]], torch.tensor([0.25, 0.125, 0.125, 0.5], dtype=torch.float64),
                           atol=0.04)
     # alpha = 2: p = [4, 1, 1, 16] / 22 -> index 5: 0.727
-    counts = torch.bincount(torch.cat([ssr_sample(adv, 1, 2.0, g) for _ in range(2000)]), minlength=6)
+    counts = torch.bincount(torch.cat([ssr(1, 2.0, g) for _ in range(2000)]), minlength=6)
     assert abs(counts[5].item() / 2000 - 16 / 22) < 0.05
-    with pytest.raises(ValueError, match="k=2"):
-        ssr_sample(torch.zeros(4), 2, 1.0, g)   # nothing to draw from
+    assert ssr(2, 1.0, g, torch.zeros(4)).tolist() == []   # nothing to draw from: nothing to train on
 
 
 # ----------------------------------------------------------------------------- CLI
