@@ -314,8 +314,8 @@ def rollout_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: 
           2025, "When Speed Kills Stability"); geometric: whose exp(mean_t log rho_t) over sampled tokens is (verl)."""
     if tis not in ("off", "token", "sequence") or reject not in ("off", "token", "sequence", "geometric"):
         raise ValueError(f"tis={tis!r} must be off, token or sequence; reject={reject!r} also geometric")
-    if tis_cap < 1 or not 0 < low <= 1 <= high:
-        raise ValueError(f"need tis_cap >= 1 and 0 < low <= 1 <= high: tis_cap={tis_cap}, low={low}, high={high}")
+    if tis_cap < 1 or not 0 < low <= 1 <= high or low == high:  # a band without 1 rejects agreeing tokens
+        raise ValueError(f"tis_cap {tis_cap}, band [{low}, {high}]: need tis_cap >= 1, 0 < low <= 1 <= high, low<high")
     valid = _check_mask(mask, old_logp.shape[0])
     sampled = valid & engine_logp.isfinite()
     log_rho = torch.where(sampled, old_logp - engine_logp, 0.0)                        # (B, T)

@@ -3,6 +3,7 @@
 Each run is a real `python train.py` subprocess (its own process group, so a test can SIGKILL all of it).
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -300,21 +301,6 @@ def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     assert all(abs(m["training/tis_weight"] - 1) < 1e-3 and m["training/tis_capped"] == 0 for m in ms), ms
 
 
-def test_rollout_correction_hand_worked():
-    """Truncated importance weights: pi_old / pi_engine = 0.5 / 0.25 = 2 and 0.2 / 0.4 = 0.5; a token the engine did
-    not sample (NaN) counts as 1; padding is ignored."""
-    import train
-    old = torch.log(torch.tensor([[0.5, 0.2, 0.3, 0.9], [0.5, 0.4, 0.3, 0.9]]))
-    eng = torch.log(torch.tensor([[0.25, 0.4, float("nan"), 0.1], [0.25, 0.4, 0.3, 0.1]]))
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])      # the 4th token is padding
-    w = lambda kind, cap=1.5: train.rollout_correction(old, eng, mask, train.Args(tis=kind, tis_cap=cap))
-    assert torch.allclose(w("token"), torch.tensor([[1.5, 0.5, 1.0, 1.0], [1.5, 1.0, 1.0, 1.0]]))  # 2 capped at 1.5
-    # sequence: row 0: 2 * 0.5 * 1 = 1; row 1: 2 * 1 * 1 = 2 -> capped at 1.5 (padding: 1, and masked in the loss)
-    assert torch.allclose(w("sequence"), torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.5, 1.5, 1.5, 1.0]]))
-    assert torch.allclose(w("sequence", cap=4.0)[1, :3], torch.tensor([2.0, 2.0, 2.0]))
-    assert torch.equal(w("off"), torch.ones(2, 4))
-
-
 def test_weighting_advantages_weights_the_clipped_loss():
     """train.py applies the weights w > 0 as advantage.policy_loss(A * w): both PPO branches and the dual clip are
     linear in A, so that equals the w-weighted clipped loss, computed here by hand in float64."""
@@ -510,6 +496,26 @@ def test_logged_losses_are_means_over_optimizer_steps(direct_runs):
             m = runs[world]["results"][case]["metrics"]
             assert m["loss/policy_loss"] == pytest.approx(-0.5, abs=1e-6), (world, case)   # pi_old is kept in fp32
             assert m["loss/kl_loss"] == pytest.approx(0.3, abs=1e-6), (world, case)
+
+
+def test_mismatch_kl_metrics_hand_worked():
+    """training/mismatch_k1, _k3: means over the tokens the engine sampled of k1 = log pi_engine - log pi_old and
+    k3 = rho - 1 - log rho, rho = pi_old / pi_engine. Row 0: rho 0.5/0.25 = 2, 0.2/0.4 = 0.5, 1 (padding after);
+    row 1: rho 1, 1, a forced token (NaN, left out), 1, 0.4/0.2 = 2. 7 sampled tokens: k1 = (-ln 2 + ln 2 - ln 2) / 7
+    = -0.0990210; k3 = (2 (1 - ln 2) + (ln 2 - 0.5)) / 7 = (0.6137056 + 0.1931472) / 7 = 0.1152647;
+    rollout_mismatch = 3 ln 2 / 7 = 0.2970631."""
+    import train
+    from rollout import Completion
+    ln = math.log
+    comps = [Completion("a", [5, 6, 7], [ln(0.25), ln(0.4), ln(0.5)], "stop"),
+             Completion("b", [5, 6, 8, 9, 10], [ln(0.5), ln(0.5), float("nan"), ln(0.5), ln(0.2)], "stop")]
+    old_lp = torch.tensor([[ln(0.5), ln(0.2), ln(0.5), 0.0, 0.0], [ln(0.5), ln(0.5), ln(0.9), ln(0.5), ln(0.4)]])
+    mask, zeros = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.zeros(2, 5)
+    m = train.step_metrics(comps, [{"accuracy": 1.0, "format": 0.0}] * 2, torch.ones(2), mask, old_lp, zeros, zeros,
+                           dict.fromkeys(train.SUM_KEYS, 0.0), [0, 1], [("start", 0.0), ("update", 1.0)], train.Args())
+    assert m["training/mismatch_k1"] == pytest.approx(-0.0990210, abs=1e-6)
+    assert m["training/mismatch_k3"] == pytest.approx(0.1152647, abs=1e-6)
+    assert m["training/rollout_mismatch"] == pytest.approx(0.2970631, abs=1e-6)
 
 
 def test_reflection_metrics_leave_out_the_forced_trigger():
