@@ -403,6 +403,9 @@ def direct_runs(toy_world, tmp_path_factory):
     cases += [dict(args=step_args(model_dir, 2, mini, kl_coef=0.1, kl_type="k1"), comps=comps, adv=half,
                    ref_lp=ref_lp) for mini in (8, 4)]
     cases.append(dict(args=step_args(model_dir, 2, kl_coef=0.001), comps=comps, adv=adv, ref=True))   # fused pi_old
+    cases.append(dict(args=replace(step_args(model_dir, 2), tis="token", tis_cap=1.2, rollout_mask="token",
+                                   rollout_mask_low=0.5, rollout_mask_high=1.5),
+                      comps=make_comps(processor.tokenizer, engine_lp), adv=adv))
     runs = {}
     for world in (1, 2):
         out = tmp_path_factory.mktemp(f"direct{world}") / "out.pt"
@@ -483,6 +486,28 @@ def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
         got = runs[world]["results"][8]["grads"]
         errs = {n: ((got[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want}
         assert max(errs.values()) < 1e-6, (world, max(errs.items(), key=lambda e: e[1]))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
+def test_rollout_mask_drops_tokens_from_the_update_gradient(direct_runs):
+    """--tis token (cap 1.2) with --rollout-mask token (IcePop), band [0.5, 1.5], engine log-probs = the trainer's +
+    noise, pi_old from the update's own forward (fused): the gradient is that of -sum w_t A_t log pi_t / N with
+    w_t = min(rho_t, 1.2) inside the band, 0 outside, and N = every valid token (masked ones stay in the normaliser);
+    training/rollout_masked is the fraction outside. Worked out here from the noise alone, on 1 and 2 ranks."""
+    runs, ref = direct_runs
+    eng = torch.tensor((ref["logp"] + ref["noise"]).float().tolist(), dtype=torch.float64)   # as the engine sent them
+    rho, valid = (ref["logp"].detach() - eng).exp(), ref["mask"].bool()                      # (B, T), no gradient
+    inside = valid & (rho >= 0.5) & (rho <= 1.5)
+    w = rho.clamp(max=1.2) * inside
+    masked = (valid & ~inside).sum().item() / valid.sum().item()
+    assert 0.1 < masked < 0.9 and ((rho > 1.2) & inside).any()              # both the mask and the cap are at work
+    want = expected_grads(ref["model"], ref["logp"], agg_coef("token-mean", ref["adv"] * w, ref["mask"], L=12))
+    for world in (1, 2):
+        got = runs[world]["results"][12]["grads"]
+        errs = {n: ((got[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want}
+        assert max(errs.values()) < 1e-6, (world, max(errs.items(), key=lambda e: e[1]))
+        assert runs[world]["results"][12]["metrics"]["training/rollout_masked"] == pytest.approx(masked, abs=1e-9)
 
 
 @pytest.mark.slow
