@@ -349,6 +349,32 @@ def test_check_args(changes, world, words):
         train.check_args(dataclasses.replace(bad, **changes), world, train_size=64)
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--rollout-mask", "token", "--rollout-mask-low", "0"], "--rollout-mask-low 0.0 and --rollout-mask-high 2.0"),
+    (["--rollout-mask-low", "1.0", "--rollout-mask-high", "1.0"], "--rollout-mask-low 1.0 and --rollout-mask-high 1.0"),
+    (["--rollout-mask", "geometric", "--rollout-mask-high", "0.999"], "--rollout-mask-high 0.999 must satisfy"),
+])
+def test_rollout_mask_band_is_refused_naming_the_flags(flags, words):
+    """The flags as a command line gives them (tyro), refused by check_args before any rank or engine starts."""
+    import tyro
+
+    import train
+    args = tyro.cli(train.Args, args=["--prompts-per-step", "4", "--mini-batch-size", "8", "--rollout.n", "2"])
+    train.check_args(args, 1, train_size=64)                             # the flags before the change are fine
+    bad = tyro.cli(train.Args, args=["--prompts-per-step", "4", "--mini-batch-size", "8", "--rollout.n", "2", *flags])
+    with pytest.raises(SystemExit, match=words):
+        train.check_args(bad, 1, train_size=64)
+
+
+def test_an_unknown_rollout_mask_is_refused_naming_the_flag(capsys):
+    import tyro
+
+    import train
+    with pytest.raises(SystemExit):
+        tyro.cli(train.Args, args=["--rollout-mask", "icepop"])
+    assert "--rollout-mask" in capsys.readouterr().err
+
+
 def test_a_model_folder_without_a_chat_template_is_named(toy_world, tmp_path):
     import shutil
     model = shutil.copytree(toy_world / "models" / "qwen2_5_vl-tiny", tmp_path / "m")

@@ -3,6 +3,7 @@
 Each run is a real `python train.py` subprocess (its own process group, so a test can SIGKILL all of it).
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -300,21 +301,6 @@ def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     assert all(abs(m["training/tis_weight"] - 1) < 1e-3 and m["training/tis_capped"] == 0 for m in ms), ms
 
 
-def test_rollout_correction_hand_worked():
-    """Truncated importance weights: pi_old / pi_engine = 0.5 / 0.25 = 2 and 0.2 / 0.4 = 0.5; a token the engine did
-    not sample (NaN) counts as 1; padding is ignored."""
-    import train
-    old = torch.log(torch.tensor([[0.5, 0.2, 0.3, 0.9], [0.5, 0.4, 0.3, 0.9]]))
-    eng = torch.log(torch.tensor([[0.25, 0.4, float("nan"), 0.1], [0.25, 0.4, 0.3, 0.1]]))
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])      # the 4th token is padding
-    w = lambda kind, cap=1.5: train.rollout_correction(old, eng, mask, train.Args(tis=kind, tis_cap=cap))
-    assert torch.allclose(w("token"), torch.tensor([[1.5, 0.5, 1.0, 1.0], [1.5, 1.0, 1.0, 1.0]]))  # 2 capped at 1.5
-    # sequence: row 0: 2 * 0.5 * 1 = 1; row 1: 2 * 1 * 1 = 2 -> capped at 1.5 (padding: 1, and masked in the loss)
-    assert torch.allclose(w("sequence"), torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.5, 1.5, 1.5, 1.0]]))
-    assert torch.allclose(w("sequence", cap=4.0)[1, :3], torch.tensor([2.0, 2.0, 2.0]))
-    assert torch.equal(w("off"), torch.ones(2, 4))
-
-
 def test_weighting_advantages_weights_the_clipped_loss():
     """train.py applies the weights w > 0 as advantage.policy_loss(A * w): both PPO branches and the dual clip are
     linear in A, so that equals the w-weighted clipped loss, computed here by hand in float64."""
@@ -417,6 +403,9 @@ def direct_runs(toy_world, tmp_path_factory):
     cases += [dict(args=step_args(model_dir, 2, mini, kl_coef=0.1, kl_type="k1"), comps=comps, adv=half,
                    ref_lp=ref_lp) for mini in (8, 4)]
     cases.append(dict(args=step_args(model_dir, 2, kl_coef=0.001), comps=comps, adv=adv, ref=True))   # fused pi_old
+    cases.append(dict(args=replace(step_args(model_dir, 2), tis="token", tis_cap=1.2, rollout_mask="token",
+                                   rollout_mask_low=0.5, rollout_mask_high=1.5),
+                      comps=make_comps(processor.tokenizer, engine_lp), adv=adv))
     runs = {}
     for world in (1, 2):
         out = tmp_path_factory.mktemp(f"direct{world}") / "out.pt"
@@ -501,6 +490,28 @@ def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("direct_runs")
+def test_rollout_mask_drops_tokens_from_the_update_gradient(direct_runs):
+    """--tis token (cap 1.2) with --rollout-mask token (IcePop), band [0.5, 1.5], engine log-probs = the trainer's +
+    noise, pi_old from the update's own forward (fused): the gradient is that of -sum w_t A_t log pi_t / N with
+    w_t = min(rho_t, 1.2) inside the band, 0 outside, and N = every valid token (masked ones stay in the normaliser);
+    training/rollout_masked is the fraction outside. Worked out here from the noise alone, on 1 and 2 ranks."""
+    runs, ref = direct_runs
+    eng = torch.tensor((ref["logp"] + ref["noise"]).float().tolist(), dtype=torch.float64)   # as the engine sent them
+    rho, valid = (ref["logp"].detach() - eng).exp(), ref["mask"].bool()                      # (B, T), no gradient
+    inside = valid & (rho >= 0.5) & (rho <= 1.5)
+    w = rho.clamp(max=1.2) * inside
+    masked = (valid & ~inside).sum().item() / valid.sum().item()
+    assert 0.1 < masked < 0.9 and ((rho > 1.2) & inside).any()              # both the mask and the cap are at work
+    want = expected_grads(ref["model"], ref["logp"], agg_coef("token-mean", ref["adv"] * w, ref["mask"], L=12))
+    for world in (1, 2):
+        got = runs[world]["results"][12]["grads"]
+        errs = {n: ((got[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want}
+        assert max(errs.values()) < 1e-6, (world, max(errs.items(), key=lambda e: e[1]))
+        assert runs[world]["results"][12]["metrics"]["training/rollout_masked"] == pytest.approx(masked, abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
 def test_logged_losses_are_means_over_optimizer_steps(direct_runs):
     """Every advantage 0.5 and log pi - log pi_ref = 0.3 on every token (k1): each mini-batch's policy loss is -0.5
     and its KL 0.3, so the logged values are -0.5 and 0.3 with 1 or 2 mini-batches (a sum would give -1.0 and 0.6)."""
@@ -510,6 +521,26 @@ def test_logged_losses_are_means_over_optimizer_steps(direct_runs):
             m = runs[world]["results"][case]["metrics"]
             assert m["loss/policy_loss"] == pytest.approx(-0.5, abs=1e-6), (world, case)   # pi_old is kept in fp32
             assert m["loss/kl_loss"] == pytest.approx(0.3, abs=1e-6), (world, case)
+
+
+def test_mismatch_kl_metrics_hand_worked():
+    """training/mismatch_k1, _k3: means over the tokens the engine sampled of k1 = log pi_engine - log pi_old and
+    k3 = rho - 1 - log rho, rho = pi_old / pi_engine. Row 0: rho 0.5/0.25 = 2, 0.2/0.4 = 0.5, 1 (padding after);
+    row 1: rho 1, 1, a forced token (NaN, left out), 1, 0.4/0.2 = 2. 7 sampled tokens: k1 = (-ln 2 + ln 2 - ln 2) / 7
+    = -0.0990210; k3 = (2 (1 - ln 2) + (ln 2 - 0.5)) / 7 = (0.6137056 + 0.1931472) / 7 = 0.1152647;
+    rollout_mismatch = 3 ln 2 / 7 = 0.2970631."""
+    import train
+    from rollout import Completion
+    ln = math.log
+    comps = [Completion("a", [5, 6, 7], [ln(0.25), ln(0.4), ln(0.5)], "stop"),
+             Completion("b", [5, 6, 8, 9, 10], [ln(0.5), ln(0.5), float("nan"), ln(0.5), ln(0.2)], "stop")]
+    old_lp = torch.tensor([[ln(0.5), ln(0.2), ln(0.5), 0.0, 0.0], [ln(0.5), ln(0.5), ln(0.9), ln(0.5), ln(0.4)]])
+    mask, zeros = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.zeros(2, 5)
+    m = train.step_metrics(comps, [{"accuracy": 1.0, "format": 0.0}] * 2, torch.ones(2), mask, old_lp, zeros, zeros,
+                           dict.fromkeys(train.SUM_KEYS, 0.0), [0, 1], [("start", 0.0), ("update", 1.0)], train.Args())
+    assert m["training/mismatch_k1"] == pytest.approx(-0.0990210, abs=1e-6)
+    assert m["training/mismatch_k3"] == pytest.approx(0.1152647, abs=1e-6)
+    assert m["training/rollout_mismatch"] == pytest.approx(0.2970631, abs=1e-6)
 
 
 def test_reflection_metrics_leave_out_the_forced_trigger():
