@@ -76,7 +76,7 @@ toy_chain() {
   if [ "${FAST:-0}" = 1 ]; then   # smoke-test size: a few steps of each stage on a small dataset (~3 min on 2 cores)
     SEEDS=1; EPOCHS=1; VANILLA_STEPS=4; PROMPTS=8; VAL=8; ENGINE=hf; TRAIN_SIZE=16; BATCH=8
     TOY_ARGS=(--sizes tiny --archs qwen2_5_vl --val-size 8 --test-size 8 --instruct-size 64)
-  else                            # the demo: one seed ~14 min on 2 cores; SEEDS=3 for a spread across seeds (~32 min)
+  else                            # the demo: one seed ~9 min on 2 cores; SEEDS=3 for a spread across seeds
     SEEDS=${SEEDS:-1}; EPOCHS=${EPOCHS:-4}; VANILLA_STEPS=${VANILLA_STEPS:-300}; PROMPTS=16; VAL=100; ENGINE=vllm
     TRAIN_SIZE=256; BATCH=32; TOY_ARGS=(--sizes tiny --archs qwen2_5_vl)
   fi
