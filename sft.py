@@ -294,7 +294,7 @@ def main(args: Args) -> None:
         if bad:
             raise SystemExit(f"sft.py: {msg}")
     if args.val_every >= 0:   # validation starts an engine: its GPU is free of ranks, or exit
-        engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)))
+        engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)), args.rollout.gpu_memory_utilization)
     prepare_out_dir(args.out_dir, args.resume, args.restart)
     launch(sft_worker, args.nproc, args, *train, val[0][:args.val_limit or None], val[1][:args.val_limit or None])
 

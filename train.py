@@ -371,7 +371,8 @@ def main(args: Args) -> None:
     val_set = load_dataset(args.data.validation, args.data, fits, verbose)[:args.val_limit or None] \
         if args.val_every >= 0 else []
     check_args(args, int(os.environ.get("WORLD_SIZE", args.nproc)), len(train_set))
-    engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)))     # the engine's GPU is free of ranks, or exit
+    # the engine's GPU is free of ranks, or shared with one rank at the asked memory split, or exit
+    engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)), args.rollout.gpu_memory_utilization)
     prepare_out_dir(args.out_dir, args.resume, args.restart)
     launch(rl_worker, args.nproc, args, train_set, val_set)
 
