@@ -586,10 +586,12 @@ def engine_main(conn, make_engine, model_dir: str, cfg, data_cfg, env: dict) -> 
         raise
 
 
-def engine_gpu(local_world: int) -> str:
+def engine_gpu(local_world: int, share: float = 0.0) -> str:
     """The engine process's CUDA_VISIBLE_DEVICES ("" without CUDA): the last GPU this node sees. With several GPUs no
-    training rank may use it (this node's `local_world` ranks take cuda:0..local_world-1); a single GPU is shared with
-    the one rank (--rollout.gpu-memory-utilization leaves it room). Called before start-up, and by EngineClient."""
+    training rank may use it (this node's `local_world` ranks take cuda:0..local_world-1). A single GPU is shared with
+    one rank, and only on request: `share` (--rollout.gpu-memory-utilization, the engine's fraction of the GPU) at most
+    0.5, since a training rank holds fp32 weights, gradients and AdamW state, several times the engine's bf16 weights
+    (its default 0.9 is for a GPU of its own). Called before start-up, and by EngineClient."""
     if not torch.cuda.is_available():
         return ""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -597,6 +599,13 @@ def engine_gpu(local_world: int) -> str:
     if len(ids) > 1 and local_world >= len(ids):
         raise SystemExit(f"the engine needs a GPU of its own: {local_world} training rank(s) on this node and "
                          f"{len(ids)} GPU(s); start {len(ids) - 1} (--nproc, or torchrun --nproc-per-node)")
+    if len(ids) == 1 and local_world > 1:
+        raise SystemExit(f"{local_world} training ranks on this node and 1 GPU: each rank needs a GPU; start 1 "
+                         f"(--nproc 1), which shares the GPU with the engine")
+    if len(ids) == 1 and local_world == 1 and share > 0.5:
+        raise SystemExit(f"the engine shares this node's only GPU with the training rank, and "
+                         f"--rollout.gpu-memory-utilization {share} would leave the rank {1 - share:.0%} of it; "
+                         f"give the engine 0.5 or less (run.sh's NGPUS=1 gives 0.4)")
     return ids[-1]
 
 
@@ -608,7 +617,7 @@ class EngineClient:
                  bucket_mb: int = 64):
         import multiprocessing as mp
         from transformers import AutoTokenizer
-        gpu = engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", 0)))      # "" on the CPU
+        gpu = engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", 0)), cfg.gpu_memory_utilization)   # "" on the CPU
         env = {"OMP_WAIT_POLICY": "PASSIVE"} | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu else
                {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
         ctx = mp.get_context("spawn")
