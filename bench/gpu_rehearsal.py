@@ -1,5 +1,9 @@
 """bench/gpu_rehearsal.py: one training rank's RL step with CUDA semantics, rehearsed on a machine without a GPU.
 
+UNFINISHED (issue 26): with the CPU-only build of torch 2.13 it stops at the forward's first view op ("PyTorch is
+not linked with support for cuda devices": that build has no CUDA device guard, so a fake "cuda" tensor cannot be
+sliced). Loading, sharding, AdamW and the tracker's set-up run. bench/README.md says what was reached and what to try.
+
 The project's own functions run as they would on rank 0 of a CUDA node: `common.init_distributed` (it sees a GPU and
 asks for its backends), `common.load_model` and `common.shard_model` (FSDP2 on a "cuda" mesh, bf16 compute with fp32
 master weights), `train.old_and_ref_logprobs` (the reference's tiled log-prob pass, `rollout.compute_logprobs`),
