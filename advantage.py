@@ -1,10 +1,10 @@
-"""Advantages, KL penalties, the PPO policy loss and sample selection (stage 3 of the RL loop).
+"""Advantages, KL penalties, the PPO policy loss, its rollout correction and sample selection (stage 3 of the RL loop).
 
 Per-token advantages from one score per response (reward.py) by five estimators, the KL penalty to a frozen reference,
 the clipped PPO loss (aggregated so that gradient accumulation and data parallelism give exactly the big-batch
-gradient) and select_samples. B responses, a group's n responses adjacent (B = prompts x n); mask (B, T) marks
-response tokens (1 = valid, right padding); masked positions of every (B, T) output are exactly 0. No value model
-(no GAE / critic). Advantages use the full gathered batch (global whitening). Run alone (--lengths: per token):
+gradient), rollout_correction's weights for the engine's sampling and select_samples. B responses, a group's n
+responses adjacent (B = prompts x n); mask (B, T) marks response tokens (1 = valid, right padding); masked positions of
+every (B, T) output are exactly 0. No value model (no GAE / critic); whitening spans the whole batch. Run alone:
     python advantage.py --scores 1 0 0 1 1 1 --group-size 3 --advantage.estimator grpo
     python advantage.py --scores 1 0 0.5 1 --group-size 2 --lengths 3 2 4 1 --advantage.estimator reinforce_pp
 """
@@ -121,9 +121,7 @@ def group_centred(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
 
 def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     """G_t = r_t + gamma * G_{t+1}, G_T = 0 (REINFORCE++, Hu 2025 / OpenRLHF get_cumulative_returns).
-    rewards (B, T) are 0 at padding. gamma < 1 loops over T: a closed form with gamma^-t overflows."""
-    if gamma == 1.0:
-        return rewards.flip(1).cumsum(1).flip(1)
+    rewards (B, T) are 0 at padding. A loop over T: a closed form with gamma^-t overflows for gamma < 1."""
     out, running = torch.empty_like(rewards), torch.zeros_like(rewards[:, 0])  # running: (B,)
     for t in range(rewards.shape[1] - 1, -1, -1):
         out[:, t] = running = rewards[:, t] + gamma * running
@@ -185,13 +183,10 @@ def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int
     B, T = mask.shape
     rewards = torch.zeros(B, T, dtype=torch.float64, device=mask.device)
     if not cfg.kl_in_loss and cfg.kl_coef > 0:
-        if kl is None or kl.shape != mask.shape:  # reward KL: kl_in_loss=False and kl_coef > 0
-            raise ValueError(f"kl: per-token KL of shape {tuple(mask.shape)} required for reward KL, got "
-                             f"{None if kl is None else tuple(kl.shape)}")
-        kl = kl.detach().to(torch.float64)
-        if not torch.isfinite(kl[mask]).all():
-            raise ValueError("kl: non-finite values on valid tokens")
-        rewards = torch.where(mask, -cfg.kl_coef * kl, rewards)  # padding may hold garbage: where, not *
+        if kl is None or kl.shape != mask.shape or not torch.isfinite(kl[mask]).all():
+            raise ValueError(f"kl: reward KL needs a per-token KL of shape {tuple(mask.shape)}, finite on valid "
+                             f"tokens; got {None if kl is None else tuple(kl.shape)}")
+        rewards = torch.where(mask, -cfg.kl_coef * kl.detach().double(), rewards)  # padding may hold garbage (NaN)
     has_token = mask.any(1)  # (B,) a row with no valid token has no place for its score
     last = torch.where(mask, torch.arange(T, device=mask.device).expand(B, T), -1).amax(1).clamp(min=0)  # (B,)
     rewards[torch.arange(B, device=mask.device), last] += torch.where(has_token, seq, torch.zeros_like(seq))
@@ -234,22 +229,17 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str, normalize
                              the generation budget; a batch's own padded T would make it depend on the split)
     normalizer = N or S of the *global* mini-batch (None = this batch's own, loss_normalizer).
     """
+    if loss_agg not in LossAgg.__args__:
+        raise ValueError(f"loss_agg={loss_agg!r}: must be one of {LossAgg.__args__}")
+    if loss_agg == "seq-mean-token-sum-norm" and norm_len <= 0:
+        raise ValueError("seq-mean-token-sum-norm needs norm_len > 0, Dr.GRPO's constant L (the generation budget)")
     normalizer = loss_normalizer(mask, loss_agg) if normalizer is None else normalizer
     if normalizer <= 0:
         raise ValueError(f"normalizer={normalizer}: must be > 0 (no valid tokens in the mini-batch?)")
     lm = torch.where(mask, values, torch.zeros((), dtype=values.dtype))  # garbage (even NaN) at padding -> 0
-    if loss_agg == "token-mean":
-        return lm.sum() / normalizer
-    per_seq = lm.sum(1)  # (B,)
-    if loss_agg == "seq-mean-token-mean":
-        per_seq = per_seq / mask.sum(1).clamp(min=1)
-    elif loss_agg == "seq-mean-token-sum-norm":
-        if norm_len <= 0:
-            raise ValueError("seq-mean-token-sum-norm needs norm_len > 0, Dr.GRPO's constant L (the generation budget)")
-        per_seq = per_seq / norm_len
-    elif loss_agg != "seq-mean-token-sum":
-        raise ValueError(f"loss_agg={loss_agg!r}: must be one of {LossAgg.__args__}")
-    return per_seq.sum() / normalizer
+    length = {"token-mean": 1, "seq-mean-token-sum": 1, "seq-mean-token-mean": mask.sum(1).clamp(min=1),
+              "seq-mean-token-sum-norm": norm_len}[loss_agg]  # each response's token sum is divided by it
+    return (lm.sum(1) / length).sum() / normalizer
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -283,9 +273,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
     adv = advantages.detach()
     log_ratio = logp - old_logp.detach()  # (B, T)
-    if cfg.ratio == "sequence":  # (B, 1) mean log-ratio of each response, the value of all its tokens' ratios
-        log_ratio = logp - logp.detach() + (log_ratio.masked_fill(~mask, 0).sum(1, True) / mask.sum(1, True).clamp(
-            min=1)).detach()
+    if cfg.ratio == "sequence":  # every token's ratio is valued s_i; its gradient is that of pi(y_t) alone
+        seq_mean = (log_ratio.masked_fill(~mask, 0).sum(1, True) / mask.sum(1, True).clamp(min=1)).detach()  # (B, 1)
+        log_ratio = logp - logp.detach() + seq_mean
     log_ratio = log_ratio.clamp(-PPO_LOG_RATIO_CLAMP, PPO_LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
     pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
@@ -310,36 +300,46 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                       "training/n_tokens": float(mask.sum())}
 
 
+def rollout_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, tis: str = "off",
+                       tis_cap: float = 2.0, reject: str = "off", low: float = 0.5,
+                       high: float = 2.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """(B, T) weights w of the policy-gradient loss (pass A * w to policy_loss), as the engine samples from pi_engine,
+    not the trainer's pi_old: rho_t = pi_old(y_t) / pi_engine(y_t), 1 where the engine did not sample y_t (NaN).
+    w = 0 on a rejected token, else the truncated IS weight (1 if tis="off"); with sums over valid tokens of the
+    weights (training/tis_weight), those capped (training/tis_capped) and those rejected (training/rollout_masked).
+      tis token: min(rho_t, C);  sequence: min(prod_t rho_t, C) on each token of the response;  C = tis_cap
+          (Yao et al. 2025, fengyao.notion.site/off-policy-rl; verl docs/algo/rollout_corr.md).
+      reject token: rho_t outside [low, high] (IcePop, Ling Team 2025, Ring-1T: M(k) = k on [0.5, 5], else 0, so
+          with tis token and C >= high); sequence: a response whose prod_t rho_t is outside (masked IS, Liu, Li et al.
+          2025, "When Speed Kills Stability"); geometric: whose exp(mean_t log rho_t) over sampled tokens is (verl)."""
+    if tis not in ("off", "token", "sequence") or reject not in ("off", "token", "sequence", "geometric"):
+        raise ValueError(f"tis={tis!r} must be off, token or sequence; reject={reject!r} also geometric")
+    if tis_cap < 1 or not 0 < low <= 1 <= high or low == high:  # a band without 1 rejects agreeing tokens
+        raise ValueError(f"tis_cap {tis_cap}, band [{low}, {high}]: need tis_cap >= 1, 0 < low <= 1 <= high, low<high")
+    valid = _check_mask(mask, old_logp.shape[0])
+    sampled = valid & engine_logp.isfinite()
+    log_rho = torch.where(sampled, old_logp - engine_logp, 0.0)                        # (B, T)
+    log_seq = log_rho.sum(1, keepdim=True).expand_as(log_rho)                          # (B, T) log prod_t rho_t
+    ratio = {"off": torch.ones_like(log_rho), "token": log_rho.exp(), "sequence": log_seq.exp(),  # inf caps, rejects
+             "geometric": (log_seq / sampled.sum(1, keepdim=True).clamp(min=1)).exp()}  # exp(mean_t log rho_t)
+    weight = ratio[tis].clamp(max=tis_cap)
+    rejected = valid & ((ratio[reject] < low) | (ratio[reject] > high))
+    sums = {"training/tis_weight": float(weight[valid].sum()), "training/rollout_masked": float(rejected.sum()),
+            "training/tis_capped": float((valid & (ratio[tis] > tis_cap)).sum())}
+    return torch.where(valid & ~rejected, weight, 0.0), sums
+
+
 # ----------------------------------------------------------------------------- sample selection
-def ssr_sample(advantages_seq: torch.Tensor, k: int, alpha: float = 1.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """Selective Sample Replay (VL-Rethinker, Wang 2025): k sorted indices of responses with A_i != 0, drawn with
-    replacement (their released active_sampling) with p_i = |A_i|^alpha / sum_j |A_j|^alpha; advantages_seq (B,)."""
-    if advantages_seq.dim() != 1 or not torch.isfinite(advantages_seq).all():
-        raise ValueError(f"advantages_seq: must be 1-D (B,) and finite, got shape {tuple(advantages_seq.shape)}")
-    if alpha < 0:
-        raise ValueError(f"alpha={alpha}: must be >= 0")
-    nonzero = torch.nonzero(advantages_seq != 0).flatten()  # (K,)
-    if k < 0 or (k > 0 and nonzero.numel() == 0):
-        raise ValueError(f"k={k}: must be >= 0, and 0 when no response has a non-zero advantage")
-    if k == 0:
-        return nonzero[:0]
-    weights = advantages_seq[nonzero].abs().to(torch.float64) ** alpha  # (K,) > 0
-    picked = torch.multinomial(weights, k, replacement=True, generator=generator)  # positions in nonzero
-    return nonzero[picked].sort().values
-
-
 def select_samples(scores: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, group_size: int,
                    cfg: AdvantageConfig, generator: torch.Generator, multiple_of: int = 1) -> list[int]:
     """Ascending indices (repeats possible) of the responses to train on, from scores (B,), advantages, mask (B, T):
     1. cfg.dynamic_sampling (DAPO, Yu 2025): drop every group whose scores are all equal (it has no signal);
        DAPO then generates more prompts to refill the batch, here the batch just shrinks.
-    2. cfg.ssr (VL-Rethinker, Wang 2025): of those left, the responses whose advantage averaged over their
-       valid tokens is non-zero (|A_i| > SSR_ZERO_TOL) are the pool; ssr_sample draws cfg.ssr_size of them (0 =
-       the pool's size) with replacement, p ~ |A_i|^ssr_alpha, from `generator`: a response may be trained on
-       twice. VL-Rethinker also refills the batch from a replay buffer of earlier steps; that is not done here.
-    3. Trim to a multiple of `multiple_of` (data-parallel ranks: all run the same number of passes) from the end.
-    """
+    2. cfg.ssr (Selective Sample Replay, VL-Rethinker, Wang 2025): the pool is the responses left whose advantage
+       averaged over their valid tokens is non-zero (|A_i| > SSR_ZERO_TOL). Draw cfg.ssr_size of them (0 = the
+       pool's size) from `generator`, with replacement, p_i = |A_i|^ssr_alpha / sum_j |A_j|^ssr_alpha (their
+       active_sampling). VL-Rethinker also refills the batch from a replay buffer of earlier steps; not done here.
+    3. Trim to a multiple of `multiple_of` (data-parallel ranks: all run the same number of passes) from the end."""
     _check_groups(scores, group_size, need_group=cfg.dynamic_sampling)
     mask = _check_mask(mask, scores.numel())
     if advantages.shape != mask.shape or not torch.isfinite(advantages[mask]).all():
@@ -353,8 +353,10 @@ def select_samples(scores: torch.Tensor, advantages: torch.Tensor, mask: torch.T
     if cfg.ssr:
         seq_adv = torch.where(mask, advantages, 0.0).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
         keep = keep[seq_adv[keep].abs() > SSR_ZERO_TOL]                                   # the pool
-        k = (cfg.ssr_size or keep.numel()) if keep.numel() else 0
-        keep = keep[ssr_sample(seq_adv[keep], k, cfg.ssr_alpha, generator)]
+        if keep.numel():
+            p = seq_adv[keep].abs().to(torch.float64) ** cfg.ssr_alpha
+            picked = torch.multinomial(p, cfg.ssr_size or keep.numel(), replacement=True, generator=generator)
+            keep = keep[picked.sort().values]
     keep = keep.tolist()
     return keep[: len(keep) // multiple_of * multiple_of]
 
@@ -367,13 +369,13 @@ class Args:
     group_size: int = 3
     """Responses per prompt n."""
     lengths: tuple[int, ...] = ()
-    """Response lengths (one per score): also print per-token advantages."""
+    """Response lengths in tokens, one per score (default: one token each)."""
     advantage: AdvantageConfig = AdvantageConfig()
 
 
 def main(args: Args) -> torch.Tensor:
     from rich.console import Console
-    from rich.table import Column, Table
+    from rich.table import Table
     scores = torch.tensor(args.scores, dtype=torch.float64)
     lengths = args.lengths or [1] * scores.numel()
     if len(lengths) != scores.numel() or min(lengths) < 0:
@@ -383,13 +385,11 @@ def main(args: Args) -> torch.Tensor:
     if not cfg.kl_in_loss and cfg.kl_coef > 0:  # reward KL needs log-probs, which a command line has not got
         cfg, note = replace(cfg, kl_coef=0.0), ", reward KL not shown (needs log-probs)"
     adv = compute_advantages(scores, mask, args.group_size, cfg)
-    extra = ("length", "per-token advantages") if args.lengths else ("advantage",)
-    table = Table(*(Column(c, justify="right") for c in ("response", "group", "score") + extra),
+    table = Table("response", "group", "score", "length", "per-token advantages",
                   title=f"{cfg.estimator} advantages (group size {args.group_size}{note})")
-    for i in range(scores.numel()):
-        cells = ([str(lengths[i]), " ".join(f"{a:+.4f}" for a in adv[i, : lengths[i]].tolist())] if args.lengths
-                 else [f"{adv[i, 0].item():+.4f}"])
-        table.add_row(str(i), str(i // args.group_size), f"{scores[i].item():g}", *cells)
+    for i, length in enumerate(lengths):
+        table.add_row(str(i), str(i // args.group_size), f"{scores[i].item():g}", str(length),
+                      " ".join(f"{a:+.4f}" for a in adv[i, :length].tolist()))
     Console().print(table)
     return adv
 

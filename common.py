@@ -1,29 +1,27 @@
-"""common.py: the plumbing both trainers (and evaluate.py) share; nothing of the RL algorithm lives here.
+"""common.py: what two or more of vlrl's modules share, and nothing else; code with one user lives with it.
 
-- Data: MAYE jsonl, verl parquet and chat-`messages` jsonl rows -> validated `Sample`s (file:line and field named in
-  every error; `--data.skip-invalid` skips and reports), `fits_model` (the checks that need the model folder),
-  `read_jsonl` (our own files), and `batch_indices`, the step's data as a pure function of (seed, step) so that
-  resuming replays exactly what an uninterrupted run would have seen.
-- Processes: `launch` starts the training ranks with torch.multiprocessing (or runs in place under torchrun);
-  `init_distributed` joins the process group; `bounded_map` runs a function in forked processes with a time limit
-  per item (the reward judges: a stuck one is killed and replaced).
-- Model: `load_model` (fp32 master weights, frozen parts), `shard_model` (FSDP2 per vision block and decoder layer),
-  `build_optimizer` (AdamW + warm-up/cosine), `full_state_dict`.
-- Checkpoints: HF weights via `save_pretrained`, optimizer via torch.distributed.checkpoint (reshards when the rank
-  count changes), atomic rename; `latest_checkpoint`, `load_trainer_state`.
-- Logging: `MetricsLogger` (metrics.jsonl, one greppable line per step, optional TensorBoard / wandb), `print0`.
+- Processes: `launch` starts the training ranks (or runs in place under torchrun), `init_distributed` joins the
+  process group, `broadcast` / `all_reduce_sums` move per-step results, `die_with_parent` ties a child's life to
+  its parent's.
+- The engine process and its client (`EngineClient`, train.py and sft.py's handle on rollout.make_engine's engine):
+  the same calls over a pipe, the weights streamed in buckets (`sync_weights`).
+- Model and optimizer: `load_model` (fp32 master weights, frozen parts, LoRA), `shard_model` (FSDP2),
+  `build_optimizer`, `clip_grad_norm`.
+- Checkpoints: HF weights via `save_pretrained`, the optimizer via torch.distributed.checkpoint (reshards when the
+  rank count changes), written atomically; `latest_checkpoint`, `load_trainer_state`.
+- Runs: `prepare_out_dir`, `batch_indices` (the rows of a step), `MetricsLogger` and `read_jsonl` (our own files).
+- Still here with one user each, until their modules have room: `bounded_map` (reward.py's judge processes) and
+  `figure` / `mean_std` (evaluate.py's report).
 """
 from __future__ import annotations
 
 import atexit
 import gc
-import io
 import itertools
 import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import statistics
@@ -31,513 +29,16 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 import torch
 
-MAYE_INSTRUCTION = ("\nSolve the above mathematics problem, write out the solution process according to the question, "
-                    "and use the same LaTeX format as the question in the solution process. Please display the final "
-                    "answer in the format \\boxed{}.")
-IMAGE_TAG = "<image>"
-VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+from data import DataError, file_rows
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    train: str = "toy/data/train.jsonl"
-    """Training set (MAYE jsonl, verl parquet, or jsonl with `messages`)."""
-    validation: str = "toy/data/validation.jsonl"
-    """Validation set."""
-    test: str = "toy/data/test.jsonl"
-    """Test set."""
-    format: Literal["auto", "maye", "verl", "messages"] = "auto"
-    """Row format; auto: .parquet is verl, jsonl rows with `messages` are messages, else MAYE."""
-    skip_invalid: bool = False
-    """Skip invalid rows (and report which) instead of failing at the first one."""
-    instruction: str = MAYE_INSTRUCTION
-    """Text appended to the question of MAYE-format rows (verl/messages rows carry their own prompt)."""
-    min_pixels: int = 0
-    """Minimum image pixels after resizing; 0 = the processor's own. Passed identically to HF and vLLM."""
-    max_pixels: int = 0
-    """Maximum image pixels after resizing; 0 = the processor's own. Passed identically to HF and vLLM."""
-
-
-
-@dataclass
-class Sample:
-    """One problem: chat messages (user turn with {"type": "image"} items + text), its images and answer."""
-    id: str
-    messages: list[dict]
-    images: list[Any]            # PIL.Image.Image, RGB, decoded
-    answer: str
-    solution: str | None
-    source: str                  # "file:line" (1-based line / parquet row)
-    # the row's text fields by the name errors give them ("question", "messages[2].content"), for fits_model's checks
-    texts: dict[str, str] = field(default_factory=dict)
-    image_field: str = "images"  # the row's name for its images, for errors
-
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------------------
-class DataError(ValueError):
-    """A row failed validation; the message names file:line and the field."""
-
-
-def _fail(source: str, field_name: str, msg: str) -> DataError:
-    return DataError(f"{source}: field '{field_name}': {msg}")
-
-
-def _open_image(src: bytes | str | Path, source: str, field_name: str):
-    """Decode an image fully (so corruption shows up now, not mid-training) and convert to RGB."""
-    from PIL import Image, UnidentifiedImageError
-    if isinstance(src, (str, Path)) and not Path(src).is_file():
-        raise _fail(source, field_name, f"image file not found: {src}")
-    try:
-        img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
-        img.load()
-        return img.convert("RGB")
-    # PIL's errors for truncated / corrupt data, and for images so large that decoding them is an attack
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise _fail(source, field_name, f"cannot decode image ({type(e).__name__}: {e})") from e
-
-
-def _str_field(row: dict, key: str, source: str, required: bool = True, number_ok: bool = False) -> str | None:
-    """A string field; with number_ok also a number (answers and ids: json `12` -> "12"), never a bool/container."""
-    if key not in row or row[key] is None:
-        if required:
-            raise _fail(source, key, "missing")
-        return None
-    v = row[key]
-    if isinstance(v, bool) or not isinstance(v, (str, int, float) if number_ok else str):
-        raise _fail(source, key, f"expected a string, got {type(v).__name__}")
-    if isinstance(v, float) and not math.isfinite(v):   # json's NaN / Infinity: str() would make a gold "nan"
-        raise _fail(source, key, f"expected a string or a finite number, got {v}")
-    v = str(v)
-    if required and not v.strip():
-        raise _fail(source, key, "empty")
-    return v
-
-
-def _content_items(text: str, images_left: int, source: str, field_name: str) -> tuple[list[dict], int]:
-    """Split text at `<image>` tags into chat items [text, image, text, ...]; returns (items, tags)."""
-    parts = text.split(IMAGE_TAG)
-    tags = len(parts) - 1
-    if tags > images_left:
-        raise _fail(source, field_name, f"{tags} {IMAGE_TAG} tag(s) but only {images_left} image(s) left")
-    items: list[dict] = []
-    for k, part in enumerate(parts):
-        if k > 0:
-            items.append({"type": "image"})
-        if part:
-            items.append({"type": "text", "text": part})
-    return items, tags
-
-
-def _user_turn(question: str, n_images: int, source: str, field_name: str) -> dict:
-    """MAYE's prompt: image(s) first unless the question places them with <image> tags."""
-    items, tags = _content_items(question, n_images, source, field_name)
-    if tags == 0:
-        items = [{"type": "image"}] * n_images + items
-    elif tags != n_images:
-        raise _fail(source, field_name, f"{tags} {IMAGE_TAG} tag(s) for {n_images} image(s)")
-    return {"role": "user", "content": items}
-
-
-def _parse_maye(row: dict, source: str, base: Path, cfg: DataConfig) -> Sample:
-    question = _str_field(row, "question", source)
-    answer = _str_field(row, "answer", source, number_ok=True)
-    image = row.get("image")
-    paths = [image] if isinstance(image, str) else image
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-        raise _fail(source, "image", f"expected a path or a non-empty list of paths, got {image!r:.80}")
-    images = [_open_image(base / p, source, "image") for p in paths]
-    messages = [_user_turn(question + cfg.instruction, len(images), source, "question")]
-    sid = _str_field(row, "id", source, required=False, number_ok=True) or source
-    solution = _str_field(row, "solution", source, required=False)
-    texts = {k: v for k, v in (("question", question), ("answer", answer), ("solution", solution)) if v is not None}
-    return Sample(sid, messages, images, answer, solution, source, texts, "image")
-
-
-def _image_source(item: Any, base: Path, source: str, field_name: str) -> bytes | Path:
-    """verl stores {"bytes": ..., "path": ...}; messages rows store paths relative to the file."""
-    if isinstance(item, dict) and item.get("bytes") is not None:
-        item = item["bytes"]
-    elif isinstance(item, dict) and isinstance(item.get("path"), str):
-        item = item["path"]
-    if isinstance(item, bytes):
-        return item
-    if isinstance(item, str):
-        return base / item
-    raise _fail(source, field_name, f"expected image bytes or a path, got {type(item).__name__}")
-
-
-def _chat_texts(msgs: list[dict], msg_key: str) -> dict[str, str]:
-    """The text of every turn (system, user, assistant), named as the row holds it: "messages[0].content",
-    "prompt[1].content[2].text"."""
-    texts = {}
-    for k, m in enumerate(msgs):
-        if isinstance(content := m.get("content"), str):
-            texts[f"{msg_key}[{k}].content"] = content
-        for j, item in enumerate(content if isinstance(content, list) else []):
-            if isinstance(item, dict) and isinstance(item.get("text"), str):
-                texts[f"{msg_key}[{k}].content[{j}].text"] = item["text"]
-    return texts
-
-
-def _parse_chat(row: dict, source: str, base: Path, msg_key: str, answer: str | None,
-                answer_key: str = "answer") -> Sample:
-    """verl (`prompt`) and messages rows: chat messages whose string contents may contain <image> tags."""
-    msgs, imgs = row.get(msg_key), row.get("images", [])
-    if imgs is None:
-        imgs = []
-    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-        raise _fail(source, msg_key, "expected a non-empty list of {role, content} messages")
-    if not isinstance(imgs, list):
-        raise _fail(source, "images", f"expected a list, got {type(imgs).__name__}")
-    images = [_open_image(_image_source(x, base, source, "images"), source, "images") for x in imgs]
-    texts = _chat_texts(msgs, msg_key) | ({} if answer is None else {answer_key: answer})
-    solution = None
-    if msgs[-1].get("role") == "assistant":   # SFT-style row: the last turn is the reference solution
-        solution = msgs[-1].get("content") if isinstance(msgs[-1].get("content"), str) else None
-        msgs = msgs[:-1]
-    messages, used = [], 0
-    for m in msgs:
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant") or not isinstance(content, (str, list)):
-            raise _fail(source, msg_key, f"bad message {str(m)[:80]}")
-        if isinstance(content, str):
-            items, tags = _content_items(content, len(images) - used, source, msg_key)
-            used += tags
-            content = items if role == "user" or tags else content
-        else:
-            used += sum(1 for c in content if isinstance(c, dict) and c.get("type") == "image")
-        messages.append({"role": role, "content": content})
-    if used != len(images):
-        raise _fail(source, "images", f"{len(images)} image(s) but {used} image placeholder(s) in '{msg_key}'")
-    answer = solution if answer is None else answer  # an SFT-style row: the judge takes the solution's last \boxed{}
-    if answer is None or not answer.strip():
-        raise _fail(source, "answer", "missing")
-    sid = _str_field(row, "id", source, required=False, number_ok=True) or source
-    return Sample(sid, messages, images, answer, solution, source, texts)
-
-
-def _parse_verl(row: dict, source: str, base: Path) -> Sample:
-    rm = row.get("reward_model")
-    key = "reward_model.ground_truth"
-    answer = _str_field({key: rm.get("ground_truth") if isinstance(rm, dict) else None}, key, source, number_ok=True)
-    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
-    if "id" not in row and extra.get("index") is not None:
-        row = {**row, "id": str(extra["index"])}
-    return _parse_chat(row, source, base, "prompt", answer, key)
-
-
-def _rows(path: Path) -> Iterable[tuple[str, dict | DataError]]:
-    """(source, row) for each row; an unparsable line yields a DataError instead of a row."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:row{i}", row
-        return
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            source = f"{path}:{i}"
-            try:   # a byte-order mark (some editors write one) starts the file, not its first JSON object
-                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield source, DataError(f"{source}: not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield source, DataError(f"{source}: not valid JSON ({e})")
-                continue
-            yield source, row if isinstance(row, dict) else DataError(f"{source}: expected a JSON object")
-
-
-def read_dataset(path: str, cfg: DataConfig = DataConfig(),
-                 check: Callable[[Sample], object] | None = None) -> tuple[list[Sample], list[str]]:
-    """All valid samples of `path` and, with cfg.skip_invalid, the error messages of skipped rows. `check(sample)`,
-    when given, is the caller's own test (and preparation) of each parsed row, e.g. `fits_model`: a DataError it
-    raises counts like the loader's own."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"dataset not found: {path}")
-    samples, skipped = [], []
-    for source, row in _rows(p):
-        try:
-            if isinstance(row, DataError):
-                raise row
-            fmt = cfg.format
-            if fmt == "auto":
-                fmt = "verl" if p.suffix == ".parquet" else "messages" if "messages" in row else "maye"
-            if fmt == "maye":
-                sample = _parse_maye(row, source, p.parent, cfg)
-            elif fmt == "verl":
-                sample = _parse_verl(row, source, p.parent)
-            else:
-                answer = _str_field(row, "answer", source, required=False, number_ok=True)
-                sample = _parse_chat(row, source, p.parent, "messages", answer)
-            if check is not None:
-                check(sample)
-            samples.append(sample)
-        except DataError as e:
-            if not cfg.skip_invalid:
-                raise
-            skipped.append(str(e))
-    if not samples:
-        raise DataError(f"{path}: no valid rows ({len(skipped)} skipped)")
-    return samples, skipped
-
-
-def load_dataset(path: str, cfg: DataConfig = DataConfig(), check: Callable[[Sample], object] | None = None,
-                 verbose: bool = True) -> list[Sample]:
-    """read_dataset, printing (when verbose) how many rows were skipped with --data.skip-invalid, and which."""
-    samples, skipped = read_dataset(path, cfg, check)
-    if skipped and verbose:
-        print(f"[data] {path}: skipped {len(skipped)} invalid row(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
-    return samples
-
-
-def read_jsonl(path, need: tuple[str, ...] = (), check: Callable[[dict], str] = lambda row: "") -> list[dict]:
-    """The JSON objects of a jsonl file (blank lines skipped), each holding the keys `need` and passing
-    `check(row) -> error or ''`; an error names path:line."""
-    rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:  # an interrupted write, say
-            raise ValueError(f"{path}:{i}: invalid JSON ({e.msg}); fix or delete that line") from e
-        missing = [k for k in need if not isinstance(row, dict) or k not in row]
-        if why := f"missing field {missing[0]!r}" if missing else check(row):
-            raise ValueError(f"{path}:{i}: {why}")
-        rows.append(row)
-    return rows
-
-
-def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> tuple[int, list[int]]:
-    """(epoch, indices) of global step `step`: epoch = step // (num_items // batch_size); each epoch is a
-    permutation seeded by (seed, epoch); the last partial batch is dropped. A pure function, so resuming at
-    step s replays exactly the data a run that never stopped would have seen (EasyR1 #57: resume repeats data)."""
-    per_epoch = num_items // batch_size if batch_size > 0 else 0
-    if per_epoch == 0:
-        raise ValueError(f"batch_size={batch_size} must be in 1..num_items={num_items}")
-    epoch, k = divmod(step, per_epoch)
-    perm = list(range(num_items))
-    random.Random(f"vlrl:{seed}:{epoch}").shuffle(perm)   # str seeds hash with sha512: stable across runs
-    return epoch, perm[k * batch_size:(k + 1) * batch_size]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Prompts, tokens and padded batches (train.py, sft.py and the engines build the same prompts)
-# --------------------------------------------------------------------------------------------------------------
-def mm_kwargs(data_cfg: DataConfig) -> dict:
-    """min/max pixels for the processor call and vLLM's mm_processor_kwargs (the same dict, so that both count the
-    same image tokens: a mismatch is the "image features and image tokens do not match" error of verl #3469)."""
-    return {k: v for k, v in (("min_pixels", data_cfg.min_pixels), ("max_pixels", data_cfg.max_pixels)) if v > 0}
-
-
-def prompt_text(processor, sample: Sample) -> str:
-    """The chat-templated prompt (one <|image_pad|> per image; the processor expands it), ending in the assistant
-    header (add_generation_prompt=True)."""
-    return processor.apply_chat_template(sample.messages, tokenize=False, add_generation_prompt=True)
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The (height, width) Qwen-VL's image processor resizes an image to: both multiples of `factor` (patch x merge),
-    pixels within [min_pixels, max_pixels], aspect ratio kept. Copied from transformers' qwen2_vl
-    image_processing_qwen2_vl.smart_resize, because importing that module takes ~10 s (torch._dynamo) and the launcher
-    validates data before any rank starts; tests/test_failures.py checks that both count the same image tokens."""
-    if (ratio := max(height, width) / min(height, width)) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
-    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def _model_json(model_dir: Path, name: str) -> dict:
-    return json.loads((model_dir / name).read_text()) if (model_dir / name).is_file() else {}
-
-
-def _special_tokens(model_dir: Path, tokenizer) -> Callable[[str], Any]:
-    """search(text) -> the first special token in text (a re.Match) or None. The tokenizer reads a special token in
-    any text as that token, so a row holding "<|im_end|>" as plain text ends its turn there, and one holding
-    "<|image_pad|>" no longer matches its images (a bare StopIteration in the processor, a failed engine). The tokens:
-    tokenizer.json's added tokens marked special, and tokenizer_config.json's added_tokens_decoder ones."""
-    decoder = _model_json(model_dir, "tokenizer_config.json").get("added_tokens_decoder") or {}
-    tokens = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-    tokens |= {t["content"] for t in decoder.values() if isinstance(t, dict) and t.get("special") and t.get("content")}
-    if not tokens:
-        return lambda text: None
-    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))).search
-
-
-def fits_model(model_dir: str, data_cfg: DataConfig, max_new_tokens: int = 0, max_model_len: int | None = None,
-               max_images: int | None = None) -> Callable[[Sample], None]:
-    """A `check` for load_dataset. No text field may hold a special token of the model's tokenizer, nor (unless
-    max_images is None) the row more images than the engine takes per prompt (--rollout.max-images). Images larger
-    than the model will see are downscaled now, to the size the processor would resize them to (smart_resize at the
-    pixel limits), so that memory holds no unseen pixels; then (unless max_model_len is None) the prompt's tokens,
-    image tokens included, + max_new_tokens must fit in it.
-    Reads the model folder's tokenizer.json, chat template and image-processor config with `tokenizers` and jinja2,
-    as transformers' processor would, without importing transformers (~13 s): the launcher checks every row in
-    seconds, before any rank or engine starts."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from PIL import Image
-    from tokenizers import Tokenizer
-    d = Path(model_dir)
-    ip = _model_json(d, "preprocessor_config.json") or _model_json(d, "processor_config.json").get("image_processor")
-    template = (d / "chat_template.jinja").read_text() if (d / "chat_template.jinja").is_file() else next(
-        (t for n in ("chat_template.json", "processor_config.json", "tokenizer_config.json")
-         if isinstance(t := _model_json(d, n).get("chat_template"), str)), None)
-    if not ip or not template or not (d / "tokenizer.json").is_file():
-        raise SystemExit(f"{model_dir}: a Qwen-VL model folder needs tokenizer.json, a chat template and an image "
-                         f"processor config (preprocessor_config.json or processor_config.json)")
-    factor, size = ip["patch_size"] * ip["merge_size"], ip.get("size") or {}
-    lo = data_cfg.min_pixels or size.get("shortest_edge") or ip["min_pixels"]
-    hi = data_cfg.max_pixels or size.get("longest_edge") or ip["max_pixels"]
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))   # as transformers defines
-    render, tokenizer = env.from_string(template).render, Tokenizer.from_file(str(d / "tokenizer.json"))
-    if found := (special := _special_tokens(d, tokenizer))(data_cfg.instruction):
-        raise SystemExit(f"--data.instruction contains the special token '{found.group()}' of {model_dir}")
-
-    def check(sample: Sample) -> None:
-        for name, text in sample.texts.items():
-            if found := special(text):
-                raise _fail(sample.source, name, f"contains the special token '{found.group()}'")
-        if max_images is not None and len(sample.images) > max_images:
-            raise _fail(sample.source, sample.image_field, f"{len(sample.images)} images > --rollout.max-images "
-                        f"{max_images} (the engine's limit per prompt): raise it, or skip such rows with "
-                        f"--data.skip-invalid")
-        image_tokens = 0
-        for k, img in enumerate(sample.images):
-            try:
-                h, w = smart_resize(img.height, img.width, factor, lo, hi)
-            except ValueError as e:
-                raise DataError(f"{sample.source}: image {k + 1}: {e}") from e
-            if h * w < img.height * img.width:
-                sample.images[k] = img.resize((w, h), Image.BICUBIC)
-            image_tokens += h * w // factor ** 2
-        if max_model_len is None:
-            return
-        text = render(messages=sample.messages, add_generation_prompt=True)
-        n = len(tokenizer.encode(text).ids) - len(sample.images) + image_tokens
-        if n + max_new_tokens > max_model_len:
-            raise DataError(f"{sample.source}: the prompt is {n} tokens ({image_tokens} for images at most {hi} "
-                            f"pixels) + {max_new_tokens} new tokens > max_model_len {max_model_len}: raise --rollout."
-                            f"max-model-len, lower --data.max-pixels, or skip such rows with --data.skip-invalid")
-    return check
-
-
-# vLLM warnings that this setup always triggers and that change nothing, per logger. The CPU ones: eager mode, no
-# Triton, no chunked prefill (our choices, see rollout.VLLMEngine), the seed note of an in-process engine, the torch
-# thread count, and the advice to preload tcmalloc / Intel OpenMP (a possible speed-up; ../shared/notes/cpu-stack.md).
-# "Failed to load weights" comes at each weight sync for layers whose weights are aliases or buffers: the sync does
-# load every parameter (training/rollout_mismatch stays ~1e-7; tests/test_rollout.py's update test checks it).
-# Two come when a second engine starts in one process (evaluate.py: one per run): vLLM registers the same kernel
-# overrides again, and finds the VLLM_DIST_IDENT that its first CPU worker put in os.environ.
-HARMLESS_VLLM_WARNINGS = {
-    "vllm.triton_utils.dispatcher": ("is already registered. Overwriting",),
-    "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT",),
-    "vllm.v1.worker.cpu_worker": ("torch.set_num_threads", "LD_PRELOAD"),
-    "vllm.model_executor.model_loader.reload.layerwise": ("Failed to load weights",),
-    "vllm.engine.arg_utils": ("global random seed", "disabling chunked prefill"),
-    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
-    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
-    "vllm.utils.torch_utils": ("leaving Torch threads",),
-    "vllm.triton_utils.importing": ("doesn't include CPU backend",),
-}
-
-
-def quiet_vllm_logs() -> None:
-    """vLLM logs at WARNING, without HARMLESS_VLLM_WARNINGS (set VLLM_LOGGING_LEVEL=INFO to see everything)."""
-    import logging
-    import warnings
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    for name, harmless in HARMLESS_VLLM_WARNINGS.items():
-        logging.getLogger(name).addFilter(lambda r, h=harmless: not any(x in r.getMessage() for x in h))
-    warnings.filterwarnings("ignore", "`torch.distributed.reduce_op` is deprecated", FutureWarning)
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """eos (<|im_end|> for Qwen chat models) and <|endoftext|>."""
-    ids = {tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS} | {tokenizer.eos_token_id}
-    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
-
-
-def blocked_token_ids(tokenizer, vocab_size: int) -> list[int]:
-    """Never sampled: vision special tokens and the output rows beyond the tokenizer (Qwen pads 151665 -> 151936)."""
-    ids = {tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
-    ids = {i for i in ids if i is not None and i != tokenizer.unk_token_id and i < vocab_size}
-    return sorted(ids | set(range(len(tokenizer), vocab_size)))
-
-
-def collate(processor, samples: list[Sample], responses: list[list[int]], data_cfg: DataConfig = DataConfig()) -> dict:
-    """Batch B = len(responses) (prompt_i + response_i) sequences for an HF forward.
-
-    Layout (as verl): prompts LEFT-padded to P = max prompt length, responses RIGHT-padded to R, so every response
-    occupies columns [P, P + R) and the logits can be computed on that block only. `mm_token_type_ids` is the
-    processor's, extended with zeros over the response: the model builds 3-D M-RoPE positions from it (without it
-    Qwen2.5-VL silently uses 1-D positions, MAYE's released bug). Prompts are processed once per distinct sample.
-    Returns input_ids, attention_mask, mm_token_type_ids (B, P+R), pixel_values, image_grid_thw,
-    response_mask (B, P+R) float (1 on response tokens), response_start = P, and for compute_logprobs' mask the
-    vision token ids (blocked_token_ids) and tokenizer_len (output rows >= it are padding, also blocked)."""
-    if len(samples) != len(responses):
-        raise ValueError(f"collate: {len(samples)} samples for {len(responses)} responses")
-    cache: dict[int, dict] = {}
-    prompts = []
-    for s in samples:
-        if id(s) not in cache:   # train.py repeats each sample n times: process its image once
-            cache[id(s)] = processor(text=[prompt_text(processor, s)], images=s.images or None, return_tensors="pt",
-                                     **mm_kwargs(data_cfg))
-        prompts.append(cache[id(s)])
-    P = max(p["input_ids"].shape[1] for p in prompts)
-    R = max(1, max(len(r) for r in responses))
-    B, pad = len(samples), processor.tokenizer.pad_token_id or 0
-    input_ids = torch.full((B, P + R), pad, dtype=torch.long)
-    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
-    mm_types = torch.zeros((B, P + R), dtype=torch.long)
-    response_mask = torch.zeros((B, P + R), dtype=torch.float32)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        L = p["input_ids"].shape[1]
-        input_ids[i, P - L:P] = p["input_ids"][0]
-        attention_mask[i, P - L:P] = 1
-        if "mm_token_type_ids" in p:
-            mm_types[i, P - L:P] = p["mm_token_type_ids"][0]
-        input_ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
-        attention_mask[i, P:P + len(r)] = 1
-        response_mask[i, P:P + len(r)] = 1.0
-    n_tok = len(processor.tokenizer)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_types,
-             "response_mask": response_mask, "response_start": P, "tokenizer_len": n_tok,
-             "blocked_token_ids": torch.tensor(blocked_token_ids(processor.tokenizer, n_tok), dtype=torch.long)}
-    with_images = [p for p in prompts if "pixel_values" in p]
-    if with_images:   # concatenated in batch order, as the model consumes them
-        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images])
-        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images])
-    return batch
-
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The engine process (rollout.make_engine's engine, served over a pipe) and the weight sync
-# --------------------------------------------------------------------------------------------------------------
+# ---- The engine process (rollout.make_engine's engine, served over a pipe) and its client
 def engine_dtype(name: str) -> torch.dtype:
     """--rollout.dtype as a torch dtype: auto = bfloat16 on GPU, float32 on CPU."""
     return getattr(torch, name if name != "auto" else "bfloat16" if torch.cuda.is_available() else "float32")
@@ -545,9 +46,8 @@ def engine_dtype(name: str) -> torch.dtype:
 
 def _receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
     """The engine's side of EngineClient.update_weights: (name, tensor) views of one received bucket at a time. Each
-    bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete). The bytes are read
-    straight into it from the pipe's socket (recv_into: 3 GB/s here, against 0.6 GB/s for Connection.recv_bytes_into,
-    which copies through a BytesIO; bench/bench_sync.py)."""
+    bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete), read straight from the
+    pipe's socket: Connection.recv_bytes_into would copy it through a BytesIO (5x slower, bench/bench_sync.py)."""
     import socket
     with socket.socket(fileno=os.dup(conn.fileno())) as sock:
         while (header := conn.recv()) is not None:
@@ -570,7 +70,6 @@ def engine_main(conn, make_engine, model_dir: str, cfg, data_cfg, env: dict) -> 
     die_with_parent()
     try:
         engine = make_engine(model_dir, cfg, data_cfg)
-        conn.send(("started", None))
         while (msg := conn.recv()) != "close":      # EOFError (rank 0 died) ends the process too
             if msg[0] == "update_weights":
                 engine.update_weights(weights := _receive_weights(conn))
@@ -613,8 +112,7 @@ class EngineClient:
     """Rank 0's handle on the engine process (the last GPU, or the CPU): the engines' methods, forwarded over a pipe,
     so `rollout` and evaluate.py take either. A dead engine process raises RuntimeError at the next call."""
 
-    def __init__(self, make_engine, model_dir: str, cfg, data_cfg, out_dir: str | None = None,
-                 bucket_mb: int = 64):
+    def __init__(self, make_engine, model_dir: str, cfg, data_cfg, bucket_mb: int = 64):
         import multiprocessing as mp
         from transformers import AutoTokenizer
         gpu = engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", 0)), cfg.gpu_memory_utilization)   # "" on the CPU
@@ -626,28 +124,24 @@ class EngineClient:
                                 daemon=True)
         self.proc.start()
         child.close()              # only the engine holds that end now: its death is EOF here
-        if out_dir:
-            Path(out_dir, "engine.pid").write_text(str(self.proc.pid))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)     # for Forced Rethinking's triggers
         self.dtype, self.bucket_bytes = engine_dtype(cfg.dtype), bucket_mb << 20
 
     def _call(self, method: str, *args, send: Callable[[], None] | None = None):
         """Forward one call (`send()` then writes what follows it). The engine starts while the caller goes on (rank 0
-        loads its models), so the first call's answer comes after the start-up message."""
+        loads its models): an error at its start-up is the first call's answer."""
         try:
             self.conn.send((method, args))
             if send is not None:
                 send()
             status, result = self.conn.recv()
-            if status == "started":
-                status, result = self.conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError):
             status, result = "died", None
-            while status in ("died", "started") and self.conn.poll(1):   # it stopped reading: was it an error?
-                try:
+            try:                      # it stopped reading: did it say why?
+                if self.conn.poll(1):
                     status, result = self.conn.recv()
-                except (EOFError, OSError):
-                    break
+            except (EOFError, OSError):
+                pass
             if status != "error":
                 self.proc.join(5)
                 raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})") from None
@@ -699,9 +193,7 @@ class EngineClient:
         self.proc.kill()          # a no-op once it has exited
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Model, optimizer, processes, checkpoints, logging
-# --------------------------------------------------------------------------------------------------------------
+# ---- Model, optimizer, processes, checkpoints, logging
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "toy/models/qwen2_5_vl-small"
@@ -749,24 +241,18 @@ def check_model(cfg: ModelConfig) -> None:
     """--model.path is a local Hugging Face folder of a vision-language model, and the LoRA flags can work; or a
     SystemExit that says what is wrong."""
     import importlib.util
-    check_model_dir(cfg.path)
+    p = Path(cfg.path)
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"--model.path {p}: {'no config.json in that folder' if p.is_dir() else 'no such folder'} "
+                         f"(a local Hugging Face model folder is needed; nothing is downloaded)")
+    if "vision_config" not in (config := json.loads((p / "config.json").read_text())):
+        raise SystemExit(f"--model.path {p}: a {config.get('model_type', '?')!r} model has no vision tower; vlrl "
+                         f"trains vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
     if cfg.lora_rank < 0 or cfg.lora_alpha <= 0:
         raise SystemExit(f"--model.lora-rank {cfg.lora_rank} must be >= 0 (0 = no LoRA) and --model.lora-alpha "
                          f"{cfg.lora_alpha} > 0")
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
         raise SystemExit(f"--model.lora-rank {cfg.lora_rank} needs peft (in the requirements files): bash run.sh setup")
-
-
-def check_model_dir(path: str, flag: str = "--model.path") -> None:
-    """A local Hugging Face folder of a vision-language model, or a SystemExit that says what is wrong with it."""
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise SystemExit(f"{flag} {path}: {'no config.json in that folder' if p.is_dir() else 'no such folder'} "
-                         f"(a local Hugging Face model folder is needed; nothing is downloaded)")
-    config = json.loads((p / "config.json").read_text())
-    if "vision_config" not in config:
-        raise SystemExit(f"{flag} {path}: a {config.get('model_type', '?')!r} model has no vision tower; vlrl trains "
-                         f"vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
 
 
 def prepare_out_dir(out_dir: str, resume: bool, restart: bool) -> None:
@@ -898,6 +384,7 @@ def bounded_map(fn, items: list[tuple], workers: int, timeout_s: float, warm_up=
     return out
 
 
+
 def launch(worker, nproc: int, *args) -> None:
     """Run `worker(*args)` on `nproc` local ranks with torch.multiprocessing.spawn, which stops every rank and raises
     the failing rank's traceback here if one fails. Under torchrun (RANK is set) just call `worker(*args)`."""
@@ -957,35 +444,12 @@ def all_reduce_sums(sums: dict[str, float], keys: Iterable[str]) -> dict[str, fl
     return dict(zip(keys, t.tolist()))
 
 
-def _hf_model(source, attn: str, lora: ModelConfig | None, meta: bool):
-    """The HF model of folder `source` in fp32, with `lora`'s adapters if given; on the meta device (no weights read,
-    no memory) if `meta`."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-    if meta:
-        with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32,
-                                                            attn_implementation=attn)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, attn_implementation=attn)
-    if lora is not None:
-        from peft import LoraConfig, inject_adapter_in_model   # in place: module names and paths stay the model's
-        targets = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-        inject_adapter_in_model(LoraConfig(r=lora.lora_rank, lora_alpha=lora.lora_alpha, target_modules=targets), model)
-    return model
-
-
 def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: bool = True, resume: Path | None = None):
     """An HF Qwen-VL model in fp32 (master weights), with the configured parts frozen and, for a trainable model with
     cfg.lora_rank > 0, LoRA adapters (B = 0: the model is unchanged) on the language model's linear layers. A resumed
     run loads the checkpoint's weights; a resumed LoRA run loads its base and gets its adapters (and whatever else
-    trains) back with the optimizer (load_trainer_state), since the checkpoint's HF weights have them merged in.
-
-    With several ranks the model is built on the meta device, and only rank 0 reads the weights: it keeps them on the
-    CPU (with the non-persistent buffers, such as rotary inv_freq) until shard_model broadcasts them into every rank's
-    shards. A node then holds one full copy at start-up, not one per rank (bench/bench_scale.py). Tied embeddings
-    (Qwen2.5-VL-3B) keep the full load on every rank: to_empty would untie them."""
-    import torch.distributed as dist
-    from transformers import AutoConfig
+    trains) back with the optimizer (load_trainer_state), since the checkpoint's HF weights have them merged in."""
+    from transformers import AutoModelForImageTextToText
     attn = "sdpa"
     if device.type == "cuda":
         try:
@@ -993,14 +457,13 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: boo
             attn = "flash_attention_2"
         except ImportError:
             pass
-    lora = cfg if trainable and cfg.lora_rank > 0 else None
+    lora = trainable and cfg.lora_rank > 0
     source = resume if resume and not lora else path
-    meta = (dist.is_initialized() and dist.get_world_size() > 1
-            and not AutoConfig.from_pretrained(source).get_text_config().tie_word_embeddings)
-    model = _hf_model(source, attn, lora, meta)
-    if meta:
-        full = _hf_model(source, attn, lora, False) if dist.get_rank() == 0 else None
-        model.__dict__["full_weights"] = {**full.state_dict(), **dict(full.named_buffers())} if full else {}
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, attn_implementation=attn)
+    if lora:
+        from peft import LoraConfig, inject_adapter_in_model   # in place: module names and paths stay the model's
+        targets = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets), model)
     for name, p in model.named_parameters():
         frozen = (not trainable or (cfg.freeze_vision and name.startswith("model.visual.") and "merger" not in name)
                   or (cfg.freeze_connector and "merger" in name)
@@ -1012,39 +475,17 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: boo
 
 
 def shard_model(model, cfg: ModelConfig, device: torch.device):
-    """FSDP2: shard each vision block and decoder layer, then the root; move to `device`. A model built on the meta
-    device (load_model) gets its shards and buffers from rank 0's full weights, one tensor at a time."""
+    """FSDP2: shard each vision block and decoder layer, then the root; move to `device`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (int(os.environ["WORLD_SIZE"]),))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if device.type == "cuda" and cfg.mixed_precision else MixedPrecisionPolicy())
-    full = model.__dict__.pop("full_weights", None)
-    if full is None:
-        model.to(device)
+    model.to(device)
     for block in [*model.model.visual.blocks, *model.model.language_model.layers]:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    if full is not None:
-        _fill_from_rank0(model, full, device)
     return model
-
-
-def _fill_from_rank0(model, full: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Allocate a sharded meta model's shards and buffers on `device` and fill them from rank 0's `full` weights ({}
-    elsewhere): set_model_state_dict broadcasts the state dict tensor by tensor; the buffers outside it (rotary
-    inv_freq: non-persistent) are broadcast after it."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    model.to_empty(device=device)
-    keys = set(model.state_dict())
-    set_model_state_dict(model, {k: v for k, v in full.items() if k in keys},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, buf in model.named_buffers():
-        if name not in keys:
-            if full:
-                buf.copy_(full[name])
-            dist.broadcast(buf, src=0)
 
 
 def build_optimizer(model, cfg: OptimConfig, total_steps: int):
@@ -1200,32 +641,32 @@ class MetricsLogger:
     """Rank 0 only: metrics.jsonl (always), one greppable line per step, optional TensorBoard / wandb (lazy)."""
 
     def __init__(self, out_dir: str, config: dict, resumed: dict | None, tensorboard=False, wandb_project=""):
-        """resumed: None for a new run, else the resumed checkpoint's vlrl_state.json ({"step": 0} if none)."""
-        self.path = Path(out_dir) / "metrics.jsonl"
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=1, default=str))
-        # On resume, lines logged after the checkpoint by the killed run are moved aside (kept, not lost) and redone;
-        # the checkpoint's own line comes from the checkpoint if the run was killed before logging it.
-        step = -1 if resumed is None else resumed["step"]                # a new run keeps no line
-        rows = [json.loads(line) for line in self.path.read_text().splitlines()] \
-            if step >= 0 and self.path.exists() else []
-        keep = [r for r in rows if r["step"] <= step]
-        if step >= 0 and resumed.get("metrics") and step not in {r["step"] for r in keep}:
-            keep.append(resumed["metrics"])
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        self.rows = keep                                                 # what the run logged before this start
-        if drop := [r for r in rows if r["step"] > step]:
-            with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in drop)
+        """resumed: None for a new run, else the resumed checkpoint's vlrl_state.json ({"step": 0} if none). On resume,
+        the lines a killed run logged after its checkpoint are moved aside (to metrics.discarded.jsonl) and redone;
+        the checkpoint's own line comes from the checkpoint if the run was killed before logging it."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        self.path, step = out / "metrics.jsonl", -1 if resumed is None else resumed["step"]   # a new run keeps none
+        rows = read_jsonl(self.path) if step >= 0 and self.path.exists() else []
+        self.rows = [r for r in rows if r["step"] <= step]             # the run's lines so far (log() adds each)
+        if step >= 0 and resumed.get("metrics") and step not in {r["step"] for r in self.rows}:
+            self.rows.append(resumed["metrics"])
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        discarded = [json.dumps(r) + "\n" for r in rows if r["step"] > step]
+        if discarded:
+            with open(out / "metrics.discarded.jsonl", "a") as f:
+                f.writelines(discarded)
         self.tb = self.wandb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            self.tb = SummaryWriter(str(out / "tb"))
         if wandb_project:
             import wandb
             self.wandb = wandb.init(project=wandb_project, config=config)
 
     def log(self, metrics: dict, line: str | None = None) -> None:
+        self.rows.append(metrics)
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if line:
@@ -1249,6 +690,34 @@ def micro_batches(indices: list[int], size: int) -> list[list[int]]:
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+
+def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> tuple[int, list[int]]:
+    """(epoch, indices) of global step `step`: epoch = step // (num_items // batch_size); each epoch is a
+    permutation seeded by (seed, epoch); the last partial batch is dropped. A pure function, so resuming at
+    step s replays exactly the data a run that never stopped would have seen (EasyR1 #57: resume repeats data)."""
+    per_epoch = num_items // batch_size if batch_size > 0 else 0
+    if per_epoch == 0:
+        raise ValueError(f"batch_size={batch_size} must be in 1..num_items={num_items}")
+    epoch, k = divmod(step, per_epoch)
+    perm = list(range(num_items))
+    random.Random(f"vlrl:{seed}:{epoch}").shuffle(perm)   # str seeds hash with sha512: stable across runs
+    return epoch, perm[k * batch_size:(k + 1) * batch_size]
+
+
+def read_jsonl(path, need: tuple[str, ...] = (), check: Callable[[dict], str] = lambda row: "") -> list[dict]:
+    """The rows of one of our own jsonl files (rollouts, metrics, evaluations), each holding the keys `need` and
+    passing `check(row) -> error or ''`; the first bad row raises a DataError naming path:line."""
+    rows = []
+    for source, row in file_rows(Path(path)):
+        if isinstance(row, DataError):
+            raise row
+        missing = [k for k in need if k not in row]
+        if why := f"missing field {missing[0]!r}" if missing else check(row):
+            raise DataError(f"{source}: {why}")
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
-from common import DataConfig, figure, fits_model, load_dataset, mean_std, read_jsonl
+from common import figure, mean_std, read_jsonl
+from data import DataConfig, fits_model, load_dataset
 from reward import RewardConfig, score_batch
 from rollout import RolloutConfig, make_engine
 
@@ -130,7 +131,6 @@ def validate(engine, samples, reward_cfg: RewardConfig, max_tokens: int) -> dict
     return {"val/accuracy": res["pass@1_t0.01"]["accuracy"], "val/mean_length": res["pass@1_t0.01"]["mean_length"]}
 
 
-# ---- whole runs ----------------------------------------------------------------------------------------------------
 def list_checkpoints(run_dir: str | Path) -> list[dict]:
     """[{name, path, step, epoch, kind}] by step: RUN/checkpoints/*/, or a plain HF model dir as 'vanilla' step 0."""
     run, out = Path(run_dir), []
@@ -172,10 +172,10 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
         try:
             if engine is None or engine_fn or rollout_cfg.engine != "vllm":
                 engine = engine_fn(ck["path"]) if engine_fn else make_engine(ck["path"], rollout_cfg, data_cfg)
-            else:  # the checkpoint's weights into the run's vLLM engine: no second start-up
-                from safetensors import safe_open   # one tensor at a time
-                engine.update_weights((k, st.get_tensor(k)) for f in sorted(Path(ck["path"]).glob("*.safetensors"))
-                                      for st in [safe_open(f, "pt")] for k in st.keys())
+            else:  # the checkpoint's weights into the run's vLLM engine (no second start-up), a file at a time
+                from safetensors.torch import load_file
+                shards = sorted(Path(ck["path"]).glob("*.safetensors"))
+                engine.update_weights(kv for f in shards for kv in load_file(f).items())   # a file in memory at a time
         except Exception as e:  # re-raised with the checkpoint named: the caller sees which one is broken
             raise RuntimeError(f"checkpoint {ck['path']} failed to load: {type(e).__name__}: {e}") from e
         for sp, s in mine:
@@ -196,7 +196,6 @@ def evaluate_run(run_dir: str | Path, data_cfg: DataConfig = DataConfig(), rollo
     return read_jsonl(eval_path, EVAL_KEYS) if eval_path.exists() else []
 
 
-# ---- several runs: MAYE Table 3, Figures 4 and 5, report.md --------------------------------------------------------
 def arm_order(arms) -> list[str]:
     """vanilla, sft, rl first (MAYE's column order), then any other label alphabetically."""
     return [a for a in ARM_COLOURS if a in arms] + sorted(set(arms) - set(ARM_COLOURS))
@@ -251,10 +250,11 @@ def findings(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], arms: 
         if {"sft", "rl"} <= set(agg := aggregate(runs, arms, sp, settings[0])):
             (r, rs), (f, fs), n = agg["rl"]["mean"], agg["sft"]["mean"], min(agg[a]["n"] for a in ("rl", "sft"))
             out.append(f"- **{sp}**{' (out of distribution)' * (sp == 'test')}, {settings[0]}, mean over epochs: " +
-                       "".join(f"{a} {pct(agg[a]['mean'])}, " for a in arm_order(agg)) + f"so {'RL' if r > f else 'SFT'}"
-                       f" leads by {100 * abs(r - f):.1f} points: " + ("one run per arm, no spread to judge it by "
-                       "(`SEEDS=3`)." if n < 2 else "more than the spread across runs." if abs(r - f) > max(rs, fs)
-                       else "within the spread across runs, so not a clear difference."))
+                       "".join(f"{a} {pct(agg[a]['mean'])}, " for a in arm_order(agg)) +
+                       f"so {'RL' if r > f else 'SFT'} leads by {100 * abs(r - f):.1f} points: " + (
+                           "one run per arm, no spread to judge it by (`SEEDS=3`)." if n < 2 else
+                           "more than the spread across runs." if abs(r - f) > max(rs, fs) else
+                           "within the spread across runs, so not a clear difference."))
     if both := {s: a for s in settings if {"sft", "rl"} <= set(a := aggregate(runs, arms, splits[-1], s))}:
         wins = [s for s, a in both.items() if a["rl"]["mean"][0] > a["sft"]["mean"][0]]
         out.append(f"- On {splits[-1]}, RL's mean beats SFT's in {len(wins)} of {len(both)} decodings" +
@@ -269,12 +269,14 @@ def findings(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], arms: 
         out.append(f"- {name.capitalize()} at the last checkpoint ({splits[0]}, {setting}): " + ", ".join(
             f"{a} {m:.1f}" + (f" ± {sd:.1f}" if sd else "") + unit for a in arm_order(last)
             for m, sd in [mean_std(last[a])]) + ".")
-    corr = {run: statistics.correlation(*zip(*xy)) for run, rows in metrics.items() if arms[run] == "rl" and len(xy := [
-        [float(r[k]) for k in ("response/lengths", "reflection/reflection_ratio")] for r in rows if
-        "reflection/reflection_ratio" in r and "response/lengths" in r]) > 2 and all(len(set(v)) > 1 for v in zip(*xy))}
-    if corr:  # (Pearson's r is undefined for a constant series)
+    corr, keys = [], ("response/lengths", "reflection/reflection_ratio")   # Pearson's r over each RL run's steps
+    for run, rows in metrics.items():
+        xy = [[float(r[k]) for k in keys] for r in rows if set(keys) <= r.keys()]
+        if arms[run] == "rl" and len(xy) > 2 and all(len(set(v)) > 1 for v in zip(*xy)):   # r needs variation
+            corr.append(statistics.correlation(*zip(*xy)))
+    if corr:
         out.append("- Over RL's steps, response length and reflection ratio correlate at " + ", ".join(
-            f"{c:+.2f}" for c in corr.values()) + " (Pearson, one figure per run; MAYE Figure 4 pairs them).")
+            f"{c:+.2f}" for c in corr) + " (Pearson, one figure per run; MAYE Figure 4 pairs them).")
     return out
 
 
@@ -329,7 +331,6 @@ def write_report(runs: dict[str, list[dict]], metrics: dict[str, list[dict]], ar
     return out / "report.md"
 
 
-# ---- CLI -----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Args:
     model: str = ""  # One model dir (HF format) to evaluate on --data-file; prints a table.
@@ -391,8 +392,7 @@ def main(args: Args) -> None:
     metrics = {run: read_jsonl(p, ("step", "epoch")) if (p := Path(run, "metrics.jsonl")).exists() else []
                for run in args.runs}
     path = write_report(runs, metrics, arms, args.out, args.eval.splits, args.eval.settings)
-    progress.console.print(Path(args.out, "table.md").read_text())
-    progress.console.print(f"report: {path}")
+    progress.console.print(Path(args.out, "table.md").read_text(), f"report: {path}", sep="\n")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """rollout.py: step 1 of the RL loop -- generation (vLLM or HF) -- and the trainer-side log-probs that must agree.
 
 What this stage does (MAYE, arXiv 2504.02587, Figure 2, step 1):
-1. `VLLMEngine` / `HFEngine` sample `n` responses per prompt (common.prompt_text's chat prompt): token ids, the
+1. `VLLMEngine` / `HFEngine` sample `n` responses per prompt (data.prompt_text's chat prompt): token ids, the
    sampled tokens' log-probs under the masked `logits / temperature`, the finish reason; `update_weights` takes the
    trainer's new weights, (name, tensor) pairs. `common.EngineClient` runs either in its own process (the last GPU)
    and forwards the same calls (the weights streamed in buckets).
 2. `rollout`: the step's completions, each prompt's n responses adjacent, with VL-Rethinker's Forced Rethinking.
-3. `compute_logprobs`: the trainer's log-probs of (prompt, response) (common.collate's batch, with the correct 3-D
+3. `compute_logprobs`: the trainer's log-probs of (prompt, response) (data.collate's batch, with the correct 3-D
    M-RoPE positions). Tests check that they equal both engines' log-probs to 1e-4 (fp32).
 
 Conventions and simplifications: vision special tokens and the vocabulary rows beyond the tokenizer are never sampled
@@ -34,9 +34,40 @@ from typing import Callable, Iterable, Literal
 import torch
 import tyro
 
-from common import (DataConfig, Sample, blocked_token_ids, engine_dtype, fits_model, load_dataset, mm_kwargs,
-                    prompt_text, quiet_vllm_logs, stop_token_ids)
+from common import engine_dtype
+from data import (DataConfig, Sample, blocked_token_ids, fits_model, load_dataset, mm_kwargs, prompt_text,
+                  stop_token_ids)
 from reward import RewardConfig, score_batch
+
+
+# vLLM warnings that this setup always triggers and that change nothing, per logger. The CPU ones: eager mode, no
+# Triton, no chunked prefill (our choices, see rollout.VLLMEngine), the seed note of an in-process engine, the torch
+# thread count, and the advice to preload tcmalloc / Intel OpenMP (a possible speed-up; ../shared/notes/cpu-stack.md).
+# "Failed to load weights" comes at each weight sync for layers whose weights are aliases or buffers: the sync does
+# load every parameter (training/rollout_mismatch stays ~1e-7; tests/test_rollout.py's update test checks it).
+# Two come when a second engine starts in one process (evaluate.py: one per run): vLLM registers the same kernel
+# overrides again, and finds the VLLM_DIST_IDENT that its first CPU worker put in os.environ.
+HARMLESS_VLLM_WARNINGS = {
+    "vllm.triton_utils.dispatcher": ("is already registered. Overwriting",),
+    "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT",),
+    "vllm.v1.worker.cpu_worker": ("torch.set_num_threads", "LD_PRELOAD"),
+    "vllm.model_executor.model_loader.reload.layerwise": ("Failed to load weights",),
+    "vllm.engine.arg_utils": ("global random seed", "disabling chunked prefill"),
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+    "vllm.utils.torch_utils": ("leaving Torch threads",),
+    "vllm.triton_utils.importing": ("doesn't include CPU backend",),
+}
+
+
+def quiet_vllm_logs() -> None:
+    """vLLM logs at WARNING, without HARMLESS_VLLM_WARNINGS (set VLLM_LOGGING_LEVEL=INFO to see everything)."""
+    import logging
+    import warnings
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    for name, harmless in HARMLESS_VLLM_WARNINGS.items():
+        logging.getLogger(name).addFilter(lambda r, h=harmless: not any(x in r.getMessage() for x in h))
+    warnings.filterwarnings("ignore", "`torch.distributed.reduce_op` is deprecated", FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -52,7 +83,8 @@ class RolloutConfig:
     max_tokens: int = 2048
     """Maximum new tokens per response."""
     seed: int = 0
-    """Engine seed (per-request seeds are derived from the step)."""
+    """rollout.py's seed (vLLM's global one; prompt i's requests get seed + i * n). train.py and sft.py seed every
+    request from their --seed instead, and refuse this flag."""
     max_model_len: int = 4096
     """vLLM context length (prompt + response)."""
     dtype: str = "auto"

@@ -31,7 +31,7 @@ setup() {
   if [ "$REQ" = requirements-cpu.txt ] && ! ls "${PIP_FIND_LINKS:-/nonexistent}"/torch-*+cpu* >/dev/null 2>&1; then
     extra=(--extra-index-url https://download.pytorch.org/whl/cpu)   # CPU torch wheels live on PyTorch's index
   fi
-  # --no-compile: do not byte-compile every installed file up front; Python compiles what it imports, once.
+  # --no-compile: the venv is byte-compiled once below, after the torchvision fix.
   # pip's own output is hundreds of lines (and -q shows nothing for minutes): print every 10th package and errors.
   "$PY" -m pip install --no-compile --disable-pip-version-check "${extra[@]}" -r "$REQ" 2>&1 | awk '
     /^Collecting/ { if (++n % 10 == 1) printf "[setup] pip: package %d (%s)\n", n, $2; fflush() }
@@ -56,6 +56,12 @@ path.write_text(src)
 EOF
   fi
   "$PY" -c "import torchvision, vllm" || { echo "[setup] torchvision/vllm import failed" >&2; exit 1; }
+  # Byte-compile the venv now: where PYTHONDONTWRITEBYTECODE is set (as on this machine and its CI) Python never
+  # caches what it compiles, and every process (each rank, engine and test subprocess) would spend 10-30 s
+  # compiling torch, transformers and vLLM again. compileall exits 1 for the few files written for newer Pythons
+  # (never imported here), so its status is not checked; the import above already proved the install.
+  local site; site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$PY" -m compileall -q -j 0 "$site" >/dev/null || true
   rm -f "$VENV"/.vlrl-setup-*; touch "$stamp"
   echo "[setup] done in $((SECONDS - t0))s; venv size $(du -sh "$VENV" | cut -f1)"
 }
@@ -84,8 +90,8 @@ toy_chain() {
   # step 2: the vanilla instruct model, the analogue of Qwen2.5-VL-Instruct: SFT from random init on related data
   #         (reading digits, adding numbers, the task in another phrasing), so it follows the answer format and is
   #         mediocre on the task. Built once per toy world; both arms start from it. The vision tower stays frozen
-  #         (as in MAYE): its random features already tell the digits apart, and training it at this rate collapsed
-  #         them (measured: stuck at chance for 240 steps).
+  #         (as in MAYE): its random features already tell the digits apart, and training them at this rate
+  #         collapses them.
   if [ ! -f "$VANILLA/config.json" ]; then
     "$PY" sft.py --model.path "$MODEL" "${DATA[@]}" --data.train "$TOY/data/instruct.jsonl" --out-dir "$TOY/vanilla_run" \
         --restart --max-steps "$VANILLA_STEPS" --batch-size 32 --micro-batch-size 32 --optim.lr 1e-3 --cache-prompts \
@@ -96,7 +102,7 @@ toy_chain() {
   # step 3: per seed, SFT and RL from the vanilla model for the same number of epochs over the training split.
   #         --restart: a rerun moves the previous runs aside (runs/sft_s1.old-TIME) instead of refusing to start.
   #         SFT: batch 32, lr 3e-4. RL: 16 prompts x 8 responses per step at MAYE's T=1.0, GRPO, one update per
-  #         step, lr 1e-4 (5e-4 diverged: measured), no KL (the reference would be the mediocre vanilla model).
+  #         step, lr 1e-4 (5e-4 diverges), no KL (the reference would be the mediocre vanilla model).
   ARMS=("$VANILLA") LABELS=(vanilla)
   for SEED in $(seq 1 "$SEEDS"); do
     "$PY" sft.py --model.path "$VANILLA" "${DATA[@]}" "${TRAIN[@]}" --out-dir "$RUNS/sft_s$SEED" --restart --seed "$SEED" \
@@ -120,8 +126,10 @@ case "${1:-main}" in
   setup) setup ;;
   test)
     setup
-    # The whole suite, on CPU; the toy world and a vLLM engine are built once per session (tests/conftest.py).
-    exec "$PY" -m pytest -q tests "${@:2}"
+    # The whole suite, on CPU, two tests at a time (pytest-xdist; tests that share an expensive fixture share a worker,
+    # pytest.ini). The toy world and a vLLM engine are built once per worker (tests/conftest.py).
+    # `bash run.sh test -m "not slow"`: all but the few slow tests (whole runs of a script), the quick inner loop.
+    exec "$PY" -m pytest -q -n 2 --dist loadgroup tests "${@:2}"
     ;;
   main)
     setup

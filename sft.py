@@ -7,19 +7,19 @@ What this stage does (MAYE, arXiv 2504.02587, Table 3's "SFT" arm; MAYE never re
    to stop. Bad targets (empty, special tokens inside, too long) fail like rollout.py's bad rows: the error names
    file:line and the field; `--data.skip-invalid` skips and reports them.
 2. Trains with the same process layout and model code as train.py (FSDP2 ranks, `load_model`/`shard_model`/
-   `build_optimizer`, M-RoPE-correct `rollout.collate` + `compute_logprobs`). Loss on response tokens only:
+   `build_optimizer`, M-RoPE-correct `data.collate` + `rollout.compute_logprobs`). Loss on response tokens only:
        L = -sum_{i,t} m_it log pi(y_it | image, prompt, y_i<t) / N,   N = response tokens of the GLOBAL batch,
    summed over micro-batches and ranks, so 1 rank and N ranks take the same step (tests check this to 1e-5).
 3. Per epoch (and every --val-every steps): validation loss (all ranks) and greedy validation accuracy
-   (train.validate: T=0.01, top_p=0.001, MAYE's pass@1 setting), metrics.jsonl, an HF-format checkpoint.
+   (evaluate.validate: T=0.01, top_p=0.001, MAYE's pass@1 setting), metrics.jsonl, an HF-format checkpoint.
 
 Validation engine: an FSDP-sharded model cannot generate on one rank, so rank 0 gathers the full state dict (a
 collective, also used for the checkpoint; LoRA merged in) and pushes it into ONE engine process kept for the whole
 run (common.EngineClient: `--rollout.engine vllm` or `hf`, started at the first validation, on the last GPU as in
 train.py: run --nproc (GPUs - 1)). The other ranks wait at a barrier meanwhile.
 
-Simplifications: padding, not packing (rollout.collate's left-padded prompts + right-padded responses); the LR
-schedule steps once per optimizer step; the last partial batch of each epoch is dropped (rollout.batch_indices, a
+Simplifications: padding, not packing (data.collate's left-padded prompts + right-padded responses); the LR
+schedule steps once per optimizer step; the last partial batch of each epoch is dropped (common.batch_indices, a
 pure function of (seed, step), so --resume continues on exactly the data an uninterrupted run would see).
 MAYE's SFT settings are the defaults (lr 1e-5, warm-up + cosine, batch 16, vision tower frozen); the toy warm start
 needs a much hotter run (see run.sh): random-init weights, vision tower trained.
@@ -42,11 +42,11 @@ from dataclasses import asdict, dataclass
 import torch
 import tyro
 
-from common import (DataConfig, DataError, EngineClient, MetricsLogger, ModelConfig, OptimConfig, Sample, batch_indices,
-                    blocked_token_ids, build_optimizer, check_model, clip_grad_norm, collate, engine_gpu, fits_model,
-                    format_line, full_state_dict, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
-                    load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
-                    stop_token_ids, to_device)
+from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, batch_indices, build_optimizer, check_model,
+                    clip_grad_norm, engine_gpu, format_line, full_state_dict, init_distributed, latest_checkpoint,
+                    launch, load_model, load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint,
+                    shard_model, to_device)
+from data import DataConfig, DataError, Sample, blocked_token_ids, collate, fits_model, load_dataset, stop_token_ids
 from evaluate import validate
 from reward import RewardConfig
 from rollout import RolloutConfig, compute_logprobs, make_engine
@@ -134,7 +134,7 @@ def response_ids(tokenizer, sample: Sample, max_tokens: int) -> list[int]:
 
 def load_sft_data(path: str, data_cfg: DataConfig, tokenizer, max_tokens: int, check=None,
                   verbose: bool = True) -> tuple[list[Sample], list[list[int]]]:
-    """common.load_dataset whose rows must also pass `check` and have a valid SFT target (response_ids): (samples,
+    """data.load_dataset whose rows must also pass `check` and have a valid SFT target (response_ids): (samples,
     responses). A bad target fails like a bad row: file:line and field named, or skipped with --data.skip-invalid."""
     def check_row(s: Sample) -> None:
         (check or (lambda _: None))(s)
@@ -152,7 +152,7 @@ def response_nll(model, batch: dict) -> torch.Tensor:
 
 
 class CachedProcessor:
-    """The processor with its per-prompt outputs memoised (--cache-prompts). rollout.collate calls
+    """The processor with its per-prompt outputs memoised (--cache-prompts). data.collate calls
     processor(text=[prompt], images=sample.images) for each distinct sample of a batch; SFT revisits every sample
     each epoch, and the images are the same PIL objects for the whole run, so (prompt, image ids) is a safe key."""
 
@@ -192,6 +192,30 @@ def validation_loss(model, processor, samples: list[Sample], responses: list[lis
     return (total[0] / total[1]).item()
 
 
+def sft_step(model, optimizer, scheduler, samples: list[Sample], responses: list[list[int]], processor, args: Args,
+             step: int, rank: int, world: int, device) -> tuple[float, float, float, int]:
+    """One optimizer step on the global batch: this rank takes every world-th row, micro-batch by micro-batch, and
+    divides its loss sums by the GLOBAL token count N (times world, since FSDP2 averages gradients over ranks), so 1
+    rank and N ranks take the same step. Returns (mean loss per token over all ranks, grad norm, the lr used, N)."""
+    import torch.distributed as dist
+    n_tokens = sum(len(r) for r in responses)                         # the same on every rank
+    mbs = micro_batches(list(range(rank, len(samples), world)), args.micro_batch_size)   # same count on every rank
+    nll = torch.zeros(1, dtype=torch.float64)
+    for k, mb in enumerate(mbs):
+        model.set_requires_gradient_sync(k == len(mbs) - 1)           # reduce-scatter once per step
+        batch = to_device(collate(processor, [samples[i] for i in mb], [responses[i] for i in mb], args.data), device)
+        loss_sum = response_nll(model, batch)
+        (loss_sum * (world / n_tokens)).backward()
+        nll += loss_sum.item()
+    gn = clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.optim.grad_clip, step)
+    lr = scheduler.get_last_lr()[0]                                    # the lr this step used
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    dist.all_reduce(nll)
+    return nll.item() / n_tokens, gn, lr, n_tokens
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The SFT loop (one process per rank)
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,7 +234,6 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
     optimizer, scheduler = build_optimizer(model, args.optim, total_steps)
     state = load_trainer_state(ckpt, model, optimizer, scheduler) if ckpt else {"step": 0}
     start = state["step"]
-    params = [p for p in model.parameters() if p.requires_grad]
     batch_processor = CachedProcessor(processor) if args.cache_prompts else processor
     logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard, args.wandb) \
         if rank == 0 else None
@@ -223,24 +246,11 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
             for step in range(start, total_steps):
                 t0 = time.time()
                 _, idx = batch_indices(len(train_set), args.batch_size, args.seed, step)
-                n_tokens = sum(len(train_resp[i]) for i in idx)           # global normaliser: all ranks know it
-                mbs = micro_batches(idx[rank::world], args.micro_batch_size)   # same count on every rank
-                nll = torch.zeros(1, dtype=torch.float64)
-                for k, mb in enumerate(mbs):
-                    model.set_requires_gradient_sync(k == len(mbs) - 1)     # reduce-scatter once per step
-                    batch = to_device(collate(batch_processor, [train_set[i] for i in mb],
-                                              [train_resp[i] for i in mb], args.data), device)
-                    loss_sum = response_nll(model, batch)
-                    (loss_sum * (world / n_tokens)).backward()     # FSDP2 averages gradients over ranks: undo it
-                    nll += loss_sum.item()
-                gn = clip_grad_norm(params, args.optim.grad_clip, step)
-                lr = scheduler.get_last_lr()[0]                    # the lr this step used
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                dist.all_reduce(nll)
+                samples, responses = [train_set[i] for i in idx], [train_resp[i] for i in idx]   # (B,) each
+                loss, gn, lr, n_tokens = sft_step(model, optimizer, scheduler, samples, responses, batch_processor,
+                                                  args, step, rank, world, device)
                 done, t1 = step + 1, time.time()
-                metrics = {"step": done, "epoch": done / steps_per_epoch, "train/loss": nll.item() / n_tokens,
+                metrics = {"step": done, "epoch": done / steps_per_epoch, "train/loss": loss,
                            "training/lr": lr, "training/grad_norm": gn, "train/tokens": n_tokens,
                            "time/step": t1 - t0, "perf/tokens_per_s": n_tokens / (t1 - t0)}
 
@@ -290,7 +300,9 @@ def main(args: Args) -> None:
                      (min(args.micro_batch_size, args.epochs) < 1 or args.max_steps < 0,
                       "--micro-batch-size and --epochs must be >= 1, --max-steps >= 0"),
                      (args.resume and args.restart, "--resume continues the run in --out-dir, --restart moves it "
-                                                    "aside")):
+                                                    "aside"),
+                     (args.rollout.seed != RolloutConfig.seed,
+                      "--rollout.seed is rollout.py's: validation seeds its own requests")):
         if bad:
             raise SystemExit(f"sft.py: {msg}")
     if args.val_every >= 0:   # validation starts an engine: its GPU is free of ranks, or exit

@@ -14,8 +14,8 @@ Nothing can be downloaded in CI, so every stage runs on this embedded default:
      seen in training) on a light-grey background, meant to measure *generalisation*, the paper's RL-vs-SFT question
      (measured: it is no harder than validation for these models, whose frozen random vision features carry over).
    - `instruct`: related but different data for the *vanilla instruct model* (the analogue of Qwen2.5-VL-Instruct,
-     made by `run.sh` with sft.py in about two minutes): reading the digit, adding two numbers given in the text, and the
-     task under a phrasing the other splits never use. Both arms of the demo start from that model.
+     made by `run.sh` with sft.py in about two minutes): reading the digit, adding two numbers given in the text, and
+     the task under a phrasing the other splits never use. Both arms of the demo start from that model.
 3. Solutions are a short chain ("The image shows 3. 3 + 7 = 10. \\boxed{10}"). A fraction `--reflect` of them
    reflects with MAYE's words: half misread the digit as a look-alike (one segment apart), doubt and correct it
    ("The image shows 9. Wait, let me re-check the image. It shows 3. ..."), half verify the sum ("Let me verify:
@@ -57,7 +57,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# MAYE's CoT instruction (rollout.py appends it to every question; the tokenizer should know its words).
+# MAYE's CoT instruction (data.py appends it to every MAYE-format question; the tokenizer should know its words).
 MAYE_INSTRUCTION = ("\nSolve the above mathematics problem, write out the solution process according to the question, "
                     "and use the same LaTeX format as the question in the solution process. Please display the final "
                     "answer in the format \\boxed{}.")
@@ -158,7 +158,8 @@ def make_problem(rng: random.Random, split: str, index: int, max_b: int, reflect
         question, answer, sol = INSTRUCT_TEMPLATES[0], digit, f"The image shows {digit}. \\boxed{{{digit}}}"
     elif task == 1:  # add two numbers given in the text (the image is a distractor)
         a = rng.randint(0, 9)
-        question, answer, sol = INSTRUCT_TEMPLATES[1].format(a=a, b=b), a + b, f"{a} + {b} = {a + b}. \\boxed{{{a + b}}}"
+        question, answer = INSTRUCT_TEMPLATES[1].format(a=a, b=b), a + b
+        sol = f"{a} + {b} = {a + b}. \\boxed{{{a + b}}}"
     else:            # the task (instruct: in a phrasing the task splits never use)
         question = (INSTRUCT_TEMPLATES[2] if task == 2 else rng.choice(QUESTION_TEMPLATES)).format(b=b)
         answer, sol = digit + b, solution(rng, digit, b, reflect)

@@ -32,7 +32,6 @@ Run:
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -42,12 +41,12 @@ import torch
 import tyro
 
 from advantage import (AdvantageConfig, compute_advantages, kl_penalty, loss_normalizer, policy_loss,
-                       select_samples)
-from common import (DataConfig, EngineClient, MetricsLogger, ModelConfig, OptimConfig, all_reduce_sums, batch_indices,
-                    broadcast, build_optimizer, check_model, clip_grad_norm, collate, engine_gpu, fits_model,
-                    format_line, init_distributed, latest_checkpoint, launch, load_dataset, load_model,
-                    load_trainer_state, micro_batches, prepare_out_dir, print0, save_checkpoint, shard_model,
-                    sync_weights, to_device)
+                       rollout_correction, select_samples)
+from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, all_reduce_sums, batch_indices, broadcast,
+                    build_optimizer, check_model, clip_grad_norm, engine_gpu, format_line, init_distributed,
+                    latest_checkpoint, launch, load_model, load_trainer_state, micro_batches, prepare_out_dir, print0,
+                    save_checkpoint, shard_model, sync_weights, to_device)
+from data import DataConfig, collate, fits_model, load_dataset
 from evaluate import reflection_stats, validate
 from reward import RewardConfig, score_batch
 from rollout import RolloutConfig, compute_logprobs, make_engine, rollout
@@ -79,9 +78,18 @@ class Args:
     """Passes over each generation batch."""
     tis: Literal["off", "token", "sequence"] = "off"
     """Rollout correction: weight the policy-gradient loss by min(pi_old / pi_engine, tis_cap) per token or per
-    response (truncated importance sampling, `rollout_correction`); off in fp32, where engine and trainer agree."""
+    response (truncated importance sampling, advantage.rollout_correction); off in fp32, where engine and trainer
+    agree."""
     tis_cap: float = 2.0
     """The truncation C of --tis (>= 1; 2 is the usual choice)."""
+    rollout_mask: Literal["off", "token", "sequence", "geometric"] = "off"
+    """Rollout correction: weight 0 for the tokens (token: IcePop), the responses (sequence: masked IS) or the responses
+    by the geometric mean of their tokens' ratios (geometric) whose ratio pi_old / pi_engine leaves
+    [--rollout-mask-low, --rollout-mask-high] (advantage.rollout_correction)."""
+    rollout_mask_low: float = 0.5
+    """Lower bound of --rollout-mask's band (0 < low <= 1; IcePop 0.5, geometric ~0.999)."""
+    rollout_mask_high: float = 2.0
+    """Upper bound of --rollout-mask's band (>= 1; verl 2, IcePop 5, geometric ~1.001)."""
     epochs: int = 1
     """Passes over the training set."""
     max_steps: int = 0
@@ -109,13 +117,13 @@ LOG_LINE = (("epoch {:.2f}", "epoch"), ("score {:.3f}", "rews/scores"), ("acc {:
             ("gnorm {:.3f}", "training/grad_norm"), ("lr {:.2e}", "training/lr"),
             ("mismatch {:.1e}", "training/rollout_mismatch"), ("{:.1f}s", "time/step"), ("val {:.3f}", "val/accuracy"))
 SUM_KEYS = ("loss/policy_loss", "loss/kl_loss", "training/clipfrac", "training/dual_clipfrac", "training/approx_kl",
-            "training/ratios", "training/tis_weight", "training/tis_capped", "training/n_tokens", "training/grad_norm",
-            "optimizer_steps")
+            "training/ratios", "training/tis_weight", "training/tis_capped", "training/rollout_masked",
+            "training/n_tokens", "training/grad_norm", "optimizer_steps")
 
 
 def response_logprobs(model, rows: list[int], samples, comps, processor, args: Args, device, entropy: bool = False):
     """(b, R) log-probs (and entropies) of responses `rows` under `model`, aligned to the response (R = the rows'
-    longest response): rollout.compute_logprobs on the response block of rollout.collate's layout."""
+    longest response): rollout.compute_logprobs on the response block of data.collate's layout."""
     batch = to_device(collate(processor, [samples[i] for i in rows], [comps[i].token_ids for i in rows], args.data),
                       device)
     out = compute_logprobs(model, batch, args.rollout.temperature, return_entropy=entropy)
@@ -137,19 +145,6 @@ def engine_logprobs(comps, T: int) -> torch.Tensor:
     for i, c in enumerate(comps):
         engine_lp[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
     return engine_lp
-
-
-def rollout_correction(old_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor, args: Args) -> torch.Tensor:
-    """(B, T) truncated importance weights (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
-    Off-Policy RL Training", fengyao.notion.site/off-policy-rl; verl PR 2953 multiplies its PPO losses by the same
-    ratio): the engine samples from pi_engine, not the trainer's pi_old (bf16 kernels differ), so the
-    policy-gradient loss is weighted by w_t = min(pi_old(y_t) / pi_engine(y_t), C) (--tis token) or,
-    for every token of a response, w = min(prod_t pi_old(y_t) / pi_engine(y_t), C) (--tis sequence); C = --tis-cap.
-    A token the engine did not sample counts as ratio 1. No gradient; ones when --tis is off."""
-    log_w = (old_lp - engine_lp).nan_to_num(0.0) * mask                                # (B, T) log ratio
-    if args.tis == "sequence":
-        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w) * mask
-    return log_w.clamp(max=math.log(args.tis_cap)).exp() if args.tis != "off" else torch.ones_like(log_w)
 
 
 def fuse_old_logprobs(args: Args, B: int, world: int) -> bool:
@@ -203,11 +198,13 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
                 R = lp.shape[1]
                 if fused:                    # pi_old = the policy before this step's only update
                     old_lp[mb, :R], ent[mb, :R] = lp.detach().float().cpu(), e.detach().float().cpu()
-                w = rollout_correction(old_lp[mb, :R], engine_lp[mb, :R], mask[mb, :R], args)     # (b, R)
-                sums["training/tis_weight"] += float((w * mask[mb, :R]).sum())
-                capped = (w >= args.tis_cap * (1 - 1e-6)) * mask[mb, :R] if args.tis != "off" else w.new_zeros(())
-                sums["training/tis_capped"] += float(capped.sum())
-                # w > 0 scales both PPO branches alike: weighting A weights the clipped policy-gradient loss, not KL
+                w, corr = rollout_correction(old_lp[mb, :R], engine_lp[mb, :R], mask[mb, :R], args.tis, args.tis_cap,
+                                             args.rollout_mask, args.rollout_mask_low, args.rollout_mask_high)
+                for k, v in corr.items():                                      # tis_weight, tis_capped, rollout_masked
+                    sums[k] += v
+                # w >= 0 scales both PPO branches alike: weighting A weights the clipped policy-gradient loss, not KL.
+                # A masked token (w = 0) stays in the normaliser, as in IcePop's 1 / sum_i |y_i| (verl's rejection
+                # takes it out): masking never scales the other tokens up, and the normaliser needs no pi_old (fused).
                 loss, m = policy_loss(lp, old_lp[mb, :R].to(device), (adv[mb, :R] * w).to(device),
                                       mask[mb, :R].to(device), cfg, normalizer=normalizer,
                                       ref_logp=ref_lp[mb, :R].to(device) if cfg.kl_coef > 0 else None)
@@ -232,25 +229,30 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
 def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, keep: list[int], times: list,
                  args: Args) -> dict[str, float]:
     """The step's named metrics (README's table): rewards, losses and PPO statistics (token-weighted means over all
-    ranks), KL to the reference, entropy, engine-vs-trainer log-prob mismatch, lengths, MAYE's reflection ratios and
-    the phases' seconds (times: [(phase, time.time() at its end)], "start" first)."""
+    ranks), KL to the reference, entropy, engine-vs-trainer mismatch (log-prob gap, KL), lengths, MAYE's reflection
+    ratios and the phases' seconds (times: [(phase, time.time() at its end)], "start" first)."""
     B, T = mask.shape
     tokens, n_tok = mask.sum().item(), max(sums["training/n_tokens"], 1.0)
     engine_lp = engine_logprobs(comps, T)                  # NaN on forced (rethinking trigger) tokens
     sampled = mask * engine_lp.isfinite()
     acc, step_s = [r["accuracy"] for r in scored], times[-1][1] - times[0][1]
+
+    def per_sampled(x):                                    # mean over the tokens the engine sampled
+        return (x.nan_to_num() * sampled).sum().item() / max(1.0, sampled.sum().item())
     return {**{f"time/{b[0]}": b[1] - a[1] for a, b in zip(times, times[1:])}, "time/step": step_s,
             "perf/tokens_per_s": tokens / step_s, "rews/scores": scores.mean().item(), "rews/acc_rewards": sum(acc) / B,
             "rews/format_rewards": sum(r["format"] for r in scored) / B,
             **{k: sums[k] / max(sums["optimizer_steps"], 1.0) for k in ("loss/policy_loss", "loss/kl_loss")},
             **{k: sums[k] / n_tok for k in ("training/clipfrac", "training/dual_clipfrac", "training/approx_kl",
-                                            "training/ratios", "training/tis_weight", "training/tis_capped")},
+                                            "training/ratios", "training/tis_weight", "training/tis_capped",
+                                            "training/rollout_masked")},
             "training/kl": ((old_lp - ref_lp) * mask).sum().item() / tokens if args.advantage.kl_coef > 0 else 0.0,
             "training/entropy": (ent * mask).sum().item() / tokens,
             "training/grad_norm": sums["training/grad_norm"] / max(sums["optimizer_steps"], 1.0),
             "training/kept": len(keep) / B,
-            "training/rollout_mismatch": ((engine_lp - old_lp).abs().nan_to_num() * sampled).sum().item()
-            / max(1.0, sampled.sum().item()),
+            "training/rollout_mismatch": per_sampled((engine_lp - old_lp).abs()),
+            # KL(pi_engine || pi_old) from the engine's samples: k1 = log pi_engine - log pi_old, k3 = rho - 1 - log rho
+            **{f"training/mismatch_{k}": per_sampled(kl_penalty(engine_lp, old_lp, k)) for k in ("k1", "k3")},
             "response/lengths": mask.sum(1).mean().item(),
             "response/length_clip_ratio": sum(c.finish_reason == "length" for c in comps) / B,
             **{f"reflection/{k}": v for k, v in reflection_stats([c.text if c.own_text is None else c.own_text
@@ -258,17 +260,14 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             }
 
 
-def rl_worker(args: Args, train_set: list, val_set: list) -> None:
+def start_run(args: Args, rank: int, world: int, device, total_steps: int):
+    """What a rank needs, from the latest checkpoint with --resume: the processor; on rank 0 the engine process (it
+    starts while the models load) and the metrics logger; the policy and, when the KL needs one, the frozen reference,
+    both sharded with FSDP2; the optimizer and its schedule; the run's state (the checkpoint's, or step 0)."""
     from transformers import AutoProcessor
-    rank, world, device = init_distributed(args.threads)
     ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
-    steps_per_epoch = len(train_set) // args.prompts_per_step
-    total_steps = args.max_steps or steps_per_epoch * args.epochs
-    n = args.rollout.n                                     # responses per prompt: B = P * n per step
-    engine = EngineClient(make_engine, str(ckpt or args.model.path), args.rollout, args.data, args.out_dir) \
-        if rank == 0 else None
-
+    engine = EngineClient(make_engine, str(ckpt or args.model.path), args.rollout, args.data) if rank == 0 else None
     policy = shard_model(load_model(args.model.path, args.model, device, resume=ckpt), args.model, device)
     ref = shard_model(load_model(args.model.path, args.model, device, trainable=False), args.model, device) \
         if args.advantage.kl_coef > 0 else None
@@ -277,9 +276,16 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard,
                            args.wandb) if rank == 0 else None
     print0(f"[train] {world} rank(s) on {device}, steps {state['step']}->{total_steps} from {ckpt or args.model.path}")
-    # a mid-epoch resume gets the epoch's earlier steps back, so that train/epoch_accuracy covers the whole epoch
-    epoch_start = state["step"] - state["step"] % steps_per_epoch
-    epoch_acc = [r["rews/acc_rewards"] for r in logger.rows if r["step"] > epoch_start] if logger else []  # per step
+    return processor, engine, policy, ref, optimizer, scheduler, state, logger
+
+
+def rl_worker(args: Args, train_set: list, val_set: list) -> None:
+    rank, world, device = init_distributed(args.threads)
+    steps_per_epoch = len(train_set) // args.prompts_per_step
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    n = args.rollout.n                                     # responses per prompt: B = P * n per step
+    run = start_run(args, rank, world, device, total_steps)
+    processor, engine, policy, ref, optimizer, scheduler, state, logger = run
     try:
         for step in range(state["step"], total_steps):
             times = [("start", time.time())]
@@ -288,9 +294,8 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             samples = [s for s in prompts for _ in range(n)]                                      # (B,) = P*n
 
             # step 1: rollout -- the engine (rank 0) samples n responses per prompt, each prompt's n adjacent
-            comps, rethink = rollout(engine, prompts, args.rollout, step_seed(args.seed, step, len(samples)),
-                                     args.reward) \
-                if rank == 0 else (None, None)                                                    # (B,)
+            seed = step_seed(args.seed, step, len(samples))                                      # [seed, seed + 2B)
+            comps, rethink = rollout(engine, prompts, args.rollout, seed, args.reward) if rank == 0 else (None, None)
             times.append(("generate", time.time()))
 
             # step 2: reward -- rank 0 scores every response in its judge pool; every rank gets both
@@ -306,8 +311,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             # selection on the full batch (the same on every rank)
             old_lp, ref_lp, ent = old_and_ref_logprobs(policy, ref, samples, comps, mask.shape[1], processor, args,
                                                        rank, world, device)                       # (B, T) each
-            kl = kl_penalty(old_lp, ref_lp, args.advantage.kl_type) * mask \
-                if ref is not None and not args.advantage.kl_in_loss else None                    # reward KL only
+            kl = kl_penalty(old_lp, ref_lp, args.advantage.kl_type) * mask if ref is not None else None  # (B, T)
             adv = compute_advantages(scores, mask, n, args.advantage, kl=kl)                      # (B, T)
             generator = torch.Generator().manual_seed(args.seed * 7919 + step)
             keep = select_samples(scores, adv, mask, n, args.advantage, generator, multiple_of=world)   # (K,)
@@ -326,9 +330,9 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             scheduler.step()
             metrics = {"step": done, "epoch": done / steps_per_epoch, "training/lr": lr, **rethink,
                        **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
-            epoch_acc.append(metrics["rews/acc_rewards"])            # every step has B responses: a mean of means
-            if done % steps_per_epoch == 0:
-                metrics["train/epoch_accuracy"], epoch_acc = sum(epoch_acc) / len(epoch_acc), []
+            if done % steps_per_epoch == 0 and logger:   # every step has B responses: the mean of the steps' means
+                accs = [r["rews/acc_rewards"] for r in logger.rows if r["step"] > done - steps_per_epoch]
+                metrics["train/epoch_accuracy"] = (sum(accs) + metrics["rews/acc_rewards"]) / (len(accs) + 1)
             if (args.save_every and done % args.save_every == 0) or done == total_steps:
                 save_checkpoint(args.out_dir, done, done / steps_per_epoch, "rl", policy, optimizer, scheduler,
                                 processor, keep=args.keep_checkpoints, metrics=metrics)
@@ -345,6 +349,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
 def check_args(args: Args, world: int, train_size: int) -> None:
     """Every flag combination that cannot work, named with its fix, before any rank or engine starts."""
     P, n, mini = args.prompts_per_step, args.rollout.n, args.mini_batch_size
+    low, high = args.rollout_mask_low, args.rollout_mask_high
     for bad, msg in (
             (n < 1 or P < 1, "--rollout.n and --prompts-per-step must be >= 1"),
             (P > train_size, f"--prompts-per-step {P} > the {train_size} training rows"),
@@ -354,6 +359,9 @@ def check_args(args: Args, world: int, train_size: int) -> None:
             (mini >= 1 and (P * n) % mini, f"--mini-batch-size {mini} must divide the {P * n} responses of a step "
                                            f"(--prompts-per-step x --rollout.n), or the last optimizer step is uneven"),
             (args.tis_cap < 1, f"--tis-cap {args.tis_cap} must be >= 1 (a cap below 1 would down-weight every token)"),
+            (not (0 < low <= 1 <= high and low < high), f"--rollout-mask-low {low} and --rollout-mask-high {high} must "
+             f"satisfy 0 < low <= 1 <= high, low < high (a band without 1 masks the tokens where the two agree)"),
+            (args.rollout.seed != RolloutConfig.seed, "--rollout.seed is rollout.py's: --seed seeds every request"),
             (min(args.micro_batch_size, args.ppo_epochs, args.epochs) < 1 or args.max_steps < 0,
              "--micro-batch-size, --ppo-epochs and --epochs must be >= 1, --max-steps >= 0"),
             (args.resume and args.restart, "--resume continues the run in --out-dir, --restart moves it aside")):

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
-import common as C
+import data as D  # noqa: E402
 import rollout as R  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     a = ap.parse_args()
 
-    samples = C.load_dataset(a.data)[:a.prompts]
+    samples = D.load_dataset(a.data)[:a.prompts]
     t0 = time.perf_counter()
     engine = R.VLLMEngine(a.model, R.RolloutConfig(dtype="float32", max_model_len=1024))
     startup = time.perf_counter() - t0

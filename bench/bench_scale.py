@@ -64,7 +64,7 @@ def build(out: Path, text_layers: int, vision_blocks: int, tied: bool = True) ->
     return dst, data, params
 
 
-def watch(root_pid: int, out_dir: Path, peaks: dict, stop: threading.Event) -> None:
+def watch(root_pid: int, peaks: dict, stop: threading.Event) -> None:
     """Every 0.5 s: each process of the run's tree and its VmHWM (peak RSS) -> peaks[pid] = (role, bytes)."""
     def cmdline(pid: int) -> bytes:
         try:
@@ -79,11 +79,10 @@ def watch(root_pid: int, out_dir: Path, peaks: dict, stop: threading.Event) -> N
             return []
 
     while not stop.is_set():
-        engine = int((out_dir / "engine.pid").read_text()) if (out_dir / "engine.pid").exists() else -1
         ranks = [p for p in children(root_pid) if b"resource_tracker" not in cmdline(p)]
         tree = [(root_pid, "launcher")] + [(p, f"rank {k}") for k, p in enumerate(ranks)]
-        for k, r in enumerate(ranks):
-            tree += [(c, "engine" if c == engine else f"reward worker (rank {k})") for c in children(r)]
+        for k, r in enumerate(ranks):   # rank 0 spawned the engine (its own command line); reward workers are forks
+            tree += [(c, "engine" if cmdline(c) != cmdline(r) else f"reward worker (rank {k})") for c in children(r)]
         for pid, role in tree:
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
@@ -163,7 +162,7 @@ def main() -> None:
     peaks, stop = {}, threading.Event()
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watcher = threading.Thread(target=watch, args=(proc.pid, run, peaks, stop), daemon=True)
+    watcher = threading.Thread(target=watch, args=(proc.pid, peaks, stop), daemon=True)
     watcher.start()
     log = proc.stdout.read()
     proc.wait()

@@ -50,7 +50,8 @@ def make_sink(model_dir, cfg, data_cfg):
 def one(model_dir: str, dtype: str, bucket_mb: int) -> dict:
     """One transfer in this (fresh) process: bucket_mb 0 = the whole dict at once."""
     import torch
-    from common import DataConfig, EngineClient
+    from common import EngineClient
+    from data import DataConfig
     from rollout import RolloutConfig
     g = torch.Generator().manual_seed(0)
     weights = {}

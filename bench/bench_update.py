@@ -58,17 +58,18 @@ def main(a: Args) -> None:
 
     import bench_vs_trl
     import common
+    import data
     import train
     from rollout import Completion
     toy = bench_vs_trl.build_world(bench_vs_trl.Args(sizes=(a.size,), image_size=a.image_size, out=a.out))
     path = str(toy / "models" / f"qwen2_5_vl-{a.size}")
     args = train.Args(prompts_per_step=a.prompts, mini_batch_size=a.prompts * a.n, micro_batch_size=a.prompts * a.n,
                       advantage=train.AdvantageConfig(estimator="grpo", kl_coef=0.0),
-                      data=common.DataConfig(instruction=bench_vs_trl.INSTRUCTION),
+                      data=data.DataConfig(instruction=bench_vs_trl.INSTRUCTION),
                       rollout=train.RolloutConfig(n=a.n, max_tokens=a.max_tokens, temperature=1.0))
     rank, world, device = common.init_distributed()
     processor = AutoProcessor.from_pretrained(path)
-    prompts = common.load_dataset(str(toy / "data" / "train.jsonl"), args.data)[:a.prompts]
+    prompts = data.load_dataset(str(toy / "data" / "train.jsonl"), args.data)[:a.prompts]
     samples = [s for s in prompts for _ in range(a.n)]                                          # (B,)
     g = torch.Generator().manual_seed(0)
     low = len(processor.tokenizer) - 20   # random tokens below the special ones
@@ -81,7 +82,7 @@ def main(a: Args) -> None:
     opt_v, _ = common.build_optimizer(policy, args.optim, 100)
     bare = common.load_model(path, args.model, device)
     opt_b = torch.optim.AdamW([p for p in bare.parameters() if p.requires_grad], lr=args.optim.lr)
-    batch = common.to_device(common.collate(processor, samples, [c.token_ids for c in comps], args.data), device)
+    batch = common.to_device(data.collate(processor, samples, [c.token_ids for c in comps], args.data), device)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
                                     "image_grid_thw")}
     P = batch["response_start"]

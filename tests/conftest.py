@@ -13,6 +13,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")        # GiB of KV cache pe
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: weight updates take tensors
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):   # two workers on two cores: one OpenMP thread each, subprocesses too, or
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # their threads spin-wait on each other (notes/cpu-stack.md)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -28,8 +30,9 @@ def toy_world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_engine(toy_world):
-    """get(arch) -> a rollout.VLLMEngine on the tiny `arch` model (fp32), started at most once per session.
-    Tests that change its weights must restore them (tests/test_rollout.py does, in a finally)."""
+    """get(arch) -> a rollout.VLLMEngine on the tiny `arch` model (fp32), started at most once per session (per xdist
+    worker: its users share the xdist_group "vllm_engine"). Tests that change its weights must restore them
+    (tests/test_rollout.py does, in a finally)."""
     import rollout
     engines = {}
 
@@ -39,3 +42,9 @@ def vllm_engine(toy_world):
             engines[arch] = rollout.VLLMEngine(str(toy_world / "models" / f"{arch}-tiny"), cfg)
         return engines[arch]
     return get
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first (stable order otherwise): pytest-xdist hands out work in collection order, and a
+    minutes-long test started last would leave the other worker idle to the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -14,6 +14,7 @@ from unittest import mock
 import torch
 
 import common
+import data
 import sft
 import train
 
@@ -100,7 +101,7 @@ def update_worker(model_dir: str, samples: list, cases: list[dict], out_file: st
     common.broadcast({"step": 0})                                     # train.py step 2 broadcasts the scored batch
     results = [run_case(policy, processor, samples, case, rank, world, device) for case in cases]
     responses = [c.token_ids for c in cases[0]["comps"]]
-    sft.validation_loss(policy, processor, samples, responses, common.DataConfig(), 2, rank, world, device)
+    sft.validation_loss(policy, processor, samples, responses, data.DataConfig(), 2, rank, world, device)
     common.sync_weights(policy, None)
     if rank == 0:
         torch.save({"backend": backend, "collectives": sorted(set(log)), "results": results}, out_file)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from advantage import (AdvantageConfig, Args, aggregate, compute_advantages, kl_penalty, loss_normalizer, main,
-                       policy_loss, select_samples, ssr_sample)
+                       policy_loss, rollout_correction, select_samples)
 
 ESTIMATORS = ["reinforce_pp", "reinforce_pp_baseline", "grpo", "dr_grpo", "rloo"]
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -455,6 +455,111 @@ def test_policy_loss_rejects_bad_inputs():
         aggregate(logp, m, "token-mean", normalizer=0.0)
 
 
+# ----------------------------------------------------------------------------- rollout correction
+NAN = float("nan")
+
+
+def mismatch_batch():
+    """Log-probs with given ratios rho = pi_old / pi_engine: NaN = a token the engine did not sample (a Forced
+    Rethinking trigger); the mask's zeros are padding, holding ratios (3, 7, 0.1) that must change nothing."""
+    rho = torch.tensor([[2.0, 0.5, NAN, 3.0], [1.44, NAN, 7.0, 0.1], [1.1, 1.1, 1.1, 1.1]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    old = torch.full((3, 4), math.log(0.5), dtype=torch.float64)
+    return old, old - rho.log(), mask
+
+
+def test_rollout_correction_hand_worked():
+    """Truncated importance weights: pi_old / pi_engine = 0.5 / 0.25 = 2 and 0.2 / 0.4 = 0.5; a token the engine did
+    not sample (NaN) counts as 1; padding gets 0 (and its ratio 0.9 / 0.1 = 9 is left out of the product)."""
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.3, 0.9], [0.5, 0.4, 0.3, 0.9]]))
+    eng = torch.log(torch.tensor([[0.25, 0.4, float("nan"), 0.1], [0.25, 0.4, 0.3, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])      # the 4th token is padding
+    w = lambda kind, cap=1.5: rollout_correction(old, eng, mask, tis=kind, tis_cap=cap)[0]
+    assert torch.allclose(w("token"), torch.tensor([[1.5, 0.5, 1.0, 0.0], [1.5, 1.0, 1.0, 0.0]]))  # 2 capped at 1.5
+    # sequence: row 0: 2 * 0.5 * 1 = 1; row 1: 2 * 1 * 1 = 2 -> capped at 1.5
+    assert torch.allclose(w("sequence"), torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.5, 1.5, 1.5, 0.0]]))
+    assert torch.allclose(w("sequence", cap=4.0)[1, :3], torch.tensor([2.0, 2.0, 2.0]))
+    assert torch.equal(w("off"), mask)
+    # sums over the 6 valid tokens: token, cap 1.5: 1.5 + 0.5 + 1 + 1.5 + 1 + 1 = 6.5, 2 tokens above the cap
+    assert rollout_correction(old, eng, mask, "token", 1.5)[1] == pytest.approx(
+        {"training/tis_weight": 6.5, "training/tis_capped": 2, "training/rollout_masked": 0})
+
+
+def test_rollout_mask_token_is_icepop():
+    """--rollout-mask token (IcePop), band [0.6, 1.5], on mismatch_batch. Row 0: rho 2 and 0.5 leave the band (w = 0),
+    the unsampled token counts as rho 1 (kept); row 1: 1.44 and the unsampled token are kept; row 2: 1.1 x 4 kept.
+    With --tis token and C = 5 >= high, w is IcePop's M(rho) = rho inside the band, 0 outside:
+    [[0, 0, 1, 0], [1.44, 1, 0, 0], [1.1, 1.1, 1.1, 1.1]]. Sums over the 9 valid tokens: truncated weights
+    2 + 0.5 + 1 + 1.44 + 1 + 4 x 1.1 = 10.34, none above 5, 2 masked. Without --tis, w is the 0/1 mask."""
+    old, eng, mask = mismatch_batch()
+    w, sums = rollout_correction(old, eng, mask, "token", 5.0, "token", 0.6, 1.5)
+    assert torch.allclose(w, torch.tensor([[0, 0, 1, 0], [1.44, 1, 0, 0], [1.1] * 4], dtype=torch.float64))
+    assert sums == pytest.approx({"training/tis_weight": 10.34, "training/tis_capped": 0, "training/rollout_masked": 2})
+    w, _ = rollout_correction(old, eng, mask, "off", 2.0, "token", 0.6, 1.5)
+    assert torch.equal(w, torch.tensor([[0, 0, 1, 0], [1, 1, 0, 0], [1] * 4], dtype=torch.float64))
+
+
+def test_rollout_mask_sequence_is_masked_is():
+    """--rollout-mask sequence (masked IS), band [0.7, 1.45], --tis sequence, C = 1.2, on mismatch_batch. Row 0:
+    prod 2 x 0.5 x 1 = 1 is inside (though 2 and 0.5 would leave a token band; with its padding's 3 it would be 3):
+    w = 1; row 1: 1.44 x 1 = 1.44 inside: w = min(1.44, 1.2) = 1.2, capped; row 2: 1.1^4 = 1.4641 > 1.45, so all
+    4 tokens are masked although each 1.1 is inside. w = [[1, 1, 1, 0], [1.2, 1.2, 0, 0], [0, 0, 0, 0]]; sums:
+    weights 3 x 1 + 2 x 1.2 + 4 x 1.2 = 10.2, capped 2 + 4 = 6, masked 4."""
+    old, eng, mask = mismatch_batch()
+    w, sums = rollout_correction(old, eng, mask, "sequence", 1.2, "sequence", 0.7, 1.45)
+    assert torch.allclose(w, torch.tensor([[1, 1, 1, 0], [1.2, 1.2, 0, 0], [0] * 4], dtype=torch.float64))
+    assert sums == pytest.approx({"training/tis_weight": 10.2, "training/tis_capped": 6, "training/rollout_masked": 4})
+
+
+def test_rollout_mask_geometric_means_over_sampled_tokens():
+    """--rollout-mask geometric, band [0.8, 1.25], no --tis, on mismatch_batch. Row 0: over its two sampled tokens
+    exp((log 2 + log 0.5) / 2) = 1: kept (with its padding's 3: (2 x 0.5 x 3)^(1/3) = 1.44, masked); row 1: one
+    sampled token, 1.44 > 1.25: masked (counting the unsampled token as rho 1 would give sqrt(1.44) = 1.2, kept);
+    row 2: 1.1: kept. w = [[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], 2 tokens masked."""
+    old, eng, mask = mismatch_batch()
+    w, sums = rollout_correction(old, eng, mask, "off", 2.0, "geometric", 0.8, 1.25)
+    assert torch.equal(w, torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float64))
+    assert sums["training/rollout_masked"] == 2
+
+
+def test_rollout_correction_refuses_bad_arguments():
+    old, eng, mask = mismatch_batch()
+    for bad, words in (({"tis": "geometric"}, "tis='geometric'"), ({"reject": "icepop"}, "reject='icepop'"),
+                       ({"tis_cap": 0.5}, "tis_cap 0.5"), ({"low": 0.0}, r"band \[0.0, 2.0\]"),
+                       ({"low": 1.2, "high": 1.5}, r"band \[1.2, 1.5\]"), ({"high": 0.9}, r"band \[0.5, 0.9\]"),
+                       ({"low": 1.0, "high": 1.0}, r"band \[1.0, 1.0\]")):
+        with pytest.raises(ValueError, match=words):
+            rollout_correction(old, eng, mask, **bad)
+
+
+def test_masked_weighted_loss_by_hand_in_float64():
+    """policy_loss(A * w), w from rollout_correction (--tis token, C = 1.5, --rollout-mask token, band [0.5, 2]),
+    equals the masked, weighted clipped loss summed by hand in float64: sum over kept tokens of
+    min(rho, 1.5) * max(-A r, -A clip(r, 0.8, 1.28)) / N, N = every valid token (masked ones stay in the normaliser)."""
+    g = torch.Generator().manual_seed(5)
+    lengths, T = [6, 4, 1, 5], 6
+    logp = -0.1 - torch.rand(4, T, generator=g, dtype=torch.float64)
+    old = logp + 0.1 * torch.randn(4, T, generator=g, dtype=torch.float64)
+    eng = old + 0.8 * torch.randn(4, T, generator=g, dtype=torch.float64)
+    eng[1, 2] = NAN                                                       # a token the engine did not sample
+    adv = torch.randn(4, T, generator=g, dtype=torch.float64)
+    mask = length_mask(lengths, T)
+    w, _ = rollout_correction(old, eng, mask, "token", 1.5, "token", 0.5, 2.0)
+    loss, _ = policy_loss(logp, old, adv * w, mask, AdvantageConfig(kl_coef=0.0, clip_high=0.28))
+    total, masked, capped = 0.0, 0, 0
+    for i, n in enumerate(lengths):
+        for t in range(n):
+            rho = 1.0 if math.isnan(eng[i, t].item()) else math.exp(old[i, t].item() - eng[i, t].item())
+            if not 0.5 <= rho <= 2.0:
+                masked += 1
+                continue
+            capped += rho > 1.5
+            r, a = math.exp(logp[i, t].item() - old[i, t].item()), adv[i, t].item()
+            total += min(rho, 1.5) * max(-a * r, -a * min(max(r, 0.8), 1.28))
+    assert masked > 0 and capped > 0                      # both the mask and the cap are at work
+    assert loss.item() == pytest.approx(total / sum(lengths), rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- sample selection
 def select(scores, adv, mask, n, multiple_of=1, seed=0, **cfg):
     return select_samples(torch.tensor(scores), adv, mask, n, AdvantageConfig(**cfg),
@@ -526,26 +631,30 @@ def test_select_samples_rejects_bad_inputs():
     assert select_samples(s, nan_on_padding, length_mask([1, 2]), 2, cfg, g) == [0, 1]
 
 
-def test_ssr_sample():
+def test_ssr_draws():
+    """SSR through select_samples, one token per response (so A_i is the response's advantage), no dynamic sampling."""
     adv = torch.tensor([0.0, 2.0, -1.0, 0.0, 1.0, -4.0])
-    a = ssr_sample(adv, 3, 1.0, torch.Generator().manual_seed(7))
-    b = ssr_sample(adv, 3, 1.0, torch.Generator().manual_seed(7))
+
+    def ssr(k, alpha, g, a=adv):
+        cfg = AdvantageConfig(ssr=True, ssr_size=k, ssr_alpha=alpha)
+        return torch.tensor(select_samples(torch.zeros(len(a)), a[:, None], torch.ones(len(a), 1), 1, cfg, g))
+    a = ssr(3, 1.0, torch.Generator().manual_seed(7))
+    b = ssr(3, 1.0, torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and a.tolist() == sorted(a.tolist())  # deterministic, sorted
     assert set(a.tolist()) <= {1, 2, 4, 5}
-    many = ssr_sample(adv, 50, 1.0, torch.Generator().manual_seed(0)).tolist()   # with replacement: k > K is fine
+    many = ssr(50, 1.0, torch.Generator().manual_seed(0)).tolist()   # with replacement: k > K is fine
     assert len(many) == 50 and set(many) <= {1, 2, 4, 5} and len(set(many)) < 50
     # k = 1: P(i) = |A_i| / 8 -> index 5 has p = 0.5, index 2 p = 0.125. 4000 draws, std of freq ~ 0.008.
     g = torch.Generator().manual_seed(1)
-    counts = torch.bincount(torch.cat([ssr_sample(adv, 1, 1.0, g) for _ in range(4000)]), minlength=6)
+    counts = torch.bincount(torch.cat([ssr(1, 1.0, g) for _ in range(4000)]), minlength=6)
     freq = counts.double() / 4000
     assert counts[0] == counts[3] == 0
     assert torch.allclose(freq[[1, 2, 4, 5]], torch.tensor([0.25, 0.125, 0.125, 0.5], dtype=torch.float64),
                           atol=0.04)
     # alpha = 2: p = [4, 1, 1, 16] / 22 -> index 5: 0.727
-    counts = torch.bincount(torch.cat([ssr_sample(adv, 1, 2.0, g) for _ in range(2000)]), minlength=6)
+    counts = torch.bincount(torch.cat([ssr(1, 2.0, g) for _ in range(2000)]), minlength=6)
     assert abs(counts[5].item() / 2000 - 16 / 22) < 0.05
-    with pytest.raises(ValueError, match="k=2"):
-        ssr_sample(torch.zeros(4), 2, 1.0, g)   # nothing to draw from
+    assert ssr(2, 1.0, g, torch.zeros(4)).tolist() == []   # nothing to draw from: nothing to train on
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -15,7 +15,7 @@ import pytest
 
 import evaluate as ev
 from reward import RewardConfig
-from common import Sample
+from data import Sample
 from rollout import Completion
 
 RCFG = RewardConfig(num_workers=0)  # in-process judging: no worker start-up in unit tests
@@ -333,7 +333,7 @@ class ScriptedEngines:
 
 
 def test_evaluate_run_resume_and_every_k(tmp_path):
-    from common import DataConfig
+    from data import DataConfig
     data = DataConfig(validation=make_split(tmp_path, "val", ["1", "2", "3"]),
                       test=make_split(tmp_path, "test", ["4", "5"]))
     run = make_run(tmp_path, [1, 2, 3])
@@ -363,11 +363,11 @@ def test_evaluate_run_resume_and_every_k(tmp_path):
 
 
 def test_evaluate_run_errors(tmp_path):
-    from common import DataConfig
+    from data import DataConfig
     run = make_run(tmp_path, [1])
     no_answers = make_split(tmp_path, "val", ["1", ""])
     eng = ScriptedEngines()
-    with pytest.raises(ValueError, match="answer"):  # rollout.load_dataset or our own check, before any model
+    with pytest.raises(ValueError, match="answer"):  # data.load_dataset or our own check, before any model
         ev.evaluate_run(run, DataConfig(validation=no_answers), cfg=ev.EvalConfig(splits=("validation",)),
                         reward_cfg=RCFG, engine_fn=eng)
     assert eng.loaded == []
@@ -398,7 +398,7 @@ def answering_copy(toy_world: Path, out: Path, samples) -> Path:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from common import collate
+    from data import collate
     from rollout import compute_logprobs
     src = toy_world / "models" / "qwen2_5_vl-tiny"
     processor = AutoProcessor.from_pretrained(src)
@@ -428,7 +428,7 @@ def test_hf_engine_on_toy_model(toy_world, tmp_path):
     differs between the two paths shows."""
     from dataclasses import replace
 
-    from common import DataConfig, load_dataset
+    from data import DataConfig, load_dataset
     from rollout import RolloutConfig, make_engine
     data = DataConfig(validation=str(toy_world / "data" / "validation.jsonl"))
     rcfg = RolloutConfig(engine="hf", max_tokens=8)
@@ -487,6 +487,7 @@ def test_reflection_stats_zero_denominators_and_custom_words():
         ev.reflection_stats(["a", None], [True, False])
 
 
+@pytest.mark.xdist_group("vllm_engine")
 def test_one_vllm_engine_serves_a_run(toy_world, tmp_path, vllm_engine, monkeypatch):
     """evaluate_run starts one vLLM engine per run and loads each later checkpoint's weights into it: checkpoint 2
     then gives exactly the responses a freshly started engine on checkpoint 2 gives."""
@@ -495,7 +496,7 @@ def test_one_vllm_engine_serves_a_run(toy_world, tmp_path, vllm_engine, monkeypa
     from safetensors.torch import load_file, save_file
 
     import rollout
-    from common import DataConfig, load_dataset
+    from data import DataConfig, load_dataset
     src = toy_world / "models" / "qwen2_5_vl-tiny"
     run = make_run(tmp_path, [1, 2])
     for step, scale in ((1, 1.0), (2, 1.5)):  # checkpoint 2: other weights

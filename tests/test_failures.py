@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import common
+import data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,8 @@ def train_args(world: Path, out: Path, data: Path | None = None) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "--model.path", str(world / "models" / "qwen2_5_vl-tiny"),
             "--data.train", str(data or d / "train.jsonl"), "--data.validation", str(d / "validation.jsonl"),
             "--out-dir", str(out), "--prompts-per-step", "4", "--rollout.n", "2", "--rollout.max-tokens", "8",
-            "--mini-batch-size", "8", "--micro-batch-size", "4", "--val-limit", "2", "--rollout.engine", "hf"]
+            "--mini-batch-size", "8", "--micro-batch-size", "4", "--val-limit", "2", "--rollout.engine", "hf",
+            "--threads", "1"]
 
 
 def run(cmd, timeout=120):
@@ -40,6 +42,7 @@ def session_processes(sid: int) -> str:
                           text=True).stdout.strip()
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_launcher_leaves_no_process(toy_world, tmp_path):
     cmd = train_args(toy_world, tmp_path / "run") + ["--nproc", "2", "--max-steps", "1000", "--val-every", "-1",
                                                      "--reward.num-workers", "1"]
@@ -94,16 +97,16 @@ def test_an_over_long_prompt_fails_fast_naming_its_row(toy_world, tmp_path):
     rows = [json.loads(x) for x in (toy_world / "data" / "train.jsonl").read_text().splitlines()[:8]]
     rows[5]["question"] = "<image>" + "How many? " * 300
     rows = [{**r, "image": str(toy_world / "data" / r["image"])} for r in rows]
-    data = tmp_path / "long.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    long_file = tmp_path / "long.jsonl"
+    long_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # ~7 s, Python's start-up and the row check; a hang would end at run()'s 120 s timeout
-    p = run(train_args(toy_world, tmp_path / "run", data) + ["--rollout.max-model-len", "512"])
-    assert p.returncode != 0 and f"{data}:6: the prompt is" in p.stderr and "max_model_len 512" in p.stderr, \
+    p = run(train_args(toy_world, tmp_path / "run", long_file) + ["--rollout.max-model-len", "512"])
+    assert p.returncode != 0 and f"{long_file}:6: the prompt is" in p.stderr and "max_model_len 512" in p.stderr, \
         p.stderr[-2000:]
     # "fast": refused before the out-dir is prepared, so before any rank or the engine (they start after it)
     assert not (tmp_path / "run").exists()
-    kept = common.load_dataset(str(data), common.DataConfig(skip_invalid=True), verbose=False,
-                               check=common.fits_model(str(toy_world / "models" / "qwen2_5_vl-tiny"), common.DataConfig(), 8, 512))
+    fits = data.fits_model(str(toy_world / "models" / "qwen2_5_vl-tiny"), data.DataConfig(), 8, 512)
+    kept = data.load_dataset(str(long_file), data.DataConfig(skip_invalid=True), verbose=False, check=fits)
     assert [s.source.rsplit(":", 1)[1] for s in kept] == ["1", "2", "3", "4", "5", "7", "8"]
 
 
@@ -121,9 +124,9 @@ def test_non_utf8_and_bomb_rows_are_named_and_skippable(toy_world, tmp_path):
              json.dumps({**good, "image": "bomb.png"}).encode(), json.dumps(good).encode()]
     path = tmp_path / "d.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    with pytest.raises(common.DataError, match=r"d\.jsonl:2: not valid UTF-8"):
-        common.load_dataset(str(path))
-    samples, skipped = common.read_dataset(str(path), common.DataConfig(skip_invalid=True))
+    with pytest.raises(data.DataError, match=r"d\.jsonl:2: not valid UTF-8"):
+        data.load_dataset(str(path))
+    samples, skipped = data.read_dataset(str(path), data.DataConfig(skip_invalid=True))
     assert [s.source.rsplit(":", 1)[1] for s in samples] == ["1", "4"]
     assert "d.jsonl:3: field 'image': cannot decode image (DecompressionBombError" in skipped[1], skipped
 
@@ -170,37 +173,42 @@ def _special_token_rows(world: Path, tmp_path: Path) -> list[tuple[Path, list[st
 
 def test_special_tokens_in_any_text_field_are_named_and_skippable(toy_world, tmp_path):
     """MAYE, chat and verl rows; question, system, user (string and item) and assistant turns, solution, answer."""
-    check = common.fits_model(str(toy_world / "models" / "qwen2_5_vl-tiny"), common.DataConfig(), 8, 1024)
+    check = data.fits_model(str(toy_world / "models" / "qwen2_5_vl-tiny"), data.DataConfig(), 8, 1024)
     for path, expected in _special_token_rows(toy_world, tmp_path):
-        with pytest.raises(common.DataError) as e:
-            common.read_dataset(str(path), check=check)
+        with pytest.raises(data.DataError) as e:
+            data.read_dataset(str(path), check=check)
         assert str(e.value) == expected[0]
-        samples, skipped = common.read_dataset(str(path), common.DataConfig(skip_invalid=True), check)
+        samples, skipped = data.read_dataset(str(path), data.DataConfig(skip_invalid=True), check)
         assert skipped == expected and len(samples) == (5 if path.suffix == ".jsonl" else 3) - len(expected)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_the_special_tokens_are_the_tokenizers(toy_world, arch):
-    """Independent list: transformers' tokenizer, every added token it marks special; each one in a row is refused,
-    and no toy question is."""
+def test_the_special_tokens_are_the_tokenizers(toy_world, tmp_path, arch):
+    """Independent list: transformers' AutoTokenizer (the processor's), every added token it marks special; a row
+    holding any one of them is refused naming it, and no toy question is."""
     from transformers import AutoTokenizer
-    from tokenizers import Tokenizer
     model = toy_world / "models" / f"{arch}-tiny"
     theirs = [t.content for t in AutoTokenizer.from_pretrained(model).added_tokens_decoder.values() if t.special]
-    search = common._special_tokens(model, Tokenizer.from_file(str(model / "tokenizer.json")))
     assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|vision_start|>"} <= set(theirs)
-    assert [search(f"a {t} b").group() for t in theirs] == theirs
-    questions = [json.loads(r)["question"] for r in (toy_world / "data" / "train.jsonl").read_text().splitlines()]
-    assert not any(search(q + common.MAYE_INSTRUCTION) for q in questions)
+    train = [json.loads(r) for r in (toy_world / "data" / "train.jsonl").read_text().splitlines()[:len(theirs) + 4]]
+    rows = [{**r, "image": str(toy_world / "data" / r["image"])} for r in train]
+    for r, t in zip(rows, theirs):
+        r["question"] = f"a {t} b " + r["question"]
+    (path := tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check = data.fits_model(str(model), data.DataConfig())
+    samples, skipped = data.read_dataset(str(path), data.DataConfig(skip_invalid=True), check)
+    assert skipped == [f"{path}:{i}: field 'question': contains the special token '{t}'"
+                       for i, t in enumerate(theirs, 1)]
+    assert len(samples) == 4   # the toy questions and MAYE's instruction hold none
 
 
 def test_nan_and_infinite_answers_are_refused(toy_world, tmp_path):
     row = '{"question": "<image>What is 3?", "image": "%s", "answer": %s}\n'
     path = tmp_path / "d.jsonl"
     path.write_text("".join(row % (_png(toy_world), a) for a in ("3", "NaN", "Infinity", "-Infinity", "1e999", "2.5")))
-    with pytest.raises(common.DataError, match=r"d\.jsonl:2: field 'answer': expected a string or a finite number"):
-        common.load_dataset(str(path))
-    samples, skipped = common.read_dataset(str(path), common.DataConfig(skip_invalid=True))
+    with pytest.raises(data.DataError, match=r"d\.jsonl:2: field 'answer': expected a string or a finite number"):
+        data.load_dataset(str(path))
+    samples, skipped = data.read_dataset(str(path), data.DataConfig(skip_invalid=True))
     assert [s.answer for s in samples] == ["3", "2.5"]
     assert [m.split(": ", 1)[0][-1] + m.rsplit(",", 1)[1] for m in skipped] == \
         ["2 got nan", "3 got inf", "4 got -inf", "5 got inf"]
@@ -214,7 +222,7 @@ def test_a_utf8_file_with_a_byte_order_mark_loads(toy_world, tmp_path):
         (path := tmp_path / f"bom{k}.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n",
                                                         encoding="utf-8-sig")
         assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
-        samples = common.load_dataset(str(path))
+        samples = data.load_dataset(str(path))
         assert [s.source for s in samples] == [f"{path}:1", f"{path}:2"] and samples[0].answer == "3"
 
 
@@ -226,9 +234,9 @@ def test_more_images_than_max_images_is_named(toy_world, tmp_path):
              "answer": "3"}]
     (path := tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = str(toy_world / "models" / "qwen2_5_vl-tiny")
-    assert len(common.load_dataset(str(path), check=common.fits_model(model, common.DataConfig(), max_images=3))) == 3
-    _, skipped = common.read_dataset(str(path), common.DataConfig(skip_invalid=True),
-                                     common.fits_model(model, common.DataConfig(), max_images=1))
+    assert len(data.load_dataset(str(path), check=data.fits_model(model, data.DataConfig(), max_images=3))) == 3
+    _, skipped = data.read_dataset(str(path), data.DataConfig(skip_invalid=True),
+                                     data.fits_model(model, data.DataConfig(), max_images=1))
     assert [m.split(" (")[0] for m in skipped] == [f"{path}:1: field 'image': 2 images > --rollout.max-images 1",
                                                    f"{path}:3: field 'images': 3 images > --rollout.max-images 1"]
 
@@ -250,6 +258,7 @@ def test_a_bad_text_or_image_count_fails_before_start_up(toy_world, tmp_path, ch
     assert not (tmp_path / "run").exists()   # refused before the out-dir is prepared: before any rank or the engine
 
 
+@pytest.mark.slow
 def test_skip_invalid_trains_on_the_other_rows(toy_world, tmp_path):
     rows = [json.loads(x) for x in (toy_world / "data" / "train.jsonl").read_text().splitlines()[:8]]
     rows = [{**r, "image": str(toy_world / "data" / r["image"])} for r in rows]
@@ -267,13 +276,13 @@ def test_images_are_downscaled_at_load_to_what_the_model_sees(toy_world, tmp_pat
     Image.new("RGB", (700, 500), "white").save(tmp_path / "big.png")
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"question": "<image>What is 3?", "answer": "3", "image": "big.png"}) + "\n")
-    cfg = common.DataConfig(max_pixels=112 * 112)
-    [s] = common.load_dataset(str(path), cfg, check=common.fits_model(str(toy_world / "models" / "qwen2_5_vl-tiny"), cfg))
+    cfg = data.DataConfig(max_pixels=112 * 112)
+    [s] = data.load_dataset(str(path), cfg, check=data.fits_model(str(toy_world / "models" / "qwen2_5_vl-tiny"), cfg))
     # smart_resize(500, 700): beta = sqrt(350000 / 12544) = 5.28; floor(500 / beta / 28) * 28 = 84, 700 -> 112
     assert s.images[0].size == (112, 84)
     processor = _processor(toy_world)
     original = processor(text=["<|image_pad|>"], images=[Image.open(tmp_path / "big.png")], max_pixels=112 * 112)
-    batch = common.collate(processor, [s], [[5]], cfg)
+    batch = data.collate(processor, [s], [[5]], cfg)
     assert batch["image_grid_thw"].tolist() == original["image_grid_thw"].tolist() == [[1, 6, 8]]
 
 
@@ -293,12 +302,12 @@ def test_prompt_length_check_counts_what_the_processor_counts(toy_world, tmp_pat
     (path := tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = str(toy_world / "models" / f"{arch}-tiny")
     processor = _processor(toy_world, arch)
-    for cfg in (common.DataConfig(), common.DataConfig(min_pixels=56 * 56, max_pixels=112 * 112)):
-        check, ours, theirs = common.fits_model(model, cfg, 0, 0), [], []   # max_model_len 0: every row "too long"
-        for s in common.load_dataset(str(path), cfg, verbose=False):
-            theirs.append(len(processor(text=[common.prompt_text(processor, s)], images=s.images or None,
-                                        **common.mm_kwargs(cfg))["input_ids"][0]))
-            with pytest.raises(common.DataError) as e:
+    for cfg in (data.DataConfig(), data.DataConfig(min_pixels=56 * 56, max_pixels=112 * 112)):
+        check, ours, theirs = data.fits_model(model, cfg, 0, 0), [], []   # max_model_len 0: every row "too long"
+        for s in data.load_dataset(str(path), cfg, verbose=False):
+            theirs.append(len(processor(text=[data.prompt_text(processor, s)], images=s.images or None,
+                                        **data.mm_kwargs(cfg))["input_ids"][0]))
+            with pytest.raises(data.DataError) as e:
                 check(s)
             ours.append(int(re.search(r"the prompt is (\d+) tokens", str(e.value)).group(1)))
         assert ours == theirs and len(set(theirs)) > 1, (ours, theirs)
@@ -313,7 +322,7 @@ def test_prompt_length_check_counts_what_the_processor_counts(toy_world, tmp_pat
 def test_bad_flags_fail_before_start_up_naming_the_flag(toy_world, tmp_path, flags, words):
     p = run(train_args(toy_world, tmp_path / "run") + flags)
     assert p.returncode != 0 and words in p.stderr, p.stderr[-2000:]
-    assert not (tmp_path / "run" / "engine.pid").exists()
+    assert not (tmp_path / "run").exists()   # refused before the out-dir is made, so before any rank or the engine
 
 
 @pytest.mark.parametrize("changes,world,words", [
@@ -323,6 +332,7 @@ def test_bad_flags_fail_before_start_up_naming_the_flag(toy_world, tmp_path, fla
     ({"resume": True, "restart": True}, 1, "--restart"),
     ({"ppo_epochs": 0}, 1, "--ppo-epochs"),
     ({"tis": "token", "tis_cap": 0.5}, 1, "--tis-cap 0.5 must be >= 1"),
+    ({"rollout_seed": 3}, 1, "--rollout.seed is rollout.py's: --seed seeds every request"),
 ])
 def test_check_args(changes, world, words):
     import dataclasses
@@ -331,14 +341,49 @@ def test_check_args(changes, world, words):
     base = train.Args(prompts_per_step=4, mini_batch_size=8, rollout=train.RolloutConfig(n=2))
     train.check_args(base, 1, train_size=64)                             # the flags before the change are fine
     changes = dict(changes)
-    bad = dataclasses.replace(base, rollout=train.RolloutConfig(n=changes.pop("n", 2)))
+    rollout = train.RolloutConfig(n=changes.pop("n", 2), seed=changes.pop("rollout_seed", 0))
+    bad = dataclasses.replace(base, rollout=rollout)
     if "advantage" in changes:
         bad = dataclasses.replace(bad, advantage=train.AdvantageConfig(estimator=changes.pop("advantage")))
     with pytest.raises(SystemExit, match=words):
         train.check_args(dataclasses.replace(bad, **changes), world, train_size=64)
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--rollout-mask", "token", "--rollout-mask-low", "0"], "--rollout-mask-low 0.0 and --rollout-mask-high 2.0"),
+    (["--rollout-mask-low", "1.0", "--rollout-mask-high", "1.0"], "--rollout-mask-low 1.0 and --rollout-mask-high 1.0"),
+    (["--rollout-mask", "geometric", "--rollout-mask-high", "0.999"], "--rollout-mask-high 0.999 must satisfy"),
+])
+def test_rollout_mask_band_is_refused_naming_the_flags(flags, words):
+    """The flags as a command line gives them (tyro), refused by check_args before any rank or engine starts."""
+    import tyro
+
+    import train
+    args = tyro.cli(train.Args, args=["--prompts-per-step", "4", "--mini-batch-size", "8", "--rollout.n", "2"])
+    train.check_args(args, 1, train_size=64)                             # the flags before the change are fine
+    bad = tyro.cli(train.Args, args=["--prompts-per-step", "4", "--mini-batch-size", "8", "--rollout.n", "2", *flags])
+    with pytest.raises(SystemExit, match=words):
+        train.check_args(bad, 1, train_size=64)
+
+
+def test_an_unknown_rollout_mask_is_refused_naming_the_flag(capsys):
+    import tyro
+
+    import train
+    with pytest.raises(SystemExit):
+        tyro.cli(train.Args, args=["--rollout-mask", "icepop"])
+    assert "--rollout-mask" in capsys.readouterr().err
+
+
+def test_a_model_folder_without_a_chat_template_is_named(toy_world, tmp_path):
+    import shutil
+    model = shutil.copytree(toy_world / "models" / "qwen2_5_vl-tiny", tmp_path / "m")
+    (model / "chat_template.jinja").unlink()
+    with pytest.raises(SystemExit, match="needs tokenizer.json, a chat template and an image processor config"):
+        data.fits_model(str(model), data.DataConfig())
+
+
 def test_a_text_only_model_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(SystemExit, match="'qwen2' model has no vision tower"):
-        common.check_model_dir(str(tmp_path))
+        common.check_model(common.ModelConfig(path=str(tmp_path)))

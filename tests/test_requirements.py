@@ -40,3 +40,27 @@ def test_gpu_pins_equal_cpu_pins():
               f"{gpu[name][0]}" for name in sorted(cpu) if cpu[name][0].public != gpu[name][0].public]
     assert not differ, "pins moved in one file only (move both, and run the suite on the new CPU pin):\n" + \
         "\n".join(differ)
+
+
+def test_xdist_groups_share_a_worker(tmp_path):
+    """`bash run.sh test` runs `-n 2 --dist loadgroup`: the tests of one xdist_group (the users of an expensive
+    session fixture, such as test_train.py's two_rank_run) must run on one worker, or the fixture is built twice.
+    pytest 9.2 with pytest-xdist 3.8 silently distributes them round-robin (pytest-xdist issue 1386)."""
+    import subprocess
+    import sys
+    (tmp_path / "test_groups.py").write_text(
+        "import os, pytest\n"
+        "@pytest.mark.parametrize('i', range(6))\n"
+        "@pytest.mark.xdist_group('g')\n"
+        "def test_grouped(i):\n"
+        "    with open(os.path.join(os.path.dirname(__file__), 'workers'), 'a') as f:\n"
+        "        f.write(os.environ['PYTEST_XDIST_WORKER'] + '\\n')\n"
+        "@pytest.mark.parametrize('i', range(6))\n"
+        "def test_free(i):\n"
+        "    pass\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup",
+                        "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:]
+    workers = (tmp_path / "workers").read_text().split()
+    assert len(workers) == 6 and len(set(workers)) == 1, workers

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import common as C
+import data as D
 import rollout as R
 
 ARCHS = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+pytestmark = pytest.mark.xdist_group("vllm_engine")   # one worker starts the engines (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +40,18 @@ def hf(toy_world):
 
 @pytest.fixture(scope="module")
 def val(toy_world):
-    return C.load_dataset(str(toy_world / "data" / "validation.jsonl"))
+    return D.load_dataset(str(toy_world / "data" / "validation.jsonl"))
 
 
 def flat(groups):
     return [c for g in groups for c in g]
 
 
-def max_engine_vs_trainer(model, processor, samples, groups, temperature, data_cfg=C.DataConfig()):
+def max_engine_vs_trainer(model, processor, samples, groups, temperature, data_cfg=D.DataConfig()):
     """max |engine log-prob - compute_logprobs| over all response tokens (prompt i repeated per sample)."""
     ss = [s for s, g in zip(samples, groups) for _ in g]
     comps = flat(groups)
-    batch = C.collate(processor, ss, [c.token_ids for c in comps], data_cfg)
+    batch = D.collate(processor, ss, [c.token_ids for c in comps], data_cfg)
     with torch.no_grad():
         lp = R.compute_logprobs(model, batch, temperature)
     P = batch["response_start"]
@@ -74,17 +76,17 @@ def test_load_maye_jsonl(toy_world, val):
     # MAYE: image first, then the question (its <image> tag removed) + the CoT instruction
     question = row["question"].replace("<image>", "")
     assert s.messages == [{"role": "user", "content": [{"type": "image"},
-                                                       {"type": "text", "text": question + C.MAYE_INSTRUCTION}]}]
+                                                       {"type": "text", "text": question + D.MAYE_INSTRUCTION}]}]
 
 
 def test_prompt_text(val, hf):
     _, processor = hf("qwen2_5_vl")
-    text = C.prompt_text(processor, val[0])
+    text = D.prompt_text(processor, val[0])
     assert text.count("<|image_pad|>") == 1       # one placeholder per image; the processor expands it
     assert text.index("<|vision_end|>") < text.index("Solve the above mathematics problem")
     assert text.endswith("<|im_start|>assistant\n")
     assert "You are a helpful assistant." in text   # the model's default system prompt applies (MAYE)
-    text2 = C.prompt_text(processor, C.Sample("x", [{"role": "user", "content": [
+    text2 = D.prompt_text(processor, D.Sample("x", [{"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}]}], [], "1", None, "s"))
     assert "a<|vision_start|><|image_pad|><|vision_end|>b" in text2
 
@@ -109,7 +111,7 @@ def test_batch_indices():
 def naive_logprobs(model, processor, sample, response, temperature, blocked):
     """Independent reference: one unpadded sequence, full logits, float64 log-softmax with the blocked tokens
     removed by hand, read token by token."""
-    enc = processor(text=[C.prompt_text(processor, sample)], images=sample.images, return_tensors="pt")
+    enc = processor(text=[D.prompt_text(processor, sample)], images=sample.images, return_tensors="pt")
     L = enc["input_ids"].shape[1]
     ids = torch.cat([enc["input_ids"], torch.tensor([response])], 1)
     mm = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(response), dtype=torch.long)], 1)
@@ -131,13 +133,13 @@ def naive_logprobs(model, processor, sample, response, temperature, blocked):
 def test_compute_logprobs_padded_equals_single_and_naive(arch, val, hf):
     model, processor = hf(arch)
     g = torch.Generator().manual_seed(0)
-    by_len = sorted(val[:20], key=lambda s: len(processor.tokenizer(C.prompt_text(processor, s))["input_ids"]))
+    by_len = sorted(val[:20], key=lambda s: len(processor.tokenizer(D.prompt_text(processor, s))["input_ids"]))
     samples = [by_len[0], by_len[-1], by_len[10], by_len[0]]   # prompts of different token lengths (templates)
-    assert len({len(processor.tokenizer(C.prompt_text(processor, s))["input_ids"]) for s in samples}) == 3
+    assert len({len(processor.tokenizer(D.prompt_text(processor, s))["input_ids"]) for s in samples}) == 3
     responses = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 1, 9, 3)]
     responses[1] = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     T = 0.7
-    batch = C.collate(processor, samples, responses)
+    batch = D.collate(processor, samples, responses)
     lp, ent = R.compute_logprobs(model, batch, T, return_entropy=True)
     assert lp.shape == ent.shape == batch["input_ids"].shape == batch["response_mask"].shape
     assert (lp[batch["response_mask"] == 0] == 0).all() and (ent[batch["response_mask"] == 0] == 0).all()
@@ -145,7 +147,7 @@ def test_compute_logprobs_padded_equals_single_and_naive(arch, val, hf):
     blocked = set(batch["blocked_token_ids"].tolist())
     assert len(blocked) == 5
     for i, (s, r) in enumerate(zip(samples, responses)):
-        one = C.collate(processor, [s], [r])
+        one = D.collate(processor, [s], [r])
         lp1 = R.compute_logprobs(model, one, T)[0, one["response_start"]:]
         assert (lp[i, P:P + len(r)] - lp1).abs().max().item() <= 1e-5          # padded == one at a time
         ref_lp, ref_ent = naive_logprobs(model, processor, s, r, T, blocked)
@@ -157,7 +159,7 @@ def test_tiled_logprobs_equal_full_logits_values_and_gradients(val, hf):
     """Tiles of 4 positions (straddling rows, the last one partial) against the whole (B, R, V) logits from a plain
     forward, log-softmaxed in float64: the log-probs, the entropies and the gradients of every parameter agree."""
     model, processor = hf("qwen2_5_vl")
-    batch = C.collate(processor, val[:3], [[5, 6, 7, 8, 9], [11], [3, 4, 5, 6, 7, 8, 9, 10, 12]])
+    batch = D.collate(processor, val[:3], [[5, 6, 7, 8, 9], [11], [3, 4, 5, 6, 7, 8, 9, 10, 12]])
     P, T, temp = batch["response_start"], batch["input_ids"].shape[1], 0.7
     g = torch.Generator().manual_seed(1)
     w_lp, w_ent = torch.randn(batch["input_ids"].shape, generator=g), torch.randn(batch["input_ids"].shape, generator=g)
@@ -196,7 +198,7 @@ def test_tiled_logprobs_equal_full_logits_values_and_gradients(val, hf):
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
 def test_compute_logprobs_autograd_and_mrope(arch, val, hf):
     model, processor = hf(arch)
-    batch = C.collate(processor, [val[0], val[1]], [[5, 6, 7], [8, 9]])
+    batch = D.collate(processor, [val[0], val[1]], [[5, 6, 7], [8, 9]])
     lp = R.compute_logprobs(model, batch)
     lp.sum().backward()
     grad = model.lm_head.weight.grad
@@ -224,7 +226,7 @@ def test_vllm_logprobs_equal_trainer(arch, val, hf, vllm_engine):
     for T in (1.0, 0.6):
         groups = engine.generate(samples, n=2, temperature=T, max_tokens=16, seed=3)
         assert [len(g) for g in groups] == [2, 2, 2]
-        blocked = set(C.blocked_token_ids(processor.tokenizer, 10**6)) - set(range(len(processor.tokenizer), 10**6))
+        blocked = set(D.blocked_token_ids(processor.tokenizer, 10**6)) - set(range(len(processor.tokenizer), 10**6))
         for c in flat(groups):
             assert c.finish_reason in ("stop", "length") and not blocked & set(c.token_ids)
             assert (c.finish_reason == "length") == (len(c.token_ids) == 16)
@@ -274,7 +276,7 @@ def stop_prone_copy(model, processor, val):
     import copy
     new = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
-    b = C.collate(processor, val[:1], [[5, 6, 7]])
+    b = D.collate(processor, val[:1], [[5, 6, 7]])
     with torch.no_grad():
         for p in new.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
@@ -372,8 +374,8 @@ def test_lora_merge_equals_peft_and_the_engine_runs_the_lora_model(toy_world, va
 def test_min_max_pixels_honoured_by_both(val, hf, vllm_engine):
     import copy
     model, processor = hf("qwen2_5_vl")
-    cfg = C.DataConfig(min_pixels=112 * 112)          # 56x56 images are upscaled to 112x112: 16 image tokens
-    batch = C.collate(processor, val[:2], [[5], [6]], cfg)
+    cfg = D.DataConfig(min_pixels=112 * 112)          # 56x56 images are upscaled to 112x112: 16 image tokens
+    batch = D.collate(processor, val[:2], [[5], [6]], cfg)
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
     assert (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum().item() == 2 * 16
     engine = copy.copy(vllm_engine("qwen2_5_vl"))    # same LLM, other data config (sent per request)
@@ -417,7 +419,7 @@ def test_forced_rethinking(engine_kind, val, hf, vllm_engine):
         assert (out[k] is first[k]) != finished[k]
     # the continuation was sampled given prompt + first + trigger: its log-probs equal the trainer's there
     ids = [f.token_ids[:-1] + trig + c.token_ids for f, c in zip(first, conts)]     # the stop token replaced
-    batch = C.collate(processor, samples[:3], ids)
+    batch = D.collate(processor, samples[:3], ids)
     with torch.no_grad():
         lp = R.compute_logprobs(model, batch, 1.0)
     P = batch["response_start"]
@@ -462,7 +464,7 @@ BAD_ROWS = [   # (row, field named in the error, words in the message)
     ({**GOOD, "question": 3.5}, "question", "expected a string"),
     ({**GOOD, "image": 7}, "image", "expected a path"),
     ({**GOOD, "question": "<image><image>What?"}, "question", "2 <image> tag(s) but only 1 image"),
-    ('{"question": "broken', None, "not valid JSON"),
+    ('{"question": "broken', None, "invalid JSON"),
     ("[1, 2]", None, "expected a JSON object"),
 ]
 
@@ -470,8 +472,8 @@ BAD_ROWS = [   # (row, field named in the error, words in the message)
 @pytest.mark.parametrize("row,field_name,words", BAD_ROWS)
 def test_bad_row_error(data_dir, row, field_name, words):
     path = write_jsonl(data_dir / "d.jsonl", [GOOD, row])
-    with pytest.raises(C.DataError) as e:
-        C.load_dataset(path)
+    with pytest.raises(D.DataError) as e:
+        D.load_dataset(path)
     msg = str(e.value)
     assert f"d.jsonl:2" in msg and words in msg and (field_name is None or f"field '{field_name}'" in msg)
 
@@ -479,15 +481,15 @@ def test_bad_row_error(data_dir, row, field_name, words):
 def test_skip_invalid_reports_rows(data_dir, capsys):
     rows = [GOOD] + [r for r, _, _ in BAD_ROWS] + [{**GOOD, "id": "last", "answer": 12}]
     path = write_jsonl(data_dir / "d.jsonl", rows)
-    samples, skipped = C.read_dataset(path, C.DataConfig(skip_invalid=True))
+    samples, skipped = D.read_dataset(path, D.DataConfig(skip_invalid=True))
     assert [s.id for s in samples] == ["ok", "last"] and samples[1].answer == "12"
     assert len(skipped) == len(BAD_ROWS)
     assert [m.split(": ")[0].rsplit(":", 1)[1] for m in skipped] == [str(i) for i in range(2, 2 + len(BAD_ROWS))]
-    C.load_dataset(path, C.DataConfig(skip_invalid=True))
+    D.load_dataset(path, D.DataConfig(skip_invalid=True))
     err = capsys.readouterr().err
     assert f"skipped {len(BAD_ROWS)} invalid row(s)" in err and "d.jsonl:3: field 'image'" in err
-    with pytest.raises(C.DataError, match="no valid rows"):
-        C.load_dataset(write_jsonl(data_dir / "e.jsonl", [BAD_ROWS[0][0]]), C.DataConfig(skip_invalid=True))
+    with pytest.raises(D.DataError, match="no valid rows"):
+        D.load_dataset(write_jsonl(data_dir / "e.jsonl", [BAD_ROWS[0][0]]), D.DataConfig(skip_invalid=True))
 
 
 def test_verl_parquet_and_messages_jsonl(data_dir, hf):
@@ -504,7 +506,7 @@ def test_verl_parquet_and_messages_jsonl(data_dir, hf):
             row("<image>What is 6?", [b"not an image"], "6", 3),        # corrupt bytes
             row("What is 7?", [png], "7", 4)]                           # image without a tag
     pq.write_table(pa.Table.from_pylist(rows), data_dir / "d.parquet")
-    samples, skipped = C.read_dataset(str(data_dir / "d.parquet"), C.DataConfig(skip_invalid=True))
+    samples, skipped = D.read_dataset(str(data_dir / "d.parquet"), D.DataConfig(skip_invalid=True))
     assert [(s.id, s.answer) for s in samples] == [("0", "3")]
     assert samples[0].messages == [{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "What is 3? Put it in \\boxed{}."}]}]
@@ -512,12 +514,12 @@ def test_verl_parquet_and_messages_jsonl(data_dir, hf):
         ["'prompt'", "'reward_model.ground_truth'", "'images'", "'images'"]
     assert "row1" in skipped[0] and "cannot decode" in skipped[2] and "1 image(s) but 0" in skipped[3]
     _, processor = hf("qwen2_5_vl")
-    assert C.prompt_text(processor, samples[0]).count("<|image_pad|>") == 1
+    assert D.prompt_text(processor, samples[0]).count("<|image_pad|>") == 1
 
     msgs = {"messages": [{"role": "user", "content": "Look: <image> what is 3?"},
                          {"role": "assistant", "content": "It is \\boxed{3}."}], "images": ["good.png"]}
     path = write_jsonl(data_dir / "m.jsonl", [msgs, {**msgs, "answer": "three"}, {**msgs, "messages": "hi"}])
-    samples, skipped = C.read_dataset(path, C.DataConfig(skip_invalid=True))
+    samples, skipped = D.read_dataset(path, D.DataConfig(skip_invalid=True))
     assert [(s.answer, s.solution) for s in samples] == [("It is \\boxed{3}.", "It is \\boxed{3}."),  # judged by its box
                                                          ("three", "It is \\boxed{3}.")]
     assert samples[0].messages == [{"role": "user", "content": [

@@ -6,6 +6,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS, SPLITS = ("pass@1_t0.01", "pass@1_t0.6", "pass@8_t1.0"), ("validation", "test")
 
@@ -25,6 +27,7 @@ def table3_cells(report: str) -> dict[tuple[str, str], list[float]]:
     return cells
 
 
+@pytest.mark.slow
 def test_fast_chain(tmp_path):
     env = dict(os.environ, FAST="1", TOY=str(tmp_path / "toy"), RUNS=str(tmp_path / "runs"))
     p = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sft
-from common import DataConfig, DataError, Sample, blocked_token_ids, collate, read_dataset
+from data import DataConfig, DataError, Sample, blocked_token_ids, collate, read_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_bad_rows_name_file_line_and_field(tiny, toy_world, tmp_path):
     _, responses = sft.load_sft_data(path, DataConfig(skip_invalid=True), proc.tokenizer, 64, verbose=False)
     assert [s.source.rsplit(":", 1)[1] for s in samples] == ["1", "3"]
     assert len(responses) == 2 and len(skipped) == 6
-    expected = {"2": "'answer'", "4": "not valid JSON", "5": "special token", "6": "'solution': empty",
+    expected = {"2": "'answer'", "4": "invalid JSON", "5": "special token", "6": "'solution': empty",
                 "7": "> --max-response-tokens 64", "8": "<|image_pad|>"}
     for line, what in expected.items():
         assert sum(f"bad.jsonl:{line}:" in e and what in e for e in skipped) == 1, (line, what, skipped)
@@ -176,6 +176,7 @@ def weights(ckpt):
     return AutoModelForImageTextToText.from_pretrained(ckpt).state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,lora", [("qwen2_5_vl", False), ("qwen3_vl", True)])
 def test_two_ranks_equal_one_rank_resume_and_reload(toy_world, tmp_path, arch, lora):
     """Run a: 1 rank, 2 steps (one micro-batch of 4), checkpoints at steps 1 and 2. Run b: a's step-1 checkpoint,

@@ -3,6 +3,7 @@
 Each run is a real `python train.py` subprocess (its own process group, so a test can SIGKILL all of it).
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import data
+import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("time/", "perf/")
@@ -28,7 +31,8 @@ def train_cmd(world: Path, out: Path, *extra: str, train_file: str = "train.json
             "--out-dir", str(out), "--prompts-per-step", "4", "--rollout.n", "2", "--rollout.max-tokens", "12",
             "--mini-batch-size", "4", "--micro-batch-size", "2", "--optim.lr", "1e-3", "--optim.warmup-ratio", "0",
             "--val-limit", "4", "--reward.num-workers", "1", "--reward.no-truncation-penalty",
-            "--reward.fn", str(ROOT / "tests" / "fixtures" / "length_reward.py") + ":digit_count", *extra]
+            "--reward.fn", str(ROOT / "tests" / "fixtures" / "length_reward.py") + ":digit_count", "--threads", "1",
+            *extra]
 
 
 def run(cmd, timeout=300, **kw):
@@ -62,9 +66,11 @@ def no_timing(m: dict) -> dict:
 EPOCH3 = "train12.jsonl"      # 12 training rows, 4 prompts per step: an epoch is 3 steps
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_rank_run(toy_world, tmp_path_factory):
-    """The reference run: 2 ranks + vLLM, 3 steps (one epoch), a checkpoint after every step."""
+    """The reference run: 2 ranks + vLLM, 3 steps (one epoch), a checkpoint after every step. Session-scoped: its users
+    share one xdist worker (xdist_group), which may run other modules' tests between them; a module fixture would
+    be built again on the way back."""
     rows = (toy_world / "data" / "train.jsonl").read_text().splitlines(keepends=True)[:12]
     (toy_world / "data" / EPOCH3).write_text("".join(rows))
     out = tmp_path_factory.mktemp("rl2")
@@ -74,6 +80,8 @@ def two_rank_run(toy_world, tmp_path_factory):
     return out, p
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_rank_run")
 def test_two_ranks_with_vllm_complete_and_sync(two_rank_run):
     out, p = two_rank_run
     ms = metrics(out)
@@ -81,7 +89,7 @@ def test_two_ranks_with_vllm_complete_and_sync(two_rank_run):
     assert "step     3/3" in p.stdout and "val/accuracy" in ms[-1]
     # quiet: none of the known-harmless engine warnings (3 weight syncs happened), nor FSDP2's view-output warning
     log = p.stdout + p.stderr
-    assert not [m for ms_ in common.HARMLESS_VLLM_WARNINGS.values() for m in ms_ if m in log], log[-3000:]
+    assert not [m for ms_ in rollout.HARMLESS_VLLM_WARNINGS.values() for m in ms_ if m in log], log[-3000:]
     assert "returned a view tensor" not in log and "Loading safetensors checkpoint shards" not in log, log[-3000:]
     for key in ("rews/scores", "loss/policy_loss", "training/clipfrac", "training/grad_norm", "training/entropy",
                 "response/lengths", "reflection/reflection_ratio", "time/generate", "time/sync"):
@@ -101,6 +109,8 @@ def test_two_ranks_with_vllm_complete_and_sync(two_rank_run):
     assert torch.equal(model.state_dict()["lm_head.weight"], load_file(ckpts[-1] / "model.safetensors")["lm_head.weight"])
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_rank_run")
 def test_kill_and_resume_equals_uninterrupted(two_rank_run, toy_world, tmp_path):
     out2, _ = two_rank_run
     cmd = train_cmd(toy_world, tmp_path, "--nproc", "2", "--max-steps", "3", "--save-every", "1",
@@ -129,6 +139,7 @@ def test_kill_and_resume_equals_uninterrupted(two_rank_run, toy_world, tmp_path)
             assert r[k] == pytest.approx(u[k], abs=1e-6), (r["step"], k)
 
 
+@pytest.mark.slow
 def test_qwen3_vl_with_lora_syncs_merged_weights_to_vllm(toy_world, tmp_path):
     """RL on the Qwen3-VL toy with LoRA (rank 4) and vLLM: every step's rollout comes from the synced (merged)
     weights, so the engine's log-probs equal the trainer's (peft forward); the KL reference is the base model."""
@@ -149,6 +160,23 @@ def test_qwen3_vl_with_lora_syncs_merged_weights_to_vllm(toy_world, tmp_path):
     assert (ckpt / "adapter" / "adapter_config.json").is_file()
 
 
+def engine_pid(launcher: int) -> int:
+    """The engine process of a 1-rank run: rank 0 (the launcher's spawned child) spawned it, so its command line
+    differs from rank 0's, where rank 0's forked judges repeat rank 0's."""
+    ps = subprocess.run(["ps", "-ww", "-o", "pid=,ppid=,args=", "-s", str(launcher)],   # -ww: whole command lines
+                        capture_output=True, text=True).stdout
+    procs = [line.split(None, 2) for line in ps.splitlines()]
+    rank0 = [(pid, args) for pid, ppid, args in procs if int(ppid) == launcher and "spawn_main" in args]
+    assert len(rank0) == 1, ps
+    rank0 = rank0[0]
+    engine = [pid for pid, ppid, args in procs
+              if ppid == rank0[0] and args != rank0[1] and "resource_tracker" not in args]
+    assert len(engine) == 1, ps
+    return int(engine[0])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_rank_run")
 def test_one_rank_matches_two_ranks_then_engine_death_stops_everything(two_rank_run, toy_world, tmp_path):
     """A 1-rank run takes the same first step as the 2-rank run; then its engine is killed: the run must stop
     within 60 s with a clear message and a non-zero exit code, leaving no process behind."""
@@ -161,7 +189,7 @@ def test_one_rank_matches_two_ranks_then_engine_death_stops_everything(two_rank_
     while not (tmp_path / "checkpoints" / "step_000001" / "vlrl_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.1)
-    os.kill(int((tmp_path / "engine.pid").read_text()), signal.SIGKILL)
+    os.kill(engine_pid(proc.pid), signal.SIGKILL)
     try:     # the timeout guards against a hang (not a speed target): the run stops at its next engine call
         _, err = proc.communicate(timeout=60)
     finally:
@@ -191,6 +219,7 @@ train.ppo_update, train.policy_loss = ppo_update, policy_loss
 """
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_before_checkpoint(toy_world, tmp_path):
     p = run_patched(NAN_AT_STEP_2, train_cmd(toy_world, tmp_path, "--max-steps", "3", "--save-every", "1",
                                              "--rollout.engine", "hf", "--val-every", "-1"))
@@ -199,6 +228,7 @@ def test_nan_loss_stops_before_checkpoint(toy_world, tmp_path):
     assert [m["step"] for m in metrics(tmp_path)] == [1]
 
 
+@pytest.mark.slow
 def test_two_node_rendezvous_on_localhost(toy_world, tmp_path):
     """`torchrun --nnodes 2` (two 'nodes' on this machine) runs one step."""
     import socket
@@ -222,6 +252,7 @@ def test_two_node_rendezvous_on_localhost(toy_world, tmp_path):
     assert [m["step"] for m in metrics(tmp_path)] == [1]
 
 
+@pytest.mark.slow
 def test_fused_old_logprobs_equal_a_separate_pass(toy_world, tmp_path):
     """One on-policy update (mini-batch = the whole batch): taking pi_old from the update's own forward gives the
     same step as a separate no-grad pass."""
@@ -241,18 +272,19 @@ def test_fused_old_logprobs_equal_a_separate_pass(toy_world, tmp_path):
         assert m1[k] == pytest.approx(m2[k], abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     """--rollout.rethink-fraction 1 in train.py: responses that stopped are continued after a trigger, kept when the
     judge accepts the new text (here: any digit), scored and trained on; the engine's log-probs of the sampled tokens
     still equal the trainer's (the forced trigger tokens are left out of that check)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import common
     from test_rollout import stop_prone_copy
     src = toy_world / "models" / "qwen2_5_vl-tiny"
     model, processor = AutoModelForImageTextToText.from_pretrained(src).eval(), AutoProcessor.from_pretrained(src)
     stop_prone = tmp_path / "stop_prone"
-    stop_prone_copy(model, processor, common.load_dataset(str(toy_world / "data" / "validation.jsonl"))).save_pretrained(stop_prone)
+    val = data.load_dataset(str(toy_world / "data" / "validation.jsonl"))
+    stop_prone_copy(model, processor, val).save_pretrained(stop_prone)
     processor.save_pretrained(stop_prone)
     cmd = train_cmd(toy_world, tmp_path / "run", "--nproc", "1", "--max-steps", "2", "--rollout.engine", "hf",
                     "--val-every", "-1", "--rollout.rethink-fraction", "1", "--rollout.rethink-min-new-tokens", "1",
@@ -267,21 +299,6 @@ def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     assert all(m["training/rollout_mismatch"] < 1e-4 and m["training/grad_norm"] > 0 for m in ms)
     # --tis sequence (forced tokens count as ratio 1): in fp32 engine and trainer agree, so every weight is ~1
     assert all(abs(m["training/tis_weight"] - 1) < 1e-3 and m["training/tis_capped"] == 0 for m in ms), ms
-
-
-def test_rollout_correction_hand_worked():
-    """Truncated importance weights: pi_old / pi_engine = 0.5 / 0.25 = 2 and 0.2 / 0.4 = 0.5; a token the engine did
-    not sample (NaN) counts as 1; padding is ignored."""
-    import train
-    old = torch.log(torch.tensor([[0.5, 0.2, 0.3, 0.9], [0.5, 0.4, 0.3, 0.9]]))
-    eng = torch.log(torch.tensor([[0.25, 0.4, float("nan"), 0.1], [0.25, 0.4, 0.3, 0.1]]))
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])      # the 4th token is padding
-    w = lambda kind, cap=1.5: train.rollout_correction(old, eng, mask, train.Args(tis=kind, tis_cap=cap))
-    assert torch.allclose(w("token"), torch.tensor([[1.5, 0.5, 1.0, 1.0], [1.5, 1.0, 1.0, 1.0]]))  # 2 capped at 1.5
-    # sequence: row 0: 2 * 0.5 * 1 = 1; row 1: 2 * 1 * 1 = 2 -> capped at 1.5 (padding: 1, and masked in the loss)
-    assert torch.allclose(w("sequence"), torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.5, 1.5, 1.5, 1.0]]))
-    assert torch.allclose(w("sequence", cap=4.0)[1, :3], torch.tensor([2.0, 2.0, 2.0]))
-    assert torch.equal(w("off"), torch.ones(2, 4))
 
 
 def test_weighting_advantages_weights_the_clipped_loss():
@@ -331,7 +348,7 @@ def reference_logp(model, processor, samples, comps) -> torch.Tensor:
     """(B, R) log pi of each response token from a plain HF forward of the whole batch: full logits, the engines'
     blocked tokens at -inf, log-softmax (no tiles, no FSDP, no micro-batches)."""
     from rollout import MODEL_INPUTS
-    batch = common.collate(processor, samples, [c.token_ids for c in comps])
+    batch = data.collate(processor, samples, [c.token_ids for c in comps])
     P = batch["response_start"]
     logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits[:, P - 1:-1]        # (B, R, V)
     blocked = torch.cat([batch["blocked_token_ids"], torch.arange(batch["tokenizer_len"], logits.shape[-1])])
@@ -354,9 +371,10 @@ def agg_coef(mode: str, adv: torch.Tensor, mask: torch.Tensor, L: int) -> torch.
     return adv * mask / per_mode[mode]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def direct_runs(toy_world, tmp_path_factory):
-    """One update per case on 1 and on 2 ranks (rank_step.update_worker), and the float64 reference pieces."""
+    """One update per case on 1 and on 2 ranks (rank_step.update_worker), and the float64 reference pieces (session
+    scope, as two_rank_run)."""
     from unittest import mock
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -364,7 +382,7 @@ def direct_runs(toy_world, tmp_path_factory):
     import rank_step
     model_dir = toy_world / "models" / "qwen2_5_vl-tiny"
     processor = AutoProcessor.from_pretrained(model_dir)
-    prompts = common.load_dataset(str(toy_world / "data" / "train.jsonl"))[:4]
+    prompts = data.load_dataset(str(toy_world / "data" / "train.jsonl"))[:4]
     samples = [s for s in prompts for _ in range(2)]
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float64)
     for name, p in model.named_parameters():     # as common.load_model: the vision tower frozen, its merger not
@@ -385,6 +403,9 @@ def direct_runs(toy_world, tmp_path_factory):
     cases += [dict(args=step_args(model_dir, 2, mini, kl_coef=0.1, kl_type="k1"), comps=comps, adv=half,
                    ref_lp=ref_lp) for mini in (8, 4)]
     cases.append(dict(args=step_args(model_dir, 2, kl_coef=0.001), comps=comps, adv=adv, ref=True))   # fused pi_old
+    cases.append(dict(args=replace(step_args(model_dir, 2), tis="token", tis_cap=1.2, rollout_mask="token",
+                                   rollout_mask_low=0.5, rollout_mask_high=1.5),
+                      comps=make_comps(processor.tokenizer, engine_lp), adv=adv))
     runs = {}
     for world in (1, 2):
         out = tmp_path_factory.mktemp(f"direct{world}") / "out.pt"
@@ -418,6 +439,8 @@ def test_engine_gpu_is_never_a_training_ranks(monkeypatch, toy_world, tmp_path):
     assert not (tmp_path / "run").exists()                         # refused before anything started
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
 def test_every_collective_is_served_on_a_gpu_machine(direct_runs):
     """On a CUDA machine common.init_distributed's process group must serve every collective the step makes: the
     step's bookkeeping (gathered log-probs, metric sums, validation totals, pickled batches) is on the CPU, and NCCL
@@ -432,6 +455,8 @@ def test_every_collective_is_served_on_a_gpu_machine(direct_runs):
         assert not unserved, f"{world} rank(s), backend {run_['backend']!r} ({served}): {unserved} not served"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
 def test_update_gradient_is_independent_of_micro_batches_and_ranks(direct_runs):
     """In every loss aggregation the update's gradient is the same for micro-batch 1 and 4, on 1 and 2 ranks, and
     equals the gradient of the aggregated loss worked out per mode from a plain float64 forward. Dr.GRPO's L is the
@@ -447,6 +472,8 @@ def test_update_gradient_is_independent_of_micro_batches_and_ranks(direct_runs):
                 assert max(errs.values()) < 1e-6, (mode, world, micro, max(errs.items(), key=lambda e: e[1]))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
 def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
     """--tis token, cap 2, engine log-probs = the trainer's + noise: the update's gradient is that of
     -sum w_t A_t log pi_t / N with w_t = min(pi_old / pi_engine, 2), worked out here from the noise alone."""
@@ -461,6 +488,30 @@ def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
         assert max(errs.values()) < 1e-6, (world, max(errs.items(), key=lambda e: e[1]))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
+def test_rollout_mask_drops_tokens_from_the_update_gradient(direct_runs):
+    """--tis token (cap 1.2) with --rollout-mask token (IcePop), band [0.5, 1.5], engine log-probs = the trainer's +
+    noise, pi_old from the update's own forward (fused): the gradient is that of -sum w_t A_t log pi_t / N with
+    w_t = min(rho_t, 1.2) inside the band, 0 outside, and N = every valid token (masked ones stay in the normaliser);
+    training/rollout_masked is the fraction outside. Worked out here from the noise alone, on 1 and 2 ranks."""
+    runs, ref = direct_runs
+    eng = torch.tensor((ref["logp"] + ref["noise"]).float().tolist(), dtype=torch.float64)   # as the engine sent them
+    rho, valid = (ref["logp"].detach() - eng).exp(), ref["mask"].bool()                      # (B, T), no gradient
+    inside = valid & (rho >= 0.5) & (rho <= 1.5)
+    w = rho.clamp(max=1.2) * inside
+    masked = (valid & ~inside).sum().item() / valid.sum().item()
+    assert 0.1 < masked < 0.9 and ((rho > 1.2) & inside).any()              # both the mask and the cap are at work
+    want = expected_grads(ref["model"], ref["logp"], agg_coef("token-mean", ref["adv"] * w, ref["mask"], L=12))
+    for world in (1, 2):
+        got = runs[world]["results"][12]["grads"]
+        errs = {n: ((got[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want}
+        assert max(errs.values()) < 1e-6, (world, max(errs.items(), key=lambda e: e[1]))
+        assert runs[world]["results"][12]["metrics"]["training/rollout_masked"] == pytest.approx(masked, abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("direct_runs")
 def test_logged_losses_are_means_over_optimizer_steps(direct_runs):
     """Every advantage 0.5 and log pi - log pi_ref = 0.3 on every token (k1): each mini-batch's policy loss is -0.5
     and its KL 0.3, so the logged values are -0.5 and 0.3 with 1 or 2 mini-batches (a sum would give -1.0 and 0.6)."""
@@ -470,6 +521,26 @@ def test_logged_losses_are_means_over_optimizer_steps(direct_runs):
             m = runs[world]["results"][case]["metrics"]
             assert m["loss/policy_loss"] == pytest.approx(-0.5, abs=1e-6), (world, case)   # pi_old is kept in fp32
             assert m["loss/kl_loss"] == pytest.approx(0.3, abs=1e-6), (world, case)
+
+
+def test_mismatch_kl_metrics_hand_worked():
+    """training/mismatch_k1, _k3: means over the tokens the engine sampled of k1 = log pi_engine - log pi_old and
+    k3 = rho - 1 - log rho, rho = pi_old / pi_engine. Row 0: rho 0.5/0.25 = 2, 0.2/0.4 = 0.5, 1 (padding after);
+    row 1: rho 1, 1, a forced token (NaN, left out), 1, 0.4/0.2 = 2. 7 sampled tokens: k1 = (-ln 2 + ln 2 - ln 2) / 7
+    = -0.0990210; k3 = (2 (1 - ln 2) + (ln 2 - 0.5)) / 7 = (0.6137056 + 0.1931472) / 7 = 0.1152647;
+    rollout_mismatch = 3 ln 2 / 7 = 0.2970631."""
+    import train
+    from rollout import Completion
+    ln = math.log
+    comps = [Completion("a", [5, 6, 7], [ln(0.25), ln(0.4), ln(0.5)], "stop"),
+             Completion("b", [5, 6, 8, 9, 10], [ln(0.5), ln(0.5), float("nan"), ln(0.5), ln(0.2)], "stop")]
+    old_lp = torch.tensor([[ln(0.5), ln(0.2), ln(0.5), 0.0, 0.0], [ln(0.5), ln(0.5), ln(0.9), ln(0.5), ln(0.4)]])
+    mask, zeros = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.zeros(2, 5)
+    m = train.step_metrics(comps, [{"accuracy": 1.0, "format": 0.0}] * 2, torch.ones(2), mask, old_lp, zeros, zeros,
+                           dict.fromkeys(train.SUM_KEYS, 0.0), [0, 1], [("start", 0.0), ("update", 1.0)], train.Args())
+    assert m["training/mismatch_k1"] == pytest.approx(-0.0990210, abs=1e-6)
+    assert m["training/mismatch_k3"] == pytest.approx(0.1152647, abs=1e-6)
+    assert m["training/rollout_mismatch"] == pytest.approx(0.2970631, abs=1e-6)
 
 
 def test_reflection_metrics_leave_out_the_forced_trigger():

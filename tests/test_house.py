@@ -1,0 +1,64 @@
+"""The house rules that a reader relies on: every `module.name` that a docstring, a comment or a README names in one
+of our modules exists there (a pointer to code that moved is worse than none)."""
+import ast
+import io
+import re
+import tokenize
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ("common", "data", "rollout", "reward", "advantage", "train", "evaluate", "sft", "toy")
+# `rollout.py`, `toy/data/train.jsonl`, `--rollout.n`, `args.data.train`: file names, paths, flags and attributes
+REFERENCE = re.compile(r"(?<![\w./\-$])(" + "|".join(MODULES) + r")\.([A-Za-z_]\w*)")
+FILE_SUFFIXES = {"py", "jsonl", "json", "parquet", "md", "png", "txt", "sh"}
+
+
+def defined(module: str) -> set[str]:
+    """Top-level names of module.py, and the fields of its dataclasses (a docstring may name a flag's field as
+    `rollout.n`, for --rollout.n)."""
+    names = set()
+    for node in ast.parse((ROOT / f"{module}.py").read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            names |= {x.target.id for x in node.body if isinstance(x, ast.AnnAssign)}
+        if isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def prose(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every comment and docstring of a Python file (the whole text of any other file)."""
+    text = path.read_text()
+    if path.suffix != ".py":
+        return list(enumerate(text.splitlines(), 1))
+    out = [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+           if tok.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            out += [(node.lineno + k, line) for k, line in enumerate(node.value.value.splitlines())]
+    return out
+
+
+def stale(path: Path, names: dict[str, set[str]]) -> list[str]:
+    out = []
+    for line, text in sorted(prose(path)):
+        for module, name in REFERENCE.findall(text):
+            if name not in names[module] and name not in FILE_SUFFIXES:
+                out.append(f"{path.name}:{line}: {module}.{name}")
+    return out
+
+
+def test_every_module_name_in_docstrings_comments_and_readmes_exists():
+    names = {m: defined(m) for m in MODULES}
+    files = [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py"), ROOT / "README.md",
+             ROOT / "bench" / "README.md", ROOT / "run.sh"]
+    found = [ref for path in files for ref in stale(path, names)]
+    assert not found, "names that do not exist (moved or renamed?):\n" + "\n".join(found)
+
+
+def test_the_reference_check_finds_a_stale_name(tmp_path):
+    """The check itself: a moved function named in a docstring is found; a flag, a path and a file name are not."""
+    path = tmp_path / "x.py"
+    path.write_text('"""Uses rollout.collate and data.collate."""\n# --rollout.n, toy/data/train.jsonl, train.py\n')
+    assert stale(path, {m: defined(m) for m in MODULES}) == ["x.py:1: rollout.collate"]
