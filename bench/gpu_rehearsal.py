@@ -1,8 +1,13 @@
 """bench/gpu_rehearsal.py: one training rank's RL step with CUDA semantics, rehearsed on a machine without a GPU.
 
-UNFINISHED (issue 26): with the CPU-only build of torch 2.13 it stops at the forward's first view op ("PyTorch is
-not linked with support for cuda devices": that build has no CUDA device guard, so a fake "cuda" tensor cannot be
-sliced). Loading, sharding, AdamW and the tracker's set-up run. bench/README.md says what was reached and what to try.
+It needs a CUDA build of torch (it runs without a GPU); the suite's venv has the CPU-only build, in which a fake
+"cuda" tensor cannot even be sliced ("PyTorch is not linked with support for cuda devices"). A side venv, used for
+this script only (the suite keeps its CPU stack; requirements-cpu.txt's pins where they apply, no vLLM):
+
+    python3.11 -m venv /tmp/cudavenv
+    /tmp/cudavenv/bin/pip install torch==2.14.1 transformers==5.19.0 peft==0.21.2 math-verify==0.9.0 \
+        antlr4-python3-runtime==4.13.2 tyro==1.0.17 rich==15.0.0 pillow safetensors
+    PYTHONPATH=. /tmp/cudavenv/bin/python bench/gpu_rehearsal.py --size small
 
 The project's own functions run as they would on rank 0 of a CUDA node: `common.init_distributed` (it sees a GPU and
 asks for its backends), `common.load_model` and `common.shard_model` (FSDP2 on a "cuda" mesh, bf16 compute with fp32
@@ -17,18 +22,17 @@ per-tensor gathers. Underneath, no tensor holds data and no rank exists but this
 - FSDPMemTracker counts every tensor the step allocates on the GPU, by kind, and its peak is the per-GPU figure.
 
 What fake tensors cannot follow is stood in for (and named in the output):
-- weights: `from_pretrained` reads no file; the model is built from its config (the loaded values never matter here);
+- weights: `from_pretrained` reads no file; the model is built from its config (the loaded values never matter here),
+  and put on the GPU by replacing each tensor: Module.to() cannot move fake parameters (a weak reference stops it);
 - the vision tower: its window attention splits by `grid_thw.tolist()` and its outputs are checked against a count
   of image tokens, both data-dependent, so precomputed image embeddings of the right shape (bf16, no gradient) take
   its place, the 3-D M-RoPE positions (a Python loop over token types) are given as a (3, B, L) tensor, and the
   placeholder count check is skipped. The frozen tower's sharded weights are counted; its forward is not;
 - a Python number read from a tensor (`.item()`, `float()`): 1.0, 0 or True (finite, so the step goes on);
-- the processor: `train.collate` is replaced by a batch of collate's layout and shapes;
-- rank 0's broadcast of the weights into the shards (common._fill_from_rank0): DTensor's slicing of the full tensor
-  fails on a fake CUDA tensor in a CPU build, so the shards are only allocated (to_empty), as the fill would.
+- the processor: `train.collate` is replaced by a batch of collate's layout and shapes.
 
     python bench/gpu_rehearsal.py                    # Qwen2.5-VL-7B, 7 ranks, micro-batch 4, 2048-token responses
-    python bench/gpu_rehearsal.py --size small       # seconds; tests/test_gpu_rehearsal.py
+    python bench/gpu_rehearsal.py --size small       # the same architecture at test size: seconds
     python bench/gpu_rehearsal.py --backend nccl     # ask for plain NCCL, as init_distributed did before issue 25
 """
 from __future__ import annotations
@@ -92,6 +96,12 @@ class Args:
     """Rehearse without and with --model.activation-checkpointing."""
     kl: bool = True
     """A frozen reference model and its log-prob pass (MAYE: k3 KL in the loss at 0.001)."""
+    update: bool = True
+    """Run train.ppo_update and a log-prob tile's backward. Autograd asks the CUDA runtime for the device's stream
+    whenever it records an op on a CUDA tensor, so without a CUDA driver these abort the process; --no-update
+    rehearses the phases without gradients (the reference's log-prob pass, the weight-sync gathers)."""
+    collectives_only: bool = False
+    """Only init_distributed and the step's CPU collectives (seconds; needs no CUDA driver)."""
     backend: str = ""
     """Ask for this backend instead of what common.init_distributed asks for ("nccl": the code before issue 25)."""
 
@@ -210,13 +220,27 @@ def real_mesh():
 
 
 
-def from_config(config_dir: str):
-    """AutoModelForImageTextToText.from_pretrained without reading weights: built from the folder's config."""
+def from_config(config_dir: str, device):
+    """AutoModelForImageTextToText.from_pretrained without reading weights: built from the folder's config on the CPU
+    (random init on a fake CUDA tensor asks the CUDA runtime for a generator), then put on `device` by replacing each
+    parameter and buffer. Module.to() would swap each fake parameter for a new one (torch.utils.swap_tensors), which
+    fails on the weak reference fake mode keeps to it, so shard_model's model.to(device) is made a no-op."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     def build(path, dtype=torch.float32, attn_implementation="sdpa", **kw):
         config = AutoConfig.from_pretrained(config_dir)
-        return AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        moved = {}
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for name, t in table.items():
+                    if t is not None and id(t) not in moved:
+                        moved[id(t)] = (torch.nn.Parameter(t.detach().to(device), requires_grad=t.requires_grad)
+                                        if isinstance(t, torch.nn.Parameter) else t.to(device))
+                    if t is not None:
+                        table[name] = moved[id(t)]
+        model.to = lambda *args, **kwargs: model
+        return model
     return build
 
 
@@ -289,7 +313,8 @@ def local_bytes(model) -> int:
     return sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in model.parameters())
 
 
-def run_step(policy, ref, optimizer, targs: train.Args, world: int, device, tracker) -> dict[str, dict]:
+def run_step(policy, ref, optimizer, targs: train.Args, world: int, device, tracker,
+             update: bool = True) -> dict[str, dict]:
     """The step's phases after generation, as train.rl_worker runs them; returns each phase's peak snapshot (the
     tracker's own peak is reset before each: private attributes, as it keeps only one). Generation and reward are
     the engine's and rank 0's CPU work; every response runs to --rollout.max-tokens."""
@@ -302,12 +327,14 @@ def run_step(policy, ref, optimizer, targs: train.Args, world: int, device, trac
         tracker._peak_mem, tracker._peak_mem_snap = {}, {}
         out = fn(*args)
         snaps[name] = tracker.get_tracker_snapshot("peak").get(device, {"Total": 0})
+        print(f"  phase done: {name}, peak {snaps[name]['Total'] / GIB:.2f} GiB", flush=True)   # before any abort
         return out
     old_lp, ref_lp, ent = phase("reference log-probs", train.old_and_ref_logprobs, policy, ref, samples, comps, R,
                                 None, targs, 0, world, device)
-    sums = phase("update", train.ppo_update, policy, optimizer, samples, comps, list(range(B)), adv, mask, old_lp,
-                 ref_lp, ent, torch.Generator().manual_seed(0), None, targs, 0, 0, world, device)
-    common.all_reduce_sums(sums, train.SUM_KEYS)
+    if update:
+        sums = phase("update", train.ppo_update, policy, optimizer, samples, comps, list(range(B)), adv, mask, old_lp,
+                     ref_lp, ent, torch.Generator().manual_seed(0), None, targs, 0, 0, world, device)
+        common.all_reduce_sums(sums, train.SUM_KEYS)
     phase("weight sync gathers", common.sync_weights, policy, None)
     return snaps
 
@@ -323,9 +350,8 @@ def rehearse(args: Args, checkpointing: bool) -> dict:
         config.save_pretrained(folder)
         _, world, device = common.init_distributed()
         with FakeTensorMode(allow_non_fake_inputs=True), Scalars(), real_mesh(), \
-                mock.patch("transformers.AutoModelForImageTextToText.from_pretrained", from_config(folder)), \
+                mock.patch("transformers.AutoModelForImageTextToText.from_pretrained", from_config(folder, device)), \
                 mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", efficient_sdpa), \
-                mock.patch.object(common, "_fill_from_rank0", lambda model, full, dev: model.to_empty(device=dev)), \
                 mock.patch.object(train, "collate", fake_collate(args, config.text_config.vocab_size,
                                                                  config.image_token_id)):
             policy = common.shard_model(common.load_model(folder, targs.model, device), targs.model, device)
@@ -339,28 +365,31 @@ def rehearse(args: Args, checkpointing: bool) -> dict:
             if ref is not None:
                 tracker.track_external(ref)
             with tracker:      # step 1 creates AdamW's state; step 2's peak is every later step's
-                run_step(policy, ref, optimizer, targs, world, device, tracker)
-                phases = run_step(policy, ref, optimizer, targs, world, device, tracker)
+                if args.update:
+                    run_step(policy, ref, optimizer, targs, world, device, tracker)
+                phases = run_step(policy, ref, optimizer, targs, world, device, tracker, args.update)
             snapshot = max(phases.values(), key=lambda snap: snap["Total"])
-            tile = tile_bytes(config, device)
+            tile = tile_bytes(config, device, backward=args.update)
             ref_bytes = local_bytes(ref) if ref is not None else 0
     return {"asked": asked, "device": str(device), "snapshot": snapshot, "phases": phases, "tile": tile,
             "reference": ref_bytes}
 
 
-def tile_bytes(config, device, chunk: int = 512) -> int:
+def tile_bytes(config, device, chunk: int = 512, backward: bool = True) -> int:
     """Peak bytes of one log-prob tile (rollout._head_chunk, forward and backward, bf16 hidden and lm_head) beyond its
     inputs: what compute_logprobs adds at the head, whatever the response length."""
     from torch.distributed._tools.mem_tracker import MemTracker
     H, V = config.text_config.hidden_size, config.text_config.vocab_size
-    hidden = torch.zeros(chunk, H, device=device, dtype=torch.bfloat16, requires_grad=True)
-    weight = torch.zeros(V, H, device=device, dtype=torch.bfloat16, requires_grad=True)
+    hidden = torch.zeros(chunk, H, device=device, dtype=torch.bfloat16, requires_grad=backward)
+    weight = torch.zeros(V, H, device=device, dtype=torch.bfloat16, requires_grad=backward)
     targets, blocked = torch.zeros(chunk, dtype=torch.long, device=device), torch.arange(8, device=device)
     tracker = MemTracker()
     tracker.track_external(hidden, weight, targets, blocked)
     with tracker:
         before = tracker.get_tracker_snapshot("current")[device]["Total"]
-        _head_chunk(hidden, weight, None, targets, blocked, 1.0, True).sum().backward()
+        out = _head_chunk(hidden, weight, None, targets, blocked, 1.0, True).sum()
+        if backward:
+            out.backward()
     return tracker.get_tracker_snapshot("peak")[device]["Total"] - before
 
 
@@ -386,7 +415,20 @@ def table(result: dict) -> list[tuple[str, float]]:
     return rows + [("total at the peak", snap["Total"] / GIB)]
 
 
+def collectives(args: Args) -> None:
+    """Only the backend check: init_distributed on the CUDA node, then the step's CPU collectives (no model, no CUDA
+    tensor, so no CUDA driver needed). A group without a CPU backend raises at the first one."""
+    with cuda_node(args.world, args.backend) as asked:
+        _, world, device = common.init_distributed()
+        print(f"rank 0 asked for {asked}, device {device}", flush=True)
+        torch.distributed.all_reduce(torch.zeros(args.micro_batch, args.response_tokens))  # old_and_ref_logprobs'
+        common.all_reduce_sums({"loss/policy_loss": 1.0}, train.SUM_KEYS)                  # the metric sums
+        print(f"the step's CPU collectives passed on {world} ranks")
+
+
 def main(args: Args) -> dict:
+    if args.collectives_only:
+        return collectives(args)
     results = {}
     for ckpt in args.checkpointing:
         t0 = time.perf_counter()
