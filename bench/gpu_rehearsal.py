@@ -29,7 +29,7 @@ What fake tensors cannot follow is stood in for (and named in the output):
   its place, the 3-D M-RoPE positions (a Python loop over token types) are given as a (3, B, L) tensor, and the
   placeholder count check is skipped. The frozen tower's sharded weights are counted; its forward is not;
 - a Python number read from a tensor (`.item()`, `float()`): 1.0, 0 or True (finite, so the step goes on);
-- the processor: `train.collate` is replaced by a batch of collate's layout and shapes.
+- the processor: `data.collate`, as train.py imported it, is replaced by a batch of collate's layout and shapes.
 
     python bench/gpu_rehearsal.py                    # Qwen2.5-VL-7B, 7 ranks, micro-batch 4, 2048-token responses
     python bench/gpu_rehearsal.py --size small       # the same architecture at test size: seconds
@@ -280,7 +280,7 @@ def efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
 
 
 def fake_collate(args: Args, vocab: int, image_token_id: int):
-    """train.collate's stand-in: collate's layout (prompts left-padded to P, responses from column P) and shapes."""
+    """data.collate's stand-in in train.py: its layout (prompts left-padded to P, responses from column P), shapes."""
     side = int((args.image_tokens * 4) ** 0.5)                     # patches per side of a square image
 
     def collate(processor, samples, responses, data_cfg=None):
