@@ -32,8 +32,13 @@ What fake tensors cannot follow is stood in for (and named in the output):
 - the processor: `data.collate`, as train.py imported it, is replaced by a batch of collate's layout and shapes.
 
     python bench/gpu_rehearsal.py                    # Qwen2.5-VL-7B, 7 ranks, micro-batch 4, 2048-token responses
-    python bench/gpu_rehearsal.py --size small       # the same architecture at test size: seconds
+    python bench/gpu_rehearsal.py --size small       # the same architecture at test size
     python bench/gpu_rehearsal.py --backend nccl     # ask for plain NCCL, as init_distributed did before issue 25
+    python bench/gpu_rehearsal.py --collectives-only [--backend nccl]    # only the backends: no driver needed
+
+Without a CUDA driver (this machine), even the CUDA build stops: a view or copy_ of a fake CUDA tensor goes through
+the CUDA device guard, which asks the runtime ("CUDA driver version is insufficient"), first in fully_shard; and
+autograd asks for the CUDA stream (the process aborts). Any machine with a driver and a GPU, however small, will do.
 """
 from __future__ import annotations
 
@@ -101,7 +106,7 @@ class Args:
     whenever it records an op on a CUDA tensor, so without a CUDA driver these abort the process; --no-update
     rehearses the phases without gradients (the reference's log-prob pass, the weight-sync gathers)."""
     collectives_only: bool = False
-    """Only init_distributed and the step's CPU collectives (seconds; needs no CUDA driver)."""
+    """Only init_distributed and the step's CPU collectives (seconds; no CUDA driver; runs in the suite's venv too)."""
     backend: str = ""
     """Ask for this backend instead of what common.init_distributed asks for ("nccl": the code before issue 25)."""
 
