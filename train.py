@@ -138,6 +138,21 @@ def step_seed(seed: int, step: int, B: int) -> int:
     return (seed * 1_000_003 + step) * 2 * B
 
 
+def response_mask(comps) -> torch.Tensor:
+    """(B, T) 1 on each response's tokens (right padding), T the longest response's length."""
+    lengths = torch.tensor([len(c.token_ids) for c in comps])                                   # (B,)
+    return (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).float()
+
+
+def epoch_accuracy(rows: list[dict], metrics: dict, steps_per_epoch: int) -> dict[str, float]:
+    """At an epoch's last step, {"train/epoch_accuracy": the mean of its steps' training accuracies} (every step has
+    B responses), from this step's metrics and the logged rows of its earlier steps (a resumed run's too); else {}."""
+    if metrics["step"] % steps_per_epoch:
+        return {}
+    accs = [r["rews/acc_rewards"] for r in rows if r["step"] > metrics["step"] - steps_per_epoch]
+    return {"train/epoch_accuracy": (sum(accs) + metrics["rews/acc_rewards"]) / (len(accs) + 1)}
+
+
 def engine_logprobs(comps, T: int) -> torch.Tensor:
     """(B, T) the engine's log-probs of its sampled tokens; NaN on tokens it did not sample (forced rethinking
     prefixes) and past each response."""
@@ -283,7 +298,6 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     rank, world, device = init_distributed(args.threads)
     steps_per_epoch = len(train_set) // args.prompts_per_step
     total_steps = args.max_steps or steps_per_epoch * args.epochs
-    n = args.rollout.n                                     # responses per prompt: B = P * n per step
     run = start_run(args, rank, world, device, total_steps)
     processor, engine, policy, ref, optimizer, scheduler, state, logger = run
     try:
@@ -291,7 +305,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             times = [("start", time.time())]
             _, idx = batch_indices(len(train_set), args.prompts_per_step, args.seed, step)
             prompts = [train_set[i] for i in idx]                                                 # (P,)
-            samples = [s for s in prompts for _ in range(n)]                                      # (B,) = P*n
+            samples = [s for s in prompts for _ in range(args.rollout.n)]                         # (B,) = P*n
 
             # step 1: rollout -- the engine (rank 0) samples n responses per prompt, each prompt's n adjacent
             seed = step_seed(args.seed, step, len(samples))                                      # [seed, seed + 2B)
@@ -303,18 +317,16 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
                                  [c.finish_reason == "stop" for c in comps], args.reward) if rank == 0 else None
             comps, scored, rethink = broadcast((comps, scored, rethink))
             scores = torch.tensor([r["score"] for r in scored], dtype=torch.float32)             # (B,)
-            lengths = torch.tensor([len(c.token_ids) for c in comps])                             # (B,)
-            mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).float()        # (B, T)
+            mask = response_mask(comps)                                                           # (B, T)
             times.append(("reward", time.time()))
 
-            # step 3: advantage -- pi_old / pi_ref log-probs of each rank's rows, then advantages and sample
-            # selection on the full batch (the same on every rank)
+            # step 3: advantage -- each rank's rows' pi_old / pi_ref, then advantages and selection on the full batch
             old_lp, ref_lp, ent = old_and_ref_logprobs(policy, ref, samples, comps, mask.shape[1], processor, args,
                                                        rank, world, device)                       # (B, T) each
             kl = kl_penalty(old_lp, ref_lp, args.advantage.kl_type) * mask if ref is not None else None  # (B, T)
-            adv = compute_advantages(scores, mask, n, args.advantage, kl=kl)                      # (B, T)
+            adv = compute_advantages(scores, mask, args.rollout.n, args.advantage, kl=kl)         # (B, T)
             generator = torch.Generator().manual_seed(args.seed * 7919 + step)
-            keep = select_samples(scores, adv, mask, n, args.advantage, generator, multiple_of=world)   # (K,)
+            keep = select_samples(scores, adv, mask, args.rollout.n, args.advantage, generator, world)  # (K,)
             times.append(("logprobs", time.time()))
 
             # step 4: policy update -- PPO over shuffled mini-batches, then the new weights go to the engine
@@ -330,9 +342,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             scheduler.step()
             metrics = {"step": done, "epoch": done / steps_per_epoch, "training/lr": lr, **rethink,
                        **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
-            if done % steps_per_epoch == 0 and logger:   # every step has B responses: the mean of the steps' means
-                accs = [r["rews/acc_rewards"] for r in logger.rows if r["step"] > done - steps_per_epoch]
-                metrics["train/epoch_accuracy"] = (sum(accs) + metrics["rews/acc_rewards"]) / (len(accs) + 1)
+            metrics |= epoch_accuracy(logger.rows, metrics, steps_per_epoch) if logger else {}   # rank 0 logs
             if (args.save_every and done % args.save_every == 0) or done == total_steps:
                 save_checkpoint(args.out_dir, done, done / steps_per_epoch, "rl", policy, optimizer, scheduler,
                                 processor, keep=args.keep_checkpoints, metrics=metrics)

@@ -3,9 +3,10 @@
 A random-init Qwen2.5-VL with the toy's `tiny` widths but Qwen's vocabulary (151,936 rows), text-only batches of
 micro-batch B x (16 prompt + R response) tokens, fp32 on CPU. "all" is compute_logprobs with one tile holding every
 position, which makes full (B, R, V) copies as the implementation before tiling did (logits, / T, the mask,
-log_softmax, exp for the entropy); bench/README.md also gives that implementation's own figures. Each configuration runs in a fresh process; the figure is its peak RSS
-during the call minus the peak before it (the model, its lm_head gradient buffer and the batch already allocated), in
-GB, for a no-grad pass (old / ref log-probs) and a forward + backward with entropy (the policy loss).
+log_softmax, exp for the entropy); bench/README.md also gives that implementation's own figures. Each configuration
+runs in a fresh process; the figure is its peak RSS during the call minus the peak before it (the model, its lm_head
+gradient buffer and the batch already allocated), in GB, for a no-grad pass (old / ref log-probs) and a forward +
+backward with entropy (the policy loss).
 
     python bench/bench_logprobs.py         # B=4; R 256, 512 in one tile, R 256..2048 in 512-position tiles (default)
 """

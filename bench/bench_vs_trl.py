@@ -68,7 +68,8 @@ def trl_python() -> Path:
     if not stamp.exists():
         print(f"[bench] installing {req.name} into {venv} (once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        site = subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        site = subprocess.run([venv / "bin" / "python", "-c",
+                               "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               check=True, capture_output=True, text=True).stdout.strip()
         Path(site, "vlrl_main_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # .venv's packages
         subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
@@ -168,7 +169,8 @@ def trl_worker(job: dict) -> None:
 
     def accuracy(completions, answer, **kw):
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        return [s["score"] for s in score_batch(texts, answer, [True] * len(texts), RewardConfig(truncation_penalty=False))]
+        scored = score_batch(texts, answer, [True] * len(texts), RewardConfig(truncation_penalty=False))
+        return [s["score"] for s in scored]
 
     ends: list[float] = []
 
@@ -196,8 +198,9 @@ def main(args: Args) -> None:
                 v = vlrl_run(args, toy, size, beta, engine)
                 result.append({"size": size, "beta": beta, "engine": engine, "trl": trl, "vlrl": v})
                 print(f"{size:5s} beta {beta:<4g} {engine:4s} | TRL {trl['step']:.2f}s vlrl {v['step']:.2f}s "
-                      f"({v['step'] / trl['step']:.2f}x) | vlrl generate {v['generate']:.2f} logprobs {v['logprobs']:.2f}"
-                      f" update {v['update']:.2f} other {v['other']:.2f} | to end of step 1: TRL {trl['first_step_s']:.0f}s"
+                      f"({v['step'] / trl['step']:.2f}x) | vlrl generate {v['generate']:.2f} "
+                      f"logprobs {v['logprobs']:.2f} update {v['update']:.2f} other {v['other']:.2f} | "
+                      f"to end of step 1: TRL {trl['first_step_s']:.0f}s"
                       f" vlrl {v['first_step_s']:.0f}s | peak RSS TRL {trl['peak_GB']:.1f} GB "
                       f"vlrl {v['peak_GB']:.1f} GB", flush=True)
     print("RESULT " + json.dumps(result))

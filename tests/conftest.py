@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory) -> Path:
-    """A toy world with tiny models: models/{qwen2_5_vl,qwen2_vl,qwen3_vl}-tiny and data/{train,validation,test}.jsonl."""
+    """A toy world with tiny models, models/{qwen2_5_vl,qwen2_vl,qwen3_vl}-tiny, and data/{train,validation,
+    test}.jsonl."""
     import toy
     out = tmp_path_factory.mktemp("toy")
     toy.build(toy.Args(out=str(out), sizes=("tiny",)))

@@ -499,7 +499,8 @@ def test_verl_parquet_and_messages_jsonl(data_dir, hf):
 
     def row(content, images, truth, index):
         return {"prompt": [{"role": "user", "content": content}],
-                "images": [{"bytes": b, "path": None} for b in images], "reward_model": {"ground_truth": truth, "style": "rule"}, "extra_info": {"index": index}}
+                "images": [{"bytes": b, "path": None} for b in images],
+                "reward_model": {"ground_truth": truth, "style": "rule"}, "extra_info": {"index": index}}
     rows = [row("<image>What is 3? Put it in \\boxed{}.", [png], "3", 0),
             row("<image>What is 4?", [], "4", 1),                       # tag without an image
             row("<image>What is 5?", [png], None, 2),                   # no ground truth
@@ -520,7 +521,7 @@ def test_verl_parquet_and_messages_jsonl(data_dir, hf):
                          {"role": "assistant", "content": "It is \\boxed{3}."}], "images": ["good.png"]}
     path = write_jsonl(data_dir / "m.jsonl", [msgs, {**msgs, "answer": "three"}, {**msgs, "messages": "hi"}])
     samples, skipped = D.read_dataset(path, D.DataConfig(skip_invalid=True))
-    assert [(s.answer, s.solution) for s in samples] == [("It is \\boxed{3}.", "It is \\boxed{3}."),  # judged by its box
+    assert [(s.answer, s.solution) for s in samples] == [("It is \\boxed{3}.", "It is \\boxed{3}."),  # judged by box
                                                          ("three", "It is \\boxed{3}.")]
     assert samples[0].messages == [{"role": "user", "content": [
         {"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " what is 3?"}]}]

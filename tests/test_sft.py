@@ -67,7 +67,8 @@ def test_bad_rows_name_file_line_and_field(tiny, toy_world, tmp_path):
     good = rows(toy_world, "train", 3)
     bad = [good[0], {**good[1], "answer": None}, good[2], "{not json",
            {**good[0], "solution": "6 + 6 = 12<|im_end|> \\boxed{12}"}, {**good[1], "solution": "  "},
-           {**good[2], "solution": " + ".join(str(i) for i in range(100)) + " \\boxed{9}"}, {**good[0], "solution": "<|image_pad|>"}]
+           {**good[2], "solution": " + ".join(str(i) for i in range(100)) + " \\boxed{9}"},
+           {**good[0], "solution": "<|image_pad|>"}]
     path = write_jsonl(tmp_path / "bad.jsonl", bad)
     # Loader errors (rollout.py) and target errors (sft.py) look the same: file:line + field.
     with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'answer'"):
@@ -210,8 +211,8 @@ def test_two_ranks_equal_one_rank_resume_and_reload(toy_world, tmp_path, arch, l
 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b/checkpoints/step_000002")
-    _, two = run_sft(tmp_path / "b", *data, "--micro-batch-size", "1", "--max-steps", "2", "--resume", "--cache-prompts",
-                     nproc=2)
+    _, two = run_sft(tmp_path / "b", *data, "--micro-batch-size", "1", "--max-steps", "2", "--resume",
+                     "--cache-prompts", nproc=2)
     assert [m["step"] for m in two] == [1, 2] and two[0] == one[0]           # the pre-resume line is kept as is
     wa, wb = weights(tmp_path / "a/checkpoints/step_000002"), weights(tmp_path / "b/checkpoints/step_000002")
     assert wa.keys() == wb.keys()

@@ -28,7 +28,7 @@ def test_model_forward_with_image(toy_world, arch):
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>assistant\n") and text.count("<|image_pad|>") == 1
     inputs = processor(text=[text], images=[image], return_tensors="pt")
-    assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]      # 56x56 px -> 4x4 patches of 14 px (Qwen3-VL: 64 px, 16)
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]    # 56x56 px -> 4x4 patches of 14 px (Qwen3-VL: 64 px, 16)
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 4   # 2x2 merge -> 4 tokens
     with torch.no_grad():
         logits = model(**inputs).logits

@@ -106,7 +106,8 @@ def test_two_ranks_with_vllm_complete_and_sync(two_rank_run):
     # The checkpoint is a plain HF folder.
     from transformers import AutoModelForImageTextToText
     model = AutoModelForImageTextToText.from_pretrained(ckpts[-1])
-    assert torch.equal(model.state_dict()["lm_head.weight"], load_file(ckpts[-1] / "model.safetensors")["lm_head.weight"])
+    on_disk = load_file(ckpts[-1] / "model.safetensors")
+    assert torch.equal(model.state_dict()["lm_head.weight"], on_disk["lm_head.weight"])
 
 
 @pytest.mark.slow
