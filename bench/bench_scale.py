@@ -12,6 +12,8 @@ while the run lasts): the launcher, the two ranks, the engine and the reward wor
 
     python bench/bench_scale.py                       # ~10-15 minutes here; needs ~20 GB of free RAM
     python bench/bench_scale.py --text-layers 1 --vision-blocks 1 --max-tokens 256      # a quicker look
+    python bench/bench_scale.py --startup-only --untied   # start-up alone: each rank's peak RSS after loading and
+                                                          # sharding the policy and the reference (no engine, no step)
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(out: Path, text_layers: int, vision_blocks: int) -> tuple[Path, Path, int]:
+def build(out: Path, text_layers: int, vision_blocks: int, tied: bool = True) -> tuple[Path, Path, int]:
     """The 3B-width model folder and a training file of 448 x 448 images; returns (model dir, data file, params)."""
     sys.path.insert(0, str(ROOT))
     import toy
@@ -39,12 +41,12 @@ def build(out: Path, text_layers: int, vision_blocks: int) -> tuple[Path, Path, 
     config = AutoConfig.from_pretrained(src)
     config.text_config.update(dict(vocab_size=151_936, hidden_size=2048, intermediate_size=11008,
                                    num_hidden_layers=text_layers, num_attention_heads=16, num_key_value_heads=2,
-                                   tie_word_embeddings=True, max_position_embeddings=8192,
+                                   tie_word_embeddings=tied, max_position_embeddings=8192,
                                    layer_types=["full_attention"] * text_layers))
     config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
     config.vision_config.update(dict(depth=vision_blocks, hidden_size=1280, intermediate_size=3420, num_heads=16,
                                      out_hidden_size=2048, window_size=112, fullatt_block_indexes=[vision_blocks - 1]))
-    config.tie_word_embeddings = True
+    config.tie_word_embeddings = tied
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
@@ -91,18 +93,65 @@ def watch(root_pid: int, peaks: dict, stop: threading.Event) -> None:
         stop.wait(0.5)
 
 
+def hwm_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    return next(int(x.split()[1]) * 1024 for x in status.splitlines() if x.startswith("VmHWM"))
+
+
+def startup_worker(model_dir: str, result: str) -> None:
+    """One rank's start-up as train.py's: the policy and the reference loaded and sharded. Rank 0 writes each rank's
+    peak RSS before and after, its FSDP share (local shards of both models) and the largest tensor to `result`."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import torch.distributed as dist
+
+    import common
+    rank, world, device = common.init_distributed()
+    before, cfg = hwm_bytes(), common.ModelConfig(path=model_dir)
+    policy = common.shard_model(common.load_model(model_dir, cfg, device), cfg, device)
+    ref = common.shard_model(common.load_model(model_dir, cfg, device, trainable=False), cfg, device)
+    tensors = [t for m in (policy, ref) for t in (*m.parameters(), *m.buffers())]
+    share = sum(getattr(t, "_local_tensor", t).numel() * t.element_size() for t in tensors)
+    largest = max(t.numel() * t.element_size() for t in policy.parameters())
+    rows = [None] * world
+    dist.all_gather_object(rows, {"rank": rank, "hwm_before": before, "hwm_after": hwm_bytes(), "share": share,
+                                  "largest_tensor": largest})
+    if rank == 0:
+        Path(result).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def startup(model_dir: Path, out: Path, nproc: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    import common
+    result = out / "startup.json"
+    common.launch(startup_worker, nproc, str(model_dir), str(result))
+    rows = json.loads(result.read_text())
+    print("rank  RSS before load GB  peak RSS after GB  growth GB  FSDP share GB  growth / (share + largest tensor)")
+    for r in rows:
+        growth = (r["hwm_after"] - r["hwm_before"]) / 1e9
+        print(f"{r['rank']:>4} {r['hwm_before'] / 1e9:>19.2f} {r['hwm_after'] / 1e9:>18.2f} {growth:>10.2f} "
+              f"{r['share'] / 1e9:>14.2f} {growth * 1e9 / (r['share'] + r['largest_tensor']):>10.2f}")
+    print("RESULT " + json.dumps({"startup": rows}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--text-layers", type=int, default=2)
     ap.add_argument("--vision-blocks", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--startup-only", action="store_true", help="measure the ranks' start-up memory only")
+    ap.add_argument("--untied", action="store_true", help="untied embeddings and lm_head (as 7B; 3B ties them)")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks (--startup-only)")
     a = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="vlrl-scale-"))
     t0 = time.time()
-    model_dir, data, params = build(out, a.text_layers, a.vision_blocks)
-    print(f"model: {params / 1e6:.0f}M params ({a.text_layers} decoder layers, {a.vision_blocks} vision blocks), "
-          f"built in {time.time() - t0:.0f} s")
+    model_dir, data, params = build(out, a.text_layers, a.vision_blocks, tied=not a.untied)
+    print(f"model: {params / 1e6:.0f}M params ({a.text_layers} decoder layers, {a.vision_blocks} vision blocks, "
+          f"{'untied' if a.untied else 'tied'}), built in {time.time() - t0:.0f} s")
+    if a.startup_only:
+        return startup(model_dir, out, a.nproc)
     run = out / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--model.path", str(model_dir), "--data.train", str(data),
            "--data.validation", str(data), "--out-dir", str(run), "--nproc", "2", "--max-steps", str(a.steps),
