@@ -56,7 +56,7 @@ path.write_text(src)
 EOF
   fi
   "$PY" -c "import torchvision, vllm" || { echo "[setup] torchvision/vllm import failed" >&2; exit 1; }
-  # Byte-compile the venv now: where PYTHONDONTWRITEBYTECODE is set (as on this machine and its CI) Python never
+  # Byte-compile the venv now: where PYTHONDONTWRITEBYTECODE is set (as on this machine) Python never
   # caches what it compiles, and every process (each rank, engine and test subprocess) would spend 10-30 s
   # compiling torch, transformers and vLLM again. compileall exits 1 for the few files written for newer Pythons
   # (never imported here), so its status is not checked; the import above already proved the install.
