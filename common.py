@@ -10,14 +10,10 @@
 - Checkpoints: HF weights via `save_pretrained`, the optimizer via torch.distributed.checkpoint (reshards when the
   rank count changes), written atomically; `latest_checkpoint`, `load_trainer_state`.
 - Runs: `prepare_out_dir`, `batch_indices` (the rows of a step), `MetricsLogger` and `read_jsonl` (our own files).
-- Still here with one user each, until their modules have room: `bounded_map` (reward.py's judge processes) and
-  `figure` / `mean_std` (evaluate.py's report).
+- Still here with one user, until its module has room: `figure` / `mean_std` (evaluate.py's report).
 """
 from __future__ import annotations
 
-import atexit
-import gc
-import itertools
 import json
 import math
 import os
@@ -26,7 +22,6 @@ import shutil
 import signal
 import statistics
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -276,113 +271,7 @@ def die_with_parent() -> None:
     never outlive a launcher killed by an OOM killer or a scheduler. A no-op on other systems."""
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
-
-
-_POOLS: dict = {}  # fn -> [[process, connection, the thread that forked it] per worker]; made by process _POOLS_PID
-_POOLS_PID, _POOLS_LOCK = 0, threading.Lock()
-
-
-def _serve(fn, conn) -> None:
-    """A pool process: answer each item from conn with fn(*item) (or the exception it raised), until EOF. It dies with
-    the thread that forked it; Ctrl-C is its parent's."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
-    gc.freeze()  # the inherited heap (torch's, in a trainer) is never garbage here: no collection walks it again
-    try:
-        while True:
-            item = conn.recv()
-            try:
-                conn.send(fn(*item))
-            except Exception as e:
-                conn.send(e)
-    except EOFError:
-        return
-
-
-def _fork(fn, k: int) -> None:
-    """(Re)start process k of fn's pool: killed if alive, then forked (spawn would re-import the caller's __main__)."""
-    import multiprocessing as mp
-    if pool := _POOLS[fn][k]:
-        pool[0].kill()
-        pool[0].join()
-    conn, child = mp.Pipe()
-    _POOLS[fn][k] = [mp.get_context("fork").Process(target=_serve, args=(fn, child), daemon=True), conn,
-                     threading.current_thread()]
-    _POOLS[fn][k][0].start()
-    child.close()  # only the child holds that end now: its death is EOF here
-
-
-def close_pools() -> None:
-    """Kill every bounded_map process (registered with atexit); the next call forks new ones."""
-    for proc, *_ in [w for ws in _POOLS.values() for w in ws if w] if _POOLS_PID == os.getpid() else []:
-        proc.kill()
-        proc.join()
-    _POOLS.clear()
-
-
-def bounded_map(fn, items: list[tuple], workers: int, timeout_s: float, warm_up=None) -> list:
-    """[fn(*item) for item in items], each computed in one of `workers` processes forked by the calling thread and
-    reused by its later calls (`warm_up()` runs here once, before the first fork, so that the imports it pays are
-    shared). This thread gives each idle process the next item and waits on them all: past timeout_s on an item (one
-    C call that never returns included), or dead, a process is killed and replaced, and that item's result is the
-    reason, a str starting 'timeout:' or 'worker_died:' (so fn must not return a str). fn's exceptions raise here."""
-    global _POOLS_PID
-    from multiprocessing.connection import wait
-    # Each process holds up to two items (the second waits in its pipe, so it never idles on this thread's round
-    # trip); `queued[k]` are process k's items in order, `deadline[k]` is its head item's (from when it started).
-    out, todo, queued, deadline = [None] * len(items), list(range(len(items)))[::-1], {}, {}
-    with _POOLS_LOCK:
-        if _POOLS_PID != os.getpid():  # a new process, or a forked child of the one that made the pools
-            close_pools()
-            atexit.unregister(close_pools)  # registered once, however many pools a process makes
-            atexit.register(close_pools)
-            _POOLS_PID = os.getpid()
-        if len(_POOLS.get(fn, ())) != workers:
-            for proc, *_ in [w for w in _POOLS.pop(fn, []) if w]:
-                proc.kill()
-                proc.join()
-            if warm_up:
-                warm_up()
-            _POOLS[fn] = [None] * workers
-        try:
-            for k, w in enumerate(_POOLS[fn]):  # a process dies with the thread that forked it: fork this thread's
-                if not w or not w[0].is_alive() or w[2] is not threading.current_thread():
-                    _fork(fn, k)
-            while todo or any(queued.values()):
-                for depth, k in itertools.product((1, 2), range(workers)):  # each process one item, then a second
-                    if todo and len(queued.setdefault(k, [])) < depth:
-                        queued[k].append(i := todo.pop())
-                        _POOLS[fn][k][1].send(items[i])
-                        deadline[k] = deadline[k] if depth > 1 else time.monotonic() + timeout_s
-                busy = [k for k in queued if queued[k]]
-                wait_s = max(0.0, min(deadline[k] for k in busy) - time.monotonic())
-                ready = wait([_POOLS[fn][k][1] for k in busy], wait_s)
-                for k in busy:
-                    proc, conn, _ = _POOLS[fn][k]
-                    if conn in ready:
-                        try:
-                            res = conn.recv()
-                        except (EOFError, OSError):
-                            res = f"worker_died: process exited with code {proc.join(1) or proc.exitcode}"
-                    elif time.monotonic() >= deadline[k]:
-                        res = f"timeout: exceeded {timeout_s} s"
-                    else:
-                        continue
-                    if isinstance(res, BaseException):
-                        raise res
-                    out[queued[k].pop(0)] = res
-                    if isinstance(res, str):  # the item after it goes back to the queue, to a new process
-                        todo += queued[k][::-1]
-                        queued[k] = []
-                        _fork(fn, k)
-                    deadline[k] = time.monotonic() + timeout_s
-        except BaseException:  # an item in flight would leak into the next call: start afresh
-            close_pools()
-            raise
-    return out
-
 
 
 def launch(worker, nproc: int, *args) -> None:

@@ -6,14 +6,15 @@ Score of one response (MAYE, arXiv 2504.02587: accuracy + format + language pena
 accuracy is 1/0 from `judge`: the last \\boxed{...} (all boxes, for a gold of several parts) vs the gold answer after
 MAYE-style normalisation (degrees, %, units, \\text{}, `x=5`, choice letters), part by part (`x=1, y=2`: the parts
 must match as sets); numbers within rel_tol (exact for an integer gold), also inside tuples, intervals and matrices;
-the rest by math-verify. Each judgement runs in a judge process (common.bounded_map), bounded by timeout_s whichever
-thread calls: past it (a Python loop or one C call alike), or if it dies, the process is killed and replaced and the
-item gets accuracy 0 with the reason.
+the rest by math-verify. Each judgement runs in a judge process (pebble's ProcessPool), bounded by timeout_s
+whichever thread calls: past it (a Python loop or one C call alike), or if it dies, the process is killed and replaced
+and the item gets accuracy 0 with the reason.
 
 Run alone:  python reward.py --responses R.jsonl [--out scored.jsonl] [--reward.num-workers 2]
 """
 import json
 import math
+import multiprocessing
 import numbers
 import os
 import re
@@ -24,7 +25,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import bounded_map, read_jsonl
+import pebble
+
+from common import die_with_parent, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -333,10 +336,34 @@ def _score_unbounded(response: str, answer: str, finished: bool, cfg: RewardConf
     return _result(acc + cfg.format_weight * fmt + cfg.language_penalty * mixed, acc, fmt, reason, pred, mixed)
 
 
-# ---- scoring a batch: in judge processes (common.bounded_map), one item in flight each, killed and replaced past
-# timeout_s. The warm-up judgements (one per math-verify path) pay the lazy imports (~1 s) once, before the first fork.
+# ---- scoring a batch: in judge processes (pebble's ProcessPool), one item at a time each; past timeout_s a process is
+# killed and replaced, and its item gets the reason. The warm-up judgements (one per math-verify path) pay the lazy
+# imports (~1 s) once, before the first fork, so that every judge inherits them.
 _WARM_UP = (("2\\sqrt{3}", "\\sqrt{12}"), ("3.46", "2\\sqrt{3}"), ("[1,2)", "(1,2]"), ("x \\geq 2", "[2,\\infty)"),
             ("\\{2,1\\}", "\\{1,2\\}"), ("y=1+2x", "y=2x+1"), ("r^2\\pi", "\\pi r^2"))
+_JUDGES: dict[tuple[int, int], pebble.ProcessPool] = {}  # (pid, workers) -> the pool this process made
+
+
+def judges(workers: int) -> pebble.ProcessPool:
+    """This process's pool of `workers` judge processes, made on first use and reused. Forked, not spawned: spawn
+    would re-import the caller's __main__ (a trainer); each judge dies with this process (common.die_with_parent)."""
+    pool = _JUDGES.get((os.getpid(), workers))
+    if pool is None or not pool.active:   # new, or stopped
+        for p, g in _WARM_UP:
+            judge(p, g)
+        _JUDGES[os.getpid(), workers] = pebble.ProcessPool(workers, initializer=die_with_parent,
+                                                           context=multiprocessing.get_context("fork"))
+    return _JUDGES[os.getpid(), workers]
+
+
+def _outcome(future, timeout_s: float):
+    """A judge's result dict, or why there is none: 'timeout: ...' or 'worker_died: ...'. fn's exceptions raise."""
+    try:
+        return future.result()
+    except TimeoutError:
+        return f"timeout: exceeded {timeout_s} s"
+    except pebble.ProcessExpired as e:
+        return f"worker_died: process exited with code {e.exitcode}"
 
 
 def score_batch(responses: list[str], answers: list[str], finished: list[bool] | None = None,
@@ -354,18 +381,14 @@ def score_batch(responses: list[str], answers: list[str], finished: list[bool] |
         load_fn(cfg.fn)  # fail fast, here, with a clear message, rather than once per item in the judges
     fail = [next((f"bad_input: {k} is {type(v).__name__}, expected str" for k, v in (("response", r), ("answer", a))
                   if not isinstance(v, str)), "") for r, a in zip(responses, answers)]
-    todo = [(r, a, bool(f), cfg) for r, a, f, why in zip(responses, answers, finished, fail) if not why]
-    done, out = iter(bounded_map(_score_unbounded, todo, max(cfg.num_workers, 1), cfg.timeout_s,
-                                 lambda: [judge(p, g) for p, g in _WARM_UP])), []
+    pool = judges(max(cfg.num_workers, 1))
+    futures = iter([pool.schedule(_score_unbounded, (r, a, bool(f), cfg), timeout=cfg.timeout_s)
+                    for r, a, f, why in zip(responses, answers, finished, fail) if not why])
+    out = []
     for f, why in zip(finished, fail):
-        res = why or next(done)  # a result dict, or why there is none: bad_input, timeout, worker_died
+        res = why or _outcome(next(futures), cfg.timeout_s)  # a result dict, or why there is none
         out.append(res if isinstance(res, dict) else _result(cfg.penalty if not f else 0.0, 0.0, 0.0, res))
     return out
-
-
-def score_response(response: str, answer: str, finished: bool = True, cfg: RewardConfig = RewardConfig()) -> dict:
-    """score_batch for one response: {score, accuracy, format, reason, pred, mixed_language}."""
-    return score_batch([response], [answer], [finished], cfg)[0]
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------------

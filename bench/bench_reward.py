@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
 import reward  # noqa: E402
 
 FILLER = ["Consider triangle $ABC$ with $AB = %d$ and $\\angle ABC = %d^\\circ$.",
@@ -97,7 +96,9 @@ def main():
             timeouts = sum(r["reason"].startswith("timeout") for r in res)
             print(f"workers={workers} rep={rep}: {args.n} in {dt:.2f} s = {args.n / dt:.0f}/s, "
                   f"accuracy {accs[-1]:.3f}, agrees with construction {agree[-1]:.3f}, timeouts {timeouts}")
-        common.close_pools()
+        pool = reward.judges(workers)
+        pool.stop()
+        pool.join()
         result[f"per_s_workers_{workers}"] = round(statistics.median(rates), 1)
         result[f"startup_s_workers_{workers}"] = round(startup, 3)
         result[f"accuracy_workers_{workers}"] = round(statistics.median(accs), 3)

@@ -17,12 +17,16 @@ from pathlib import Path
 
 import pytest
 
-import common
 import reward
-from reward import RewardConfig, extract_boxed, numbers_match, score_batch, score_response
+from reward import RewardConfig, extract_boxed, numbers_match, score_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = RewardConfig(num_workers=2, timeout_s=5.0)
+
+
+def score_response(response: str, answer: str, finished: bool = True, cfg: RewardConfig = RewardConfig()) -> dict:
+    return score_batch([response], [answer], [finished], cfg)[0]
+
 
 # (response, gold, expected accuracy). The response is a full model output; the answer is in its last box.
 B = "Let me solve it step by step. The final answer is \\boxed{%s}."
@@ -119,8 +123,8 @@ def test_public_suite_no_false_positive_and_at_least_math_verify():
     res = score_batch([r["response"] for r in MV_TABLE], [r["gold"] for r in MV_TABLE], cfg=POOL)
     ours = [x["accuracy"] > 0 for x in res]
     assert [(r["source"], r["gold"]) for r, o in zip(MV_TABLE, ours) if o and not r["expected"]] == []
-    mv = common.bounded_map(_raw_math_verify, [(r["gold"], r["response"]) for r in MV_TABLE], 2, 60.0)
-    assert not [m for m in mv if isinstance(m, str)]  # no math-verify judgement timed out or died
+    pool = reward.judges(2)   # forked after the warm-up: math-verify imported once
+    mv = [f.result() for f in [pool.schedule(_raw_math_verify, (r["gold"], r["response"])) for r in MV_TABLE]]
     agree_ours, agree_mv = (sum(v == r["expected"] for v, r in zip(vs, MV_TABLE)) for vs in (ours, mv))
     assert agree_ours >= agree_mv, (agree_ours, agree_mv)
 
@@ -399,8 +403,8 @@ def test_custom_fn(tmp_path):
 # ----------------------------------------------------------------------------------------------- pool lifecycle
 def test_pool_reused_restarted_and_closed(tmp_path):
     f = _spin_file(tmp_path)
-    first = _pids(8, f)
-    assert len(first) <= 2 and _pids(8, f) == first                 # reused, not re-spawned
+    first = _pids(8, f) | _pids(8, f) | _pids(8, f)
+    assert len(first) <= 2                # reused, not re-spawned (which judge takes an item is the pool's choice)
     victim = min(first)
     os.kill(victim, signal.SIGKILL)       # a judge that dies while idle is replaced without losing an item
     time.sleep(0.5)
@@ -408,8 +412,9 @@ def test_pool_reused_restarted_and_closed(tmp_path):
     assert [r["accuracy"] for r in res] == [1.0] * 4
     assert victim not in _pids(8, f)
     last = _pids(8, f)
-    common.close_pools()
-    assert common._POOLS == {}
+    pool = reward.judges(2)
+    pool.stop()
+    pool.join()
     time.sleep(0.5)
     for pid in last:                      # no judge left behind
         with pytest.raises(ProcessLookupError):
@@ -417,7 +422,7 @@ def test_pool_reused_restarted_and_closed(tmp_path):
 
 
 def test_workers_are_killed_at_exit(tmp_path):
-    """A process that scores and exits without close_pool (atexit does it) leaves no judge process behind."""
+    """A process that scores and exits without stopping its pool leaves no judge process behind."""
     code = (f"import reward; r = reward.score_batch(['x'] * 8, ['1'] * 8, cfg=reward.RewardConfig(num_workers=2, "
             f"fn={str(_spin_file(tmp_path)) + ':pid'!r})); print(*{{int(x['accuracy']) for x in r}})")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -453,5 +458,5 @@ def test_cli(tmp_path):
 
 
 def test_import_has_no_side_effects():
-    code = "import reward, common, threading; assert common._POOLS == {} and threading.active_count() == 1"
+    code = "import reward, threading; assert reward._JUDGES == {} and threading.active_count() == 1"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
