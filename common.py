@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import sys
 import time
 import traceback
@@ -316,23 +315,6 @@ def init_distributed(threads: int = 0) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def broadcast(obj, src: int = 0):
-    """`obj` of rank `src` on every rank (pickled; for per-step results such as completions and scores)."""
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_reduce_sums(sums: dict[str, float], keys: Iterable[str]) -> dict[str, float]:
-    """Sum the named float `keys` of `sums` over ranks (one all-reduce; every rank passes the same keys)."""
-    import torch.distributed as dist
-    keys = list(keys)
-    t = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
-
-
 def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: bool = True, resume: Path | None = None):
     """An HF Qwen-VL model in fp32 (master weights), with the configured parts frozen and, for a trainable model with
     cfg.lora_rank > 0, LoRA adapters (B = 0: the model is unchanged) on the language model's linear layers. A resumed
@@ -428,19 +410,6 @@ def merge_lora(named: Iterable[tuple[str, torch.Tensor]], scales: dict[str, floa
 def lora_scales(model) -> dict[str, float]:
     """{layer name: alpha / rank} of the LoRA layers ({} without LoRA)."""
     return {name: m.scaling["default"] for name, m in model.named_modules() if hasattr(m, "lora_A")}
-
-
-def sync_weights(model, engine) -> None:
-    """Stream the model's full weights (LoRA merged in) to the engine (an EngineClient, on rank 0; None elsewhere) one
-    tensor at a time: each DTensor.full_tensor() is a collective, so every rank walks the same state dict. No full
-    copy of the model is made anywhere (full_state_dict would make one, in fp32, on rank 0)."""
-    from torch.distributed.tensor import DTensor
-    named = ((k, v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items())
-    if engine is None:
-        for _ in named:
-            pass
-    else:
-        engine.update_weights(merge_lora(named, lora_scales(model)))
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
@@ -607,45 +576,3 @@ def read_jsonl(path, need: tuple[str, ...] = (), check: Callable[[dict], str] = 
             raise DataError(f"{source}: {why}")
         rows.append(row)
     return rows
-
-
-# --------------------------------------------------------------------------------------------------------------
-# reports (evaluate.py's figures)
-# --------------------------------------------------------------------------------------------------------------
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1; 0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def figure(path: Path, title: str, panels: list, arms: dict[str, str], colours: dict[str, str], ncols: int, figsize,
-           empty: str, ylim=None):
-    """PNG of panels (title, xlabel, ylabel, [(label suffix, line style, {run: {x: y}})]): per arm (in the order and
-    colours of `colours`), mean ± std (shaded, clipped at 0 for non-negative data) across its runs (`arms`: run ->
-    arm); a vanilla arm with one point per run as a dashed level."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
-    fig = Figure(figsize=figsize, constrained_layout=True)
-    axes = fig.subplots(-(-len(panels) // ncols), ncols, squeeze=False)
-    for ax, (panel_title, xlabel, ylabel, curves) in zip(axes.flat, panels):
-        for arm, colour in colours.items():
-            for suffix, style, data in curves:
-                if not (per_run := [s for run, s in data.items() if arms[run] == arm and s]):
-                    continue
-                xs = sorted({x for s in per_run for x in s})  # mean, std at each x over the runs that have it
-                m, sd = zip(*[mean_std([s[x] for s in per_run if x in s]) for x in xs])
-                label = f"{arm}{suffix} (n={len(per_run)})"
-                if arm == "vanilla" and len(xs) == 1:  # an untrained model: a level across the panel
-                    ax.axhline(m[0], color=colour, ls="--", lw=1.8, label=label)
-                    ax.axhspan(m[0] - sd[0], m[0] + sd[0], color=colour, alpha=0.12 if sd[0] else 0, lw=0)
-                    continue
-                ax.plot(xs, m, style, color=colour, label=label, lw=1.8, marker="o" if len(xs) < 12 else None, ms=3)
-                floor = 0.0 if min(v for s in per_run for v in s.values()) >= 0 else -math.inf
-                ax.fill_between(xs, [max(a - b, floor) for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
-                                color=colour, alpha=0.18, lw=0)
-        ax.set(title=panel_title, xlabel=xlabel, ylabel=ylabel, **({"ylim": ylim} if ylim else {}))
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=9)
-        else:
-            ax.text(0.5, 0.5, empty, ha="center", va="center", color="0.4", transform=ax.transAxes)
-    fig.suptitle(title, fontsize=14)
-    fig.savefig(path, dpi=110)

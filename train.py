@@ -21,7 +21,7 @@ needs only the checkpointed weights, optimizer and scheduler to continue exactly
 
 Simplifications: the learning-rate schedule advances once per generation step (MAYE: per optimizer step); dynamic
 sampling drops constant-score groups without resampling more prompts; weights reach the engine streamed through a pipe
-in buckets (common.sync_weights; a multi-GPU run would rather use NCCL or vLLM's weight-transfer API).
+in buckets (sync_weights; a multi-GPU run would rather use NCCL or vLLM's weight-transfer API).
 
 Run:
     python train.py --help
@@ -42,10 +42,10 @@ import tyro
 
 from advantage import (AdvantageConfig, compute_advantages, kl_penalty, loss_normalizer, policy_loss,
                        rollout_correction, select_samples)
-from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, all_reduce_sums, batch_indices, broadcast,
-                    build_optimizer, check_model, clip_grad_norm, engine_gpu, format_line, init_distributed,
-                    latest_checkpoint, launch, load_model, load_trainer_state, micro_batches, prepare_out_dir, print0,
-                    save_checkpoint, shard_model, sync_weights, to_device)
+from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, batch_indices, build_optimizer, check_model,
+                    clip_grad_norm, engine_gpu, format_line, init_distributed, latest_checkpoint, launch, load_model,
+                    load_trainer_state, lora_scales, merge_lora, micro_batches, prepare_out_dir, print0,
+                    save_checkpoint, shard_model, to_device)
 from data import DataConfig, collate, fits_model, load_dataset
 from evaluate import reflection_stats, validate
 from reward import RewardConfig, score_batch
@@ -273,6 +273,33 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             **{f"reflection/{k}": v for k, v in reflection_stats([c.text if c.own_text is None else c.own_text
                                                                   for c in comps], [a > 0 for a in acc]).items()}
             }
+
+
+def broadcast(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (pickled; for per-step results such as completions and scores)."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sums(sums: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """Sum the named float `keys` of `sums` over ranks (one all-reduce; every rank passes the same keys)."""
+    t = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def sync_weights(model, engine) -> None:
+    """Stream the model's full weights (LoRA merged in) to the engine (an EngineClient, on rank 0; None elsewhere) one
+    tensor at a time: each DTensor.full_tensor() is a collective, so every rank walks the same state dict. No full
+    copy of the model is made anywhere (full_state_dict would make one, in fp32, on rank 0)."""
+    from torch.distributed.tensor import DTensor
+    named = ((k, v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items())
+    if engine is None:
+        for _ in named:
+            pass
+    else:
+        engine.update_weights(merge_lora(named, lora_scales(model)))
 
 
 def start_run(args: Args, rank: int, world: int, device, total_steps: int):

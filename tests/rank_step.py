@@ -80,7 +80,7 @@ def run_case(policy, processor, samples, case: dict, rank: int, world: int, devi
     if "ref_lp" in case:                                              # a given pi_ref (B, T)
         ref_lp = case["ref_lp"]
     optimizer, B = RecordingOptimizer(policy), len(comps)
-    sums = common.all_reduce_sums(train.ppo_update(
+    sums = train.all_reduce_sums(train.ppo_update(
         policy, optimizer, samples, comps, list(range(B)), adv, mask, old_lp, ref_lp, ent,
         torch.Generator().manual_seed(0), processor, args, 0, rank, world, device), train.SUM_KEYS)
     scored = [{"accuracy": 0.0, "format": 0.0}] * B
@@ -98,11 +98,11 @@ def update_worker(model_dir: str, samples: list, cases: list[dict], out_file: st
     processor = __import__("transformers").AutoProcessor.from_pretrained(model_dir)
     policy = common.load_model(model_dir, common.ModelConfig(path=model_dir), device).double()
     policy = common.shard_model(policy, common.ModelConfig(path=model_dir), device)
-    common.broadcast({"step": 0})                                     # train.py step 2 broadcasts the scored batch
+    train.broadcast({"step": 0})                                     # train.py step 2 broadcasts the scored batch
     results = [run_case(policy, processor, samples, case, rank, world, device) for case in cases]
     responses = [c.token_ids for c in cases[0]["comps"]]
     sft.validation_loss(policy, processor, samples, responses, data.DataConfig(), 2, rank, world, device)
-    common.sync_weights(policy, None)
+    train.sync_weights(policy, None)
     if rank == 0:
         torch.save({"backend": backend, "collectives": sorted(set(log)), "results": results}, out_file)
     torch.distributed.barrier()

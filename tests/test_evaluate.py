@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import evaluate as ev
+import report
 from reward import RewardConfig
 from data import Sample
 from rollout import Completion
@@ -165,7 +166,7 @@ def fake_runs():
 def test_aggregate_hand():
     runs = fake_runs()
     arms = {"rl0": "rl", "rl1": "rl", "sft0": "sft", "sft1": "sft", "base": "vanilla"}
-    agg = ev.aggregate(runs, arms, "test", "pass@1_t0.01")
+    agg = report.aggregate(runs, arms, "test", "pass@1_t0.01")
     # rl0: mean (0.3+0.5+0.4)/3 = 0.4, max 0.5;  rl1: mean (0.2+0.6+0.7)/3 = 0.5, max 0.7
     # means 0.4, 0.5 -> mean 0.45, sample std sqrt(((-.05)^2 + .05^2)/1) = 0.0707107
     # maxes 0.5, 0.7 -> mean 0.6, std sqrt(0.01 + 0.01) = 0.1414214
@@ -176,10 +177,10 @@ def test_aggregate_hand():
     assert agg["sft"]["mean"] == pytest.approx((0.2, math.sqrt(0.005)))
     assert agg["sft"]["max"] == pytest.approx((0.25, math.sqrt(0.005)))
     assert agg["vanilla"]["mean"] == (0.25, 0.0) and agg["vanilla"]["per_run"]["base"]["epochs"] == 1
-    assert ev.aggregate(runs, arms, "validation", "pass@1_t0.01") == {}
-    lengths = ev.aggregate(runs, arms, "test", "pass@1_t0.01", metric="mean_length")
+    assert report.aggregate(runs, arms, "validation", "pass@1_t0.01") == {}
+    lengths = report.aggregate(runs, arms, "test", "pass@1_t0.01", metric="mean_length")
     assert lengths["sft"]["mean"] == pytest.approx((21.5, 0.0))  # both runs: (21 + 22) / 2
-    table = ev.table_markdown(runs, arms, ["test"], ["pass@1_t0.01"])
+    table = report.table_markdown(runs, arms, ["test"], ["pass@1_t0.01"])
     lines = [line for line in table.splitlines() if line.startswith("| ") and "run" in line]
     assert [line.split("|")[1].strip() for line in lines] == [
         "Vanilla (1 run)", "SFT mean (2 runs)", "RL mean (2 runs)", "SFT max (2 runs)", "RL max (2 runs)"]
@@ -195,7 +196,7 @@ def test_findings_written_from_the_numbers():
     metrics["rl0"] = [{"step": s, "response/lengths": L, "reflection/reflection_ratio": f}
                       for s, L, f in [(1, 10, 0.1), (2, 12, 0.3), (3, 11, 0.2), (4, 13, 0.2)]]
     metrics["rl1"] = [{"step": s, "response/lengths": 10 + s, "reflection/reflection_ratio": 0.0} for s in (1, 2, 3)]
-    text = "\n".join(ev.findings(runs, metrics, arms, ("validation", "test"), ("pass@1_t0.01", "pass@1_t0.6")))
+    text = "\n".join(report.findings(runs, metrics, arms, ("validation", "test"), ("pass@1_t0.01", "pass@1_t0.6")))
     # Table 3 means (test_aggregate_hand): RL 45.0 ± 7.1, SFT 20.0 ± 7.1, vanilla 25.0: a 25-point gap > 7.1
     assert ("- **test** (out of distribution), pass@1_t0.01, mean over epochs: vanilla 25.0, sft 20.0 ± 7.1, "
             "rl 45.0 ± 7.1, so RL leads by 25.0 points: more than the spread across runs.") in text
@@ -209,7 +210,7 @@ def test_findings_written_from_the_numbers():
     # r = (.15 + .05) / sqrt(5 * .02) = 0.632; rl1's reflection is constant: no r
     assert "correlate at +0.63 (Pearson, one figure per run" in text
     one = {"rl0": "rl", "sft0": "sft"}
-    assert "no spread to judge it by" in "\n".join(ev.findings({r: runs[r] for r in one}, {}, one, ("test",),
+    assert "no spread to judge it by" in "\n".join(report.findings({r: runs[r] for r in one}, {}, one, ("test",),
                                                               ("pass@1_t0.01",)))
 
 
@@ -247,7 +248,7 @@ def test_report_and_figures(tmp_path):
     runs["base"], metrics["base"] = rows_for([0.2], kind="vanilla", start_epoch=0, split="validation"), []
     arms = {r: rows[0]["kind"] for r, rows in runs.items()}
     out = tmp_path / "report"
-    path = ev.write_report(runs, metrics, arms, out, ("validation", "test"), ("pass@1_t0.01", "pass@1_t0.6"))
+    path = report.write_report(runs, metrics, arms, out, ("validation", "test"), ("pass@1_t0.01", "pass@1_t0.6"))
     for png in ("training_curves.png", "accuracy_per_epoch.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
@@ -261,9 +262,9 @@ def test_report_and_figures(tmp_path):
 
 def test_series_and_jsonl_errors(tmp_path):
     rows = [{"step": 1, "acc": 0.5}, {"step": 2}, {"step": 2, "acc": 1}, {"step": 2, "acc": 0.75}]
-    assert ev.series(rows, "acc", "step") == {1.0: 0.5, 2.0: 0.75}  # a later line at the same step wins
+    assert report.series(rows, "acc", "step") == {1.0: 0.5, 2.0: 0.75}  # a later line at the same step wins
     with pytest.raises(ValueError, match="'response/lengths' at step=4 is 'x'"):
-        ev.series([{"step": 4, "response/lengths": "x"}], "response/lengths", "step", "run/metrics.jsonl")
+        report.series([{"step": 4, "response/lengths": "x"}], "response/lengths", "step", "run/metrics.jsonl")
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "epoch": 0.5}\n\n{"epoch": 1.0}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:3: missing field 'step'"):
