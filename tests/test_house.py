@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("common", "data", "rollout", "reward", "advantage", "train", "evaluate", "sft", "toy")
+MODULES = ("common", "data", "rollout", "reward", "advantage", "train", "evaluate", "report", "sft", "toy")
 # `rollout.py`, `toy/data/train.jsonl`, `--rollout.n`, `args.data.train`: file names, paths, flags and attributes
 REFERENCE = re.compile(r"(?<![\w./\-$])(" + "|".join(MODULES) + r")\.([A-Za-z_]\w*)")
 FILE_SUFFIXES = {"py", "jsonl", "json", "parquet", "md", "png", "txt", "sh"}
@@ -82,9 +82,10 @@ def over_budget(path: Path, max_lines: int, functions: bool = True) -> list[str]
 
 
 def test_modules_keep_their_budgets():
-    """Each stage script and data.py <= 400 lines; in every module no function over 60 lines, and in every module,
+    """Each stage script, data.py and report.py (evaluate.py's report) <= 400 lines; in every module no function over
+    60 lines, and in every module,
     test and bench no line over 120 characters (a budget is met by plainer code, never by moving or squeezing it)."""
-    modules = {ROOT / f"{m}.py": 400 if m in (*STAGES, "data") else 10**6 for m in MODULES}
+    modules = {ROOT / f"{m}.py": 400 if m in (*STAGES, "data", "report") else 10**6 for m in MODULES}
     broken = [b for path, max_lines in modules.items() for b in over_budget(path, max_lines)]
     broken += [b for path in [*ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py")]
                for b in over_budget(path, 10**6, functions=False)]
@@ -93,9 +94,9 @@ def test_modules_keep_their_budgets():
 
 @pytest.mark.xfail(strict=True, reason="issue 27: common.py holds more than what two or more modules share")
 def test_common_and_the_whole_keep_their_budgets():
-    """common.py <= 500 lines, and the six stages with data.py and common.py <= 3,383 lines (issue 27). Strict: when
-    it passes, this mark must go."""
-    sizes = {m: len((ROOT / f"{m}.py").read_text().splitlines()) for m in (*STAGES, "data", "common")}
+    """common.py <= 500 lines, and the six stages with data.py, common.py and report.py (split from evaluate.py)
+    <= 3,383 lines (issue 27). Strict: when it passes, this mark must go."""
+    sizes = {m: len((ROOT / f"{m}.py").read_text().splitlines()) for m in (*STAGES, "data", "common", "report")}
     assert sizes["common"] <= 500 and sum(sizes.values()) <= 3383, sizes
 
 
