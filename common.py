@@ -1,16 +1,14 @@
-"""common.py: what two or more of vlrl's modules share, and nothing else; code with one user lives with it.
+"""common.py: what two or more of vlrl's modules share, and nothing else; code with one user lives with that user.
 
 - Processes: `launch` starts the training ranks (or runs in place under torchrun), `init_distributed` joins the
-  process group, `broadcast` / `all_reduce_sums` move per-step results, `die_with_parent` ties a child's life to
-  its parent's.
-- The engine process and its client (`EngineClient`, train.py and sft.py's handle on rollout.make_engine's engine):
-  the same calls over a pipe, the weights streamed in buckets (`sync_weights`).
+  process group, `die_with_parent` ties a child's life to its parent's.
+- The engine process and its client (`EngineClient`, train.py's and sft.py's handle on rollout.make_engine's engine):
+  the engine's methods over a pipe, the weights streamed in buckets.
 - Model and optimizer: `load_model` (fp32 master weights, frozen parts, LoRA), `shard_model` (FSDP2),
   `build_optimizer`, `clip_grad_norm`.
 - Checkpoints: HF weights via `save_pretrained`, the optimizer via torch.distributed.checkpoint (reshards when the
   rank count changes), written atomically; `latest_checkpoint`, `load_trainer_state`.
 - Runs: `prepare_out_dir`, `batch_indices` (the rows of a step), `MetricsLogger` and `read_jsonl` (our own files).
-- Still here with one user, until its module has room: `figure` / `mean_std` (evaluate.py's report).
 """
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ import shutil
 import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -32,51 +29,10 @@ import torch
 from data import DataError, file_rows
 
 
-# ---- The engine process (rollout.make_engine's engine, served over a pipe) and its client
+# ---- The engine's client (rollout.serve_engine serves rollout.make_engine's engine over a pipe)
 def engine_dtype(name: str) -> torch.dtype:
     """--rollout.dtype as a torch dtype: auto = bfloat16 on GPU, float32 on CPU."""
     return getattr(torch, name if name != "auto" else "bfloat16" if torch.cuda.is_available() else "float32")
-
-
-def _receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
-    """The engine's side of EngineClient.update_weights: (name, tensor) views of one received bucket at a time. Each
-    bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete), read straight from the
-    pipe's socket: Connection.recv_bytes_into would copy it through a BytesIO (5x slower, bench/bench_sync.py)."""
-    import socket
-    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-        while (header := conn.recv()) is not None:
-            nbytes, entries = header
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            view, got = memoryview(buf.numpy()), 0
-            while got < nbytes:
-                if not (n := sock.recv_into(view[got:])):
-                    raise EOFError
-                got += n
-            for name, dtype, shape, start in entries:
-                n = math.prod(shape) * dtype.itemsize
-                yield name, buf[start:start + n].view(dtype).view(shape)
-
-
-def engine_main(conn, make_engine, model_dir: str, cfg, data_cfg, env: dict) -> None:
-    """The engine process: build make_engine(model_dir, cfg, data_cfg), then answer (method, args) calls over `conn`
-    until "close" or EOF; update_weights streams its weights in buckets (`_receive_weights`)."""
-    os.environ.update(env)
-    die_with_parent()
-    try:
-        engine = make_engine(model_dir, cfg, data_cfg)
-        while (msg := conn.recv()) != "close":      # EOFError (rank 0 died) ends the process too
-            if msg[0] == "update_weights":
-                engine.update_weights(weights := _receive_weights(conn))
-                if next(weights, None) is not None:         # the rest of the stream would be read as calls
-                    raise RuntimeError("the engine's update_weights stopped before the last weight")
-                conn.send(("ok", None))
-            else:
-                conn.send(("ok", getattr(engine, msg[0])(*msg[1])))
-    except EOFError:
-        return
-    except Exception:
-        conn.send(("error", traceback.format_exc()))   # rank 0 raises it
-        raise
 
 
 def engine_gpu(local_world: int, share: float = 0.0) -> str:
@@ -106,7 +62,8 @@ class EngineClient:
     """Rank 0's handle on the engine process (the last GPU, or the CPU): the engines' methods, forwarded over a pipe,
     so `rollout` and evaluate.py take either. A dead engine process raises RuntimeError at the next call."""
 
-    def __init__(self, make_engine, model_dir: str, cfg, data_cfg, bucket_mb: int = 64):
+    def __init__(self, serve, model_dir: str, cfg, data_cfg, bucket_mb: int = 64):
+        """serve(conn, model_dir, cfg, data_cfg, env): the engine process's main (rollout.serve_engine)."""
         import multiprocessing as mp
         from transformers import AutoTokenizer
         gpu = engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", 0)), cfg.gpu_memory_utilization)   # "" on the CPU
@@ -114,8 +71,7 @@ class EngineClient:
                {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=engine_main, args=(child, make_engine, model_dir, cfg, data_cfg, env),
-                                daemon=True)
+        self.proc = ctx.Process(target=serve, args=(child, model_dir, cfg, data_cfg, env), daemon=True)
         self.proc.start()
         child.close()              # only the engine holds that end now: its death is EOF here
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)     # for Forced Rethinking's triggers
@@ -210,20 +166,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 5e-6
-    """AdamW learning rate (MAYE: 5e-6)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    eps: float = 1e-5
-    """AdamW epsilon."""
-    warmup_ratio: float = 0.1
-    """Linear warm-up over this fraction of the steps, then cosine decay."""
-    min_lr_ratio: float = 0.0
-    """Cosine floor as a fraction of lr."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip (0 = off; the norm is logged either way)."""
+    lr: float = 5e-6  # AdamW learning rate (MAYE: 5e-6).
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas.
+    weight_decay: float = 0.01  # AdamW weight decay.
+    eps: float = 1e-5  # AdamW epsilon.
+    warmup_ratio: float = 0.1  # Linear warm-up over this fraction of the steps, then cosine decay.
+    min_lr_ratio: float = 0.0  # Cosine floor as a fraction of lr.
+    grad_clip: float = 1.0  # Gradient-norm clip (0 = off; the norm is logged either way).
 
 
 def print0(*a, **k):
@@ -420,26 +369,29 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return dict(merge_lora(full.items(), lora_scales(model)))
 
 
-def trained_state(model) -> dict[str, torch.Tensor]:
-    """The trainable entries of the model's (sharded) state dict: a LoRA run's checkpoint keeps them (its HF weights
-    are merged, so the adapters could not be recovered from them)."""
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in trained}
+def trainer_state(model, optimizer) -> dict:
+    """What torch.distributed.checkpoint saves and loads, sharded as each rank holds it: the optimizer's state, and a
+    LoRA run's trained weights (its HF weights are merged, so the adapters could not be recovered from them)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    if lora_scales(model):
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        state["trained"] = {k: v for k, v in model.state_dict().items() if k in trained}
+    return state
 
 
 def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, optimizer, scheduler, processor,
                     weights: dict | None = None, keep: int = 0, metrics: dict | None = None) -> Path:
     """Write out_dir/checkpoints/step_NNNNNN, complete or not at all (written as step_NNNNNN.tmp, then renamed):
-    an HF model folder (`save_pretrained` of the full weights, LoRA merged in, the processor), the optimizer state
-    sharded as each rank holds it (torch.distributed.checkpoint: a run resumed on another number of ranks reshards it;
-    a LoRA run's trained weights go with it), the scheduler and vlrl_state.json (with the step's `metrics` line: a run
-    killed before it logged that line gets it back on resume). A LoRA run also writes its adapters alone to adapter/
-    as peft's save_pretrained would (PeftModel.from_pretrained(base, adapter) loads it; a trained connector is only in
-    the merged weights). Then only the newest `keep` checkpoints stay (0 = all). A collective: call on all ranks."""
+    an HF model folder (`save_pretrained` of the full weights, LoRA merged in, the processor), `trainer_state`
+    (a run resumed on another number of ranks reshards it), the scheduler and vlrl_state.json (with the step's
+    `metrics` line: a run killed before it logged that line gets it back on resume). A LoRA run also writes its
+    adapters alone to adapter/ as peft's save_pretrained would (PeftModel.from_pretrained(base, adapter) loads it; a
+    trained connector is only in the merged weights). Then only the newest `keep` checkpoints stay (0 = all). A
+    collective: call on all ranks."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     from torch.distributed.tensor import DTensor
     weights = full_state_dict(model) if weights is None else weights
     lora = bool(lora_scales(model))
@@ -451,10 +403,7 @@ def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, opt
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    if lora:
-        state["trained"] = trained_state(model)
-    dcp.save(state, checkpoint_id=tmp / "optimizer")
+    dcp.save(trainer_state(model, optimizer), checkpoint_id=tmp / "optimizer")
     if dist.get_rank() == 0:
         model.save_pretrained(tmp, state_dict=weights)
         if lora:
@@ -482,11 +431,8 @@ def load_trainer_state(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Restore optimizer and scheduler from a checkpoint (the weights were loaded with the model; a LoRA run's trained
     weights are restored here); returns its vlrl_state.json. A collective: call on all ranks."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}   # the layout to load into
-    if lora_scales(model):
-        state["trained"] = trained_state(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    state = trainer_state(model, optimizer)   # the layout to load into
     dcp.load(state, checkpoint_id=ckpt / "optimizer")
     if "trained" in state:
         set_model_state_dict(model, state["trained"], options=StateDictOptions(strict=False))

@@ -49,7 +49,7 @@ from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, batch
 from data import DataConfig, DataError, Sample, blocked_token_ids, collate, fits_model, load_dataset, stop_token_ids
 from evaluate import validate
 from reward import RewardConfig
-from rollout import RolloutConfig, compute_logprobs, make_engine
+from rollout import RolloutConfig, compute_logprobs, serve_engine
 
 END_OF_TURN = "<|im_end|>"
 LOG_LINE = (("epoch {:.2f}", "epoch"), ("loss {:.4f}", "train/loss"), ("gnorm {:.3f}", "training/grad_norm"),
@@ -265,7 +265,7 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
                     metrics["val/loss"] = validation_loss(model, batch_processor, val_set, val_resp, args.data,
                                                           args.micro_batch_size, rank, world, device)
                     if rank == 0:
-                        engine = engine or EngineClient(make_engine, str(ckpt or args.model.path), args.rollout,
+                        engine = engine or EngineClient(serve_engine, str(ckpt or args.model.path), args.rollout,
                                                         args.data)
                         engine.update_weights(weights.items())
                         metrics.update(validate(engine, val_set, args.reward, args.rollout.max_tokens))

@@ -49,7 +49,7 @@ from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, batch
 from data import DataConfig, collate, fits_model, load_dataset
 from evaluate import reflection_stats, validate
 from reward import RewardConfig, score_batch
-from rollout import RolloutConfig, compute_logprobs, make_engine, rollout
+from rollout import RolloutConfig, compute_logprobs, rollout, serve_engine
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,7 @@ def start_run(args: Args, rank: int, world: int, device, total_steps: int):
     from transformers import AutoProcessor
     ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
-    engine = EngineClient(make_engine, str(ckpt or args.model.path), args.rollout, args.data) if rank == 0 else None
+    engine = EngineClient(serve_engine, str(ckpt or args.model.path), args.rollout, args.data) if rank == 0 else None
     policy = shard_model(load_model(args.model.path, args.model, device, resume=ckpt), args.model, device)
     ref = shard_model(load_model(args.model.path, args.model, device, trainable=False), args.model, device) \
         if args.advantage.kl_coef > 0 else None

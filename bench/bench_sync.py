@@ -8,6 +8,7 @@ widths of Qwen2.5-VL-3B's decoder (2048 x 11008 MLP, 2048 x 2048 attention), ~1 
 
     python bench/bench_sync.py
 """
+import functools
 import json
 import resource
 import sys
@@ -52,14 +53,14 @@ def one(model_dir: str, dtype: str, bucket_mb: int) -> dict:
     import torch
     from common import EngineClient
     from data import DataConfig
-    from rollout import RolloutConfig
+    from rollout import RolloutConfig, serve_engine
     g = torch.Generator().manual_seed(0)
     weights = {}
     for layer in range(3):                    # 3 x (3 MLP + 4 attention matrices) ~ 1.2 GB fp32
         for k, shape in [("up", (11008, 2048)), ("gate", (11008, 2048)), ("down", (2048, 11008)),
                          *[(p, (2048, 2048)) for p in "qkvo"]]:
             weights[f"layers.{layer}.{k}"] = torch.randn(shape, generator=g)
-    client = EngineClient(make_sink, model_dir, RolloutConfig(dtype=dtype), DataConfig(), bucket_mb=bucket_mb or 64)
+    client = EngineClient(functools.partial(serve_engine, make=make_sink), model_dir, RolloutConfig(dtype=dtype), DataConfig(), bucket_mb=bucket_mb or 64)
     client._call("stats")                                                   # started
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.time()
