@@ -9,6 +9,7 @@ must match as sets); numbers within rel_tol (exact for an integer gold), also in
 the rest by math-verify. Each judgement runs in a judge process (pebble's ProcessPool), bounded by timeout_s
 whichever thread calls: past it (a Python loop or one C call alike), or if it dies, the process is killed and replaced
 and the item gets accuracy 0 with the reason.
+import functools
 
 Run alone:  python reward.py --responses R.jsonl [--out scored.jsonl] [--reward.num-workers 2]
 """
@@ -290,20 +291,18 @@ def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[flo
     return match_all(preds, golds, same, ordered=False)
 
 
-_FN_CACHE: dict[str, object] = {}
-
-
+@functools.cache  # a failed load raises and is not cached
 def load_fn(spec: str):
-    """'path/file.py:func' -> the function (cached). Raises ValueError/FileNotFoundError naming the problem."""
+    """'path/file.py:func' -> the function. Raises ValueError/FileNotFoundError naming the problem."""
     path, _, name = spec.rpartition(":")
     if not path or not name:
         raise ValueError(f"--reward.fn must be 'path/file.py:func', got {spec!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--reward.fn: no file {path!r}")
-    if spec not in _FN_CACHE and not callable(_FN_CACHE.setdefault(spec, runpy.run_path(path).get(name))):
-        del _FN_CACHE[spec]
+    fn = runpy.run_path(path).get(name)
+    if not callable(fn):
         raise ValueError(f"--reward.fn: {path!r} has no function {name!r}")
-    return _FN_CACHE[spec]
+    return fn
 
 
 def _result(score, accuracy, fmt, reason, pred=None, mixed=False) -> dict:
