@@ -355,16 +355,6 @@ def judges(workers: int) -> pebble.ProcessPool:
     return _JUDGES[os.getpid(), workers]
 
 
-def _outcome(future, timeout_s: float):
-    """A judge's result dict, or why there is none: 'timeout: ...' or 'worker_died: ...'. fn's exceptions raise."""
-    try:
-        return future.result()
-    except TimeoutError:
-        return f"timeout: exceeded {timeout_s} s"
-    except pebble.ProcessExpired as e:
-        return f"worker_died: process exited with code {e.exitcode}"
-
-
 def score_batch(responses: list[str], answers: list[str], finished: list[bool] | None = None,
                 cfg: RewardConfig = RewardConfig()) -> list[dict]:
     """Score lists of responses (the formula at the top), in order, on max(cfg.num_workers, 1) judge processes reused
@@ -385,7 +375,12 @@ def score_batch(responses: list[str], answers: list[str], finished: list[bool] |
                     for r, a, f, why in zip(responses, answers, finished, fail) if not why])
     out = []
     for f, why in zip(finished, fail):
-        res = why or _outcome(next(futures), cfg.timeout_s)  # a result dict, or why there is none
+        try:  # a result dict, or why there is none; any other error raises
+            res = why or next(futures).result()
+        except TimeoutError:
+            res = f"timeout: exceeded {cfg.timeout_s} s"
+        except pebble.ProcessExpired as e:
+            res = f"worker_died: process exited with code {e.exitcode}"
         out.append(res if isinstance(res, dict) else _result(cfg.penalty if not f else 0.0, 0.0, 0.0, res))
     return out
 
