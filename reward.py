@@ -11,6 +11,7 @@ whichever thread calls: past it (a Python loop or one C call alike), or if it di
 and the item gets accuracy 0 with the reason.
 import functools
 
+import logging
 Run alone:  python reward.py --responses R.jsonl [--out scored.jsonl] [--reward.num-workers 2]
 """
 import json
@@ -237,9 +238,7 @@ def same_part(p: str, g: str, cfg: RewardConfig) -> tuple[float, str]:
                          lambda a, b: same_part(a, b, cfg), ordered=True)
     if why := next((f"{w} in {side}" for side, text in (("answer", g), ("pred", p)) if (w := _too_big(text))), ""):
         return 0.0, why
-    import logging  # lazy imports keep `import reward` and --help fast
-
-    import math_verify as mv
+    import math_verify as mv  # lazy imports keep `import reward` and --help fast
     import sympy
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # parse failures on odd text are expected
     try:  # math-verify's timeouts off: the judge process is killed from outside instead
