@@ -402,11 +402,10 @@ def main(args: Args) -> None:
                       [r.get("finished", True) for r in rows], args.reward)
     lines = "".join(json.dumps({**row, **s}, ensure_ascii=False) + "\n" for row, s in zip(rows, res))
     Path(args.out).write_text(lines, encoding="utf-8") if args.out else sys.stdout.write(lines)
-    n = max(len(res), 1)
-    stats = {"responses": len(res), "seconds (with judge start-up)": round(time.perf_counter() - t0, 2),
-             "accuracy": sum(s["accuracy"] for s in res) / n, "format rate": sum(s["format"] for s in res) / n,
-             "mean score": sum(s["score"] for s in res) / n,
-             **{f"reason/{k}": v for k, v in Counter(s["reason"].split(":")[0] for s in res if s["reason"]).items()}}
+    stats = {"responses": len(res), "seconds (with judge start-up)": round(time.perf_counter() - t0, 2)}
+    for name, key in (("accuracy", "accuracy"), ("format rate", "format"), ("mean score", "score")):
+        stats[name] = sum(s[key] for s in res) / max(len(res), 1)
+    stats.update((f"reason/{k}", v) for k, v in Counter(s["reason"].split(":")[0] for s in res if s["reason"]).items())
     print("\n".join(f"{k:>40s}  {v:.4f}" if isinstance(v, float) else f"{k:>40s}  {v}" for k, v in stats.items()),
           file=sys.stderr if not args.out else sys.stdout)  # stdout stays pure jsonl when it carries the lines
 
