@@ -121,7 +121,7 @@ def normalize(s: str) -> str:
 
 
 def units(s: str) -> set[str]:
-    """The units an answer names ('cm', 'deg', '%', ...): answers naming different ones differ (`12 m`, `12 cm`)."""
+    """The units an answer names ('cm', 'deg', '%', ...): answers naming different ones differ (`12 m` vs `12 cm`)."""
     return {_TAGS.get(t := re.sub(r"\s|s$", "", u.lower()), t) for u in _TAG_RE.findall(s)}
 
 
@@ -195,7 +195,7 @@ def numbers_match(p: float, g: float, rel_tol: float, gold_int: bool = False) ->
 
 
 def _too_big(s: str) -> str:
-    """Reason if evaluating `s` could blow up time or memory, else '' (an exponent product bounds the digits)."""
+    """Reason if evaluating `s` could blow up time or memory, else '' (exponents' product <= 1e6 bounds the digits)."""
     if re.search(r"\d{5,}\s*!", s):
         return "too_large: factorial of a 5+ digit number"
     if re.search(r"(?:\^|\*\*)\s*(?:\{[^{}]*|\([^()]*)(?:\^|\*\*)", s):
