@@ -3,16 +3,15 @@
 Score of one response (MAYE, arXiv 2504.02587: accuracy + format + language penalty; truncated -> penalty instead):
     score = accuracy + format_weight * format + language_penalty * [response mixes in CJK script]
     score = penalty                       if the response has no stop token (finished=False)
-accuracy is 1/0 from `judge`: the last \\boxed{...} (all boxes, for a gold of several parts) vs the gold answer after
-MAYE-style normalisation (degrees, %, units, \\text{}, `x=5`, choice letters), part by part (`x=1, y=2`: the parts
-must match as sets); numbers within rel_tol (exact for an integer gold), also inside tuples, intervals and matrices;
-the rest by math-verify. Each judgement runs in a judge process (pebble's ProcessPool), bounded by timeout_s
-whichever thread calls: past it (a Python loop or one C call alike), or if it dies, the process is killed and replaced
-and the item gets accuracy 0 with the reason.
+accuracy is 1/0 from `judge`: the last \\boxed{...} vs the gold answer, part by part after MAYE-style normalisation,
+numbers within rel_tol, the rest by math-verify; in a judge process (pebble's), killed and replaced past timeout_s
+(from any thread; a Python loop or one C call alike) or if it dies: the item gets accuracy 0 and the reason.
 
 Run alone:  python reward.py --responses R.jsonl [--out scored.jsonl] [--reward.num-workers 2]
 """
+import functools
 import json
+import logging
 import math
 import multiprocessing
 import numbers
@@ -78,8 +77,7 @@ _THINK_RE = re.compile(r"^\s*<think>(.+?)</think>", re.S)
 
 
 def extract_boxes(text: str) -> list[str]:
-    """Contents of every *closed* \\boxed{...} or \\fbox{...}, in order (nested braces; \\{ \\} do not count); an
-    unclosed box (a truncated response) is left out. One pass with a brace stack: O(n)."""
+    """Contents of every *closed* \\boxed{...} or \\fbox{...}, in order (an unclosed one, truncated, is left out)."""
     starts, stack, close = [m.end() for m in _BOX_RE.finditer(text)], [], {}  # starts: index after each box's "{"
     for tok in _BRACE_RE.finditer(text, starts[0] - 1) if starts else ():
         if tok.group() == "{":
@@ -103,8 +101,7 @@ def extract_answer(response: str, fallback: bool = False) -> str | None:
 def normalize(s: str) -> str:
     """MAYE-style answer normalisation: strip $, \\left/\\right, spacing macros (not the `\\\\` row break), \\text{}
     wrappers, degrees, units and `percent` after a number, a trailing '.', enclosing braces; \\dfrac -> \\frac,
-    \\% -> %, >= / \\ge -> \\geq (also <=, !=); whitespace removed except after a command name followed by a letter
-    (`\\pi r`)."""
+    \\% -> %, >= / \\ge -> \\geq (also <=, !=); whitespace removed except after a command name before a letter."""
     s = re.sub(r"(?<!\\)\\[,;:! ]|\\left|\\right|\\displaystyle", " ", s.strip().strip("$").strip())
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\%", "%").replace("\\$", "")
     s = _TEXT_UNIT_RE.sub("", s)  # `25\pi \text{ cm}^2`: a \text{} unit goes wherever it stands
@@ -124,8 +121,7 @@ def normalize(s: str) -> str:
 
 
 def units(s: str) -> set[str]:
-    """The units an answer names ('cm', 'deg', '%', ...): two answers naming different ones differ (`12 m` vs `12 cm`,
-    `30%` vs `30°`); one without units may equal one with (`12` vs `12 cm`)."""
+    """The units an answer names ('cm', 'deg', '%', ...): answers naming different ones differ (`12 m` vs `12 cm`)."""
     return {_TAGS.get(t := re.sub(r"\s|s$", "", u.lower()), t) for u in _TAG_RE.findall(s)}
 
 
@@ -193,15 +189,13 @@ def to_number(s: str) -> tuple[float, bool, bool] | None:
 
 
 def numbers_match(p: float, g: float, rel_tol: float, gold_int: bool = False) -> bool:
-    """|p - g| <= rel_tol * |g| (MAYE's relative tolerance, for golds rounded to a few decimals); exact for an integer
-    gold, so that `101` or `3.03` for `100` or `3` stay wrong (a 1% band around it would reward near misses), and
-    for a gold of 0."""
+    """MAYE's relative tolerance (for golds rounded to a few decimals); exact for an integer gold, so that `101` or
+    `3.03` for `100` or `3` stay wrong (a 1% band around it would reward near misses), and for a gold of 0."""
     return p == g if gold_int or g == 0 else abs(p - g) <= rel_tol * abs(g)
 
 
 def _too_big(s: str) -> str:
-    """Reason if evaluating `s` could blow up time or memory, else '': a factorial of a 5+ digit number, a nested
-    power, or literal exponents whose product exceeds 1e6 (that bounds the digits)."""
+    """Reason if evaluating `s` could blow up time or memory, else '' (exponents' product <= 1e6 bounds the digits)."""
     if re.search(r"\d{5,}\s*!", s):
         return "too_large: factorial of a 5+ digit number"
     if re.search(r"(?:\^|\*\*)\s*(?:\{[^{}]*|\([^()]*)(?:\^|\*\*)", s):
@@ -223,9 +217,8 @@ def match_all(preds: list, golds: list, same, ordered: bool) -> tuple[float, str
 
 
 def same_part(p: str, g: str, cfg: RewardConfig) -> tuple[float, str]:
-    """One normalised part or element: equal strings; an equation never equals a value; two plain numbers by
-    `numbers_match` (50% may mean 50 or 0.5); tuples, intervals and matrices of one kind element by element; else
-    math-verify parses both: two numbers by `numbers_match`, anything else by its verify."""
+    """One normalised part or element: equal strings (an equation never equals a value); plain numbers (50% may mean
+    50 or 0.5); tuples, intervals and matrices element by element; else math-verify, numbers by `numbers_match`."""
     if p == g or ("=" in p) != ("=" in g):  # `x^2+y^2=1` vs `1`: math-verify would compare the right side alone
         return float(p == g), ""
     if (pn := to_number(p)) is not None and (gn := to_number(g)) is not None:
@@ -236,9 +229,7 @@ def same_part(p: str, g: str, cfg: RewardConfig) -> tuple[float, str]:
                          lambda a, b: same_part(a, b, cfg), ordered=True)
     if why := next((f"{w} in {side}" for side, text in (("answer", g), ("pred", p)) if (w := _too_big(text))), ""):
         return 0.0, why
-    import logging  # lazy imports keep `import reward` and --help fast
-
-    import math_verify as mv
+    import math_verify as mv  # lazy imports keep `import reward` and --help fast
     import sympy
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # parse failures on odd text are expected
     try:  # math-verify's timeouts off: the judge process is killed from outside instead
@@ -255,8 +246,7 @@ def same_part(p: str, g: str, cfg: RewardConfig) -> tuple[float, str]:
 
 
 def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[float, str]:
-    """accuracy (1.0/0.0) and reason ('' when judged normally). Length guards, string equality after `normalize`,
-    differing units, choice letters, a decimal comma against a number (`1000,99`); then part by part (`answer_parts`):
+    """accuracy (1.0/0.0) and reason ('' when judged normally). After the checks below, part by part (`answer_parts`):
     the parts, as sets, equal by `same_part`, with the same name where both have one (`x=1, y=2` is neither `2` nor
     `x=2, y=1`), or in order against a tuple gold. Unbounded in time: called inside a judge process (score_batch)."""
     gold = (extract_boxed(gold) or gold) if "\\boxed" in gold or "\\fbox" in gold else gold
@@ -269,7 +259,7 @@ def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[flo
     for side, text in (("answer", g), ("pred", p)):  # before int()/sympy: on 100k digits they are slow or raise
         if len(text) > cfg.max_answer_chars:
             return 0.0, f"too_long: {side} has {len(text)} chars > {cfg.max_answer_chars}"
-    if (up := units(pred)) and (ug := units(gold)) and up != ug:
+    if (up := units(pred)) and (ug := units(gold)) and up != ug:  # `12` may still equal `12 cm`
         return 0.0, ""
     if p == g:
         return 1.0, ""
@@ -283,27 +273,24 @@ def judge(pred: str, gold: str, cfg: RewardConfig = RewardConfig()) -> tuple[flo
         if a[0] and b[0] and a[0] != b[0]:
             return 0.0, ""
         return same_part(*((a[1], b[1]) if ("=" in a[1]) == ("=" in b[1]) else (a[2], b[2])), cfg)
-
     preds, golds = answer_parts(pred), answer_parts(gold)
     if len(golds) == 1 and (e := elements(golds[0][1])) and e[0] == f"(){len(preds)}":  # `1, 3` or `{1,3}` for the
         preds = [named_part(f"({','.join(p[2] for p in preds)})")]  # point (1,3): its coordinates in order
     return match_all(preds, golds, same, ordered=False)
 
 
-_FN_CACHE: dict[str, object] = {}
-
-
+@functools.cache  # a failed load raises and is not cached
 def load_fn(spec: str):
-    """'path/file.py:func' -> the function (cached). Raises ValueError/FileNotFoundError naming the problem."""
+    """'path/file.py:func' -> the function. Raises ValueError/FileNotFoundError naming the problem."""
     path, _, name = spec.rpartition(":")
     if not path or not name:
         raise ValueError(f"--reward.fn must be 'path/file.py:func', got {spec!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--reward.fn: no file {path!r}")
-    if spec not in _FN_CACHE and not callable(_FN_CACHE.setdefault(spec, runpy.run_path(path).get(name))):
-        del _FN_CACHE[spec]
+    fn = runpy.run_path(path).get(name)
+    if not callable(fn):
         raise ValueError(f"--reward.fn: {path!r} has no function {name!r}")
-    return _FN_CACHE[spec]
+    return fn
 
 
 def _result(score, accuracy, fmt, reason, pred=None, mixed=False) -> dict:
@@ -336,9 +323,7 @@ def _score_unbounded(response: str, answer: str, finished: bool, cfg: RewardConf
     return _result(acc + cfg.format_weight * fmt + cfg.language_penalty * mixed, acc, fmt, reason, pred, mixed)
 
 
-# ---- scoring a batch: in judge processes (pebble's ProcessPool), one item at a time each; past timeout_s a process is
-# killed and replaced, and its item gets the reason. The warm-up judgements (one per math-verify path) pay the lazy
-# imports (~1 s) once, before the first fork, so that every judge inherits them.
+# ---- scoring a batch in judge processes (pebble's ProcessPool) -------------------------------------------------------
 _WARM_UP = (("2\\sqrt{3}", "\\sqrt{12}"), ("3.46", "2\\sqrt{3}"), ("[1,2)", "(1,2]"), ("x \\geq 2", "[2,\\infty)"),
             ("\\{2,1\\}", "\\{1,2\\}"), ("y=1+2x", "y=2x+1"), ("r^2\\pi", "\\pi r^2"))
 _JUDGES: dict[tuple[int, int], pebble.ProcessPool] = {}  # (pid, workers) -> the pool this process made
@@ -349,28 +334,17 @@ def judges(workers: int) -> pebble.ProcessPool:
     would re-import the caller's __main__ (a trainer); each judge dies with this process (common.die_with_parent)."""
     pool = _JUDGES.get((os.getpid(), workers))
     if pool is None or not pool.active:   # new, or stopped
-        for p, g in _WARM_UP:
+        for p, g in _WARM_UP:  # one per math-verify path: its lazy imports (~1 s) are paid once, before the fork
             judge(p, g)
         _JUDGES[os.getpid(), workers] = pebble.ProcessPool(workers, initializer=die_with_parent,
                                                            context=multiprocessing.get_context("fork"))
     return _JUDGES[os.getpid(), workers]
 
 
-def _outcome(future, timeout_s: float):
-    """A judge's result dict, or why there is none: 'timeout: ...' or 'worker_died: ...'. fn's exceptions raise."""
-    try:
-        return future.result()
-    except TimeoutError:
-        return f"timeout: exceeded {timeout_s} s"
-    except pebble.ProcessExpired as e:
-        return f"worker_died: process exited with code {e.exitcode}"
-
-
 def score_batch(responses: list[str], answers: list[str], finished: list[bool] | None = None,
                 cfg: RewardConfig = RewardConfig()) -> list[dict]:
-    """Score lists of responses (the formula at the top), in order, on max(cfg.num_workers, 1) judge processes reused
-    across calls, each item within cfg.timeout_s. Returns one {score, accuracy, format, reason, pred, mixed_language}
-    per response; a non-string response or answer scores 0 with reason bad_input (it is not sent: it may not pickle)."""
+    """Score responses in order (the formula at the top): one {score, accuracy, format, reason, pred, mixed_language}
+    each; a non-string response or answer scores 0 with reason bad_input (it is not sent: it may not pickle)."""
     finished = [True] * len(responses) if finished is None or not cfg.truncation_penalty else list(finished)
     if not len(responses) == len(answers) == len(finished):
         raise ValueError(f"score_batch: lengths differ: responses {len(responses)}, answers {len(answers)}, "
@@ -386,12 +360,16 @@ def score_batch(responses: list[str], answers: list[str], finished: list[bool] |
                     for r, a, f, why in zip(responses, answers, finished, fail) if not why])
     out = []
     for f, why in zip(finished, fail):
-        res = why or _outcome(next(futures), cfg.timeout_s)  # a result dict, or why there is none
+        try:  # a result dict, or why there is none; any other error raises
+            res = why or next(futures).result()
+        except TimeoutError:
+            res = f"timeout: exceeded {cfg.timeout_s} s"
+        except pebble.ProcessExpired as e:
+            res = f"worker_died: process exited with code {e.exitcode}"
         out.append(res if isinstance(res, dict) else _result(cfg.penalty if not f else 0.0, 0.0, 0.0, res))
     return out
 
 
-# ---- CLI -------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Args:
     responses: str = ""  # jsonl with `response` and `answer` fields (optional bool `finished`, default true).
@@ -409,11 +387,10 @@ def main(args: Args) -> None:
                       [r.get("finished", True) for r in rows], args.reward)
     lines = "".join(json.dumps({**row, **s}, ensure_ascii=False) + "\n" for row, s in zip(rows, res))
     Path(args.out).write_text(lines, encoding="utf-8") if args.out else sys.stdout.write(lines)
-    n = max(len(res), 1)
-    stats = {"responses": len(res), "seconds (with judge start-up)": round(time.perf_counter() - t0, 2),
-             "accuracy": sum(s["accuracy"] for s in res) / n, "format rate": sum(s["format"] for s in res) / n,
-             "mean score": sum(s["score"] for s in res) / n,
-             **{f"reason/{k}": v for k, v in Counter(s["reason"].split(":")[0] for s in res if s["reason"]).items()}}
+    stats = {"responses": len(res), "seconds (with judge start-up)": round(time.perf_counter() - t0, 2)}
+    for name, key in (("accuracy", "accuracy"), ("format rate", "format"), ("mean score", "score")):
+        stats[name] = sum(s[key] for s in res) / max(len(res), 1)
+    stats.update((f"reason/{k}", v) for k, v in Counter(s["reason"].split(":")[0] for s in res if s["reason"]).items())
     print("\n".join(f"{k:>40s}  {v:.4f}" if isinstance(v, float) else f"{k:>40s}  {v}" for k, v in stats.items()),
           file=sys.stderr if not args.out else sys.stdout)  # stdout stays pure jsonl when it carries the lines
 
