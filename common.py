@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,11 +37,10 @@ def engine_dtype(name: str) -> torch.dtype:
 
 
 def engine_gpu(local_world: int, share: float = 0.0) -> str:
-    """The engine process's CUDA_VISIBLE_DEVICES ("" without CUDA): the last GPU this node sees. With several GPUs no
-    training rank may use it (this node's `local_world` ranks take cuda:0..local_world-1). A single GPU is shared with
-    one rank, and only on request: `share` (--rollout.gpu-memory-utilization, the engine's fraction of the GPU) at most
-    0.5, since a training rank holds fp32 weights, gradients and AdamW state, several times the engine's bf16 weights
-    (its default 0.9 is for a GPU of its own). Called before start-up, and by EngineClient."""
+    """The engine process's CUDA_VISIBLE_DEVICES ("" without CUDA): the last GPU this node sees, which no training
+    rank may use (this node's `local_world` ranks take cuda:0..). A single GPU is shared with one rank, and only with
+    `share` (--rollout.gpu-memory-utilization) at most 0.5: the rank's fp32 weights, gradients and AdamW state are
+    several times the engine's bf16 weights (vLLM's default 0.9 is for a GPU of its own)."""
     if not torch.cuda.is_available():
         return ""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -85,13 +85,11 @@ class EngineClient:
             if send is not None:
                 send()
             status, result = self.conn.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError):
+        except (EOFError, BrokenPipeError, ConnectionResetError):   # the engine process has exited
             status, result = "died", None
-            try:                      # it stopped reading: did it say why?
+            with contextlib.suppress(EOFError, OSError):   # did it say why? (poll: a forked child may hold the pipe)
                 if self.conn.poll(1):
                     status, result = self.conn.recv()
-            except (EOFError, OSError):
-                pass
             if status != "error":
                 self.proc.join(5)
                 raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})") from None
@@ -227,13 +225,9 @@ def launch(worker, nproc: int, *args) -> None:
     the failing rank's traceback here if one fails. Under torchrun (RANK is set) just call `worker(*args)`."""
     if "RANK" in os.environ:
         return worker(*args)
-    import socket
-
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
+    from torch.distributed.elastic.utils.distributed import get_free_port
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(get_free_port()), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), OMP_WAIT_POLICY="PASSIVE")   # idle ranks must not spin
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # per-shard bars at every load and save
     mp.spawn(_rank_main, args=(worker, *args), nprocs=nproc)
