@@ -112,8 +112,7 @@ SUM_KEYS = ("loss/policy_loss", "loss/kl_loss", "training/clipfrac", "training/d
 
 
 def response_logprobs(model, rows: list[int], samples, comps, processor, args: Args, device, entropy: bool = False):
-    """(b, R) log-probs (and entropies) of responses `rows` under `model`, aligned to the response (R = the rows'
-    longest response): rollout.compute_logprobs on the response block of data.collate's layout."""
+    """(b, R) log-probs (and entropies) of responses `rows` under `model`, R = the rows' longest response."""
     batch = to_device(collate(processor, [samples[i] for i in rows], [comps[i].token_ids for i in rows], args.data),
                       device)
     out = compute_logprobs(model, batch, args.rollout.temperature, return_entropy=entropy)
@@ -164,11 +163,10 @@ def fuse_old_logprobs(args: Args, B: int, world: int) -> bool:
 def old_and_ref_logprobs(policy, ref, samples, comps, T: int, processor, args: Args, rank: int, world: int,
                          device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T) pi_old log-probs, pi_ref log-probs and pi_old entropies: each rank computes its rows (rank::world), a
-    sum over ranks gathers them. When fused (fuse_old_logprobs), pi_old and the entropies stay 0 here (the update
-    fills them in)."""
+    sum over ranks gathers them. When fused (fuse_old_logprobs), the update fills in pi_old and the entropies."""
     B, fused = len(comps), fuse_old_logprobs(args, len(comps), world)
     old_lp, ref_lp, ent = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
-    for mb in micro_batches(list(range(rank, B, world)), args.micro_batch_size) if not fused or ref else []:
+    for mb in micro_batches(list(range(rank, B, world)), args.micro_batch_size):
         if not fused:
             lp, e = response_logprobs(policy, mb, samples, comps, processor, args, device, entropy=True)
             old_lp[mb, :lp.shape[1]], ent[mb, :e.shape[1]] = lp.float().cpu(), e.float().cpu()
@@ -187,9 +185,8 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
                processor, args: Args, step: int, rank: int, world: int, device) -> dict[str, float]:
     """PPO epochs over shuffled mini-batches of `keep` (rows of the (B, T) tensors), each rank taking every world-th
     response of a mini-batch, micro-batch by micro-batch. The loss is normalised by the GLOBAL mini-batch count
-    (advantage.loss_normalizer over all ranks' masks), and multiplied by the world size because FSDP2 averages
-    gradients over ranks, so 1 rank and N ranks take the same step. When fused (fuse_old_logprobs), pi_old and the
-    entropies are this forward's values (written into old_lp / ent). Returns sums over this rank's micro-batches."""
+    (over all ranks' masks) and multiplied by the world size, since FSDP2 averages gradients over ranks: 1 rank and
+    N ranks take the same step. When fused, this forward writes pi_old and the entropies. Returns this rank's sums."""
     sums, fused = dict.fromkeys(SUM_KEYS, 0.0), fuse_old_logprobs(args, len(samples), world)
     cfg = replace(args.advantage, norm_len=args.advantage.norm_len or args.rollout.max_tokens)   # Dr.GRPO's constant L
     engine_lp = engine_logprobs(comps, mask.shape[1])                                       # (B, T)
@@ -293,9 +290,8 @@ def sync_weights(model, engine) -> None:
 
 
 def start_run(args: Args, rank: int, world: int, device, total_steps: int):
-    """What a rank needs, from the latest checkpoint with --resume: the processor; on rank 0 the engine process (it
-    starts while the models load) and the metrics logger; the policy and, when the KL needs one, the frozen reference,
-    both sharded with FSDP2; the optimizer and its schedule; the run's state (the checkpoint's, or step 0)."""
+    """What a rank needs, from the latest checkpoint with --resume. Rank 0 alone starts the engine process (while the
+    models load) and the metrics logger; the frozen reference exists only when the KL needs one."""
     from transformers import AutoProcessor
     ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
@@ -397,7 +393,7 @@ def check_args(args: Args, world: int, train_size: int) -> None:
 
 
 def main(args: Args) -> None:
-    """Check the flags, the model folder, the out-dir and every dataset row, then start the ranks."""
+    """Check the flags, the model folder, the engine's GPU, the out-dir and every dataset row, then start the ranks."""
     check_model(args.model)
     fits = fits_model(args.model.path, args.data, args.rollout.max_tokens, args.rollout.max_model_len,
                       args.rollout.max_images)
@@ -406,7 +402,6 @@ def main(args: Args) -> None:
     val_set = load_dataset(args.data.validation, args.data, fits, verbose)[:args.val_limit or None] \
         if args.val_every >= 0 else []
     check_args(args, int(os.environ.get("WORLD_SIZE", args.nproc)), len(train_set))
-    # the engine's GPU is free of ranks, or shared with one rank at the asked memory split, or exit
     engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)), args.rollout.gpu_memory_utilization)
     prepare_out_dir(args.out_dir, args.resume, args.restart)
     launch(rl_worker, args.nproc, args, train_set, val_set)
