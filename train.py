@@ -106,9 +106,10 @@ LOG_LINE = (("epoch {:.2f}", "epoch"), ("score {:.3f}", "rews/scores"), ("acc {:
             ("len {:.1f}", "response/lengths"), ("loss {:+.4f}", "loss/policy_loss"), ("kl {:.4f}", "training/kl"),
             ("gnorm {:.3f}", "training/grad_norm"), ("lr {:.2e}", "training/lr"),
             ("mismatch {:.1e}", "training/rollout_mismatch"), ("{:.1f}s", "time/step"), ("val {:.3f}", "val/accuracy"))
-SUM_KEYS = ("loss/policy_loss", "loss/kl_loss", "training/clipfrac", "training/dual_clipfrac", "training/approx_kl",
-            "training/ratios", "training/tis_weight", "training/tis_capped", "training/rollout_masked",
-            "training/n_tokens", "training/grad_norm", "optimizer_steps")
+TOKEN_MEANS = ("training/clipfrac", "training/dual_clipfrac", "training/approx_kl", "training/ratios",
+               "training/tis_weight", "training/tis_capped", "training/rollout_masked")   # summed token-weighted
+SUM_KEYS = ("loss/policy_loss", "loss/kl_loss", *TOKEN_MEANS, "training/n_tokens", "training/grad_norm",
+            "optimizer_steps")
 
 
 def response_logprobs(model, rows: list[int], samples, comps, processor, args: Args, device, entropy: bool = False):
@@ -212,12 +213,11 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
                                       ref_logp=ref_lp[mb, :R].to(device) if cfg.kl_coef > 0 else None)
                 (loss * world).backward()
                 n_tok = m["training/n_tokens"]
-                for k in ("loss/policy_loss", "loss/kl_loss"):
+                for k in ("loss/policy_loss", "loss/kl_loss", "training/n_tokens"):
                     sums[k] += m[k]
                 for k in ("training/clipfrac", "training/dual_clipfrac", "training/approx_kl"):
                     sums[k] += m[k] * n_tok                                 # token-weighted, divided at the end
                 sums["training/ratios"] += m["training/ratio_mean"] * n_tok
-                sums["training/n_tokens"] += n_tok
             sums["training/grad_norm"] += clip_grad_norm(params, args.optim.grad_clip, step) / world
             sums["optimizer_steps"] += 1 / world
             optimizer.step()
@@ -230,9 +230,8 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
 
 def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, keep: list[int], times: list,
                  args: Args) -> dict[str, float]:
-    """The step's named metrics (README's table): rewards, losses and PPO statistics (token-weighted means over all
-    ranks), KL to the reference, entropy, engine-vs-trainer mismatch (log-prob gap, KL), lengths, MAYE's reflection
-    ratios and the phases' seconds (times: [(phase, time.time() at its end)], "start" first)."""
+    """The step's named metrics (README's table; PPO statistics are token-weighted means over all ranks), the phases'
+    seconds from `times`: [(phase, time.time() at its end)], "start" first."""
     B, T = mask.shape
     tokens, n_tok = mask.sum().item(), max(sums["training/n_tokens"], 1.0)
     engine_lp = engine_logprobs(comps, T)                  # NaN on forced (rethinking trigger) tokens
@@ -245,9 +244,7 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             "perf/tokens_per_s": tokens / step_s, "rews/scores": scores.mean().item(), "rews/acc_rewards": sum(acc) / B,
             "rews/format_rewards": sum(r["format"] for r in scored) / B,
             **{k: sums[k] / max(sums["optimizer_steps"], 1.0) for k in ("loss/policy_loss", "loss/kl_loss")},
-            **{k: sums[k] / n_tok for k in ("training/clipfrac", "training/dual_clipfrac", "training/approx_kl",
-                                            "training/ratios", "training/tis_weight", "training/tis_capped",
-                                            "training/rollout_masked")},
+            **{k: sums[k] / n_tok for k in TOKEN_MEANS},
             "training/kl": ((old_lp - ref_lp) * mask).sum().item() / tokens if args.advantage.kl_coef > 0 else 0.0,
             "training/entropy": (ent * mask).sum().item() / tokens,
             "training/grad_norm": sums["training/grad_norm"] / max(sums["optimizer_steps"], 1.0),
@@ -258,8 +255,7 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             "response/lengths": mask.sum(1).mean().item(),
             "response/length_clip_ratio": sum(c.finish_reason == "length" for c in comps) / B,
             **{f"reflection/{k}": v for k, v in reflection_stats([c.text if c.own_text is None else c.own_text
-                                                                  for c in comps], [a > 0 for a in acc]).items()}
-            }
+                                                                  for c in comps], [a > 0 for a in acc]).items()}}
 
 
 def broadcast(obj, src: int = 0):
