@@ -121,7 +121,7 @@ def response_logprobs(model, rows: list[int], samples, comps, processor, args: A
 
 def step_seed(seed: int, step: int, B: int) -> int:
     """The first sampling seed of a step: response k of prompt i gets seed + i * n + k, Forced Rethinking's
-    continuations seed + B on, so steps use disjoint blocks [seed, seed + 2B): no two responses of a run share a seed."""
+    continuations seed + B on, so steps use disjoint blocks [seed, seed + 2B): no two responses share a seed."""
     return (seed * 1_000_003 + step) * 2 * B
 
 
