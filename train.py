@@ -15,7 +15,6 @@ in buckets (sync_weights; a multi-GPU run would rather use NCCL or vLLM's weight
 Run:
     python train.py --model.path toy/models/qwen2_5_vl-tiny --out-dir runs/rl            # CPU toy (bash run.sh)
     python train.py --model.path toy/models/qwen3_vl-tiny --model.lora-rank 8 --optim.lr 1e-3 --out-dir runs/lora
-    python train.py --nproc 7 --model.path /models/Qwen2.5-VL-7B-Instruct --data.train ... # 8 GPUs: 7 FSDP + vLLM
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
 """
 from __future__ import annotations
