@@ -41,13 +41,9 @@ from data import (DataConfig, Sample, blocked_token_ids, fits_model, load_datase
 from reward import RewardConfig, score_batch
 
 
-# vLLM warnings that this setup always triggers and that change nothing, per logger. The CPU ones: eager mode, no
-# Triton, no chunked prefill (our choices, see rollout.VLLMEngine), the seed note of an in-process engine, the torch
-# thread count, and the advice to preload tcmalloc / Intel OpenMP (a possible speed-up; ../shared/notes/cpu-stack.md).
-# "Failed to load weights" comes at each weight sync for layers whose weights are aliases or buffers: the sync does
-# load every parameter (training/rollout_mismatch stays ~1e-7; tests/test_rollout.py's update test checks it).
-# Two come when a second engine starts in one process (evaluate.py: one per run): vLLM registers the same kernel
-# overrides again, and finds the VLLM_DIST_IDENT that its first CPU worker put in os.environ.
+# vLLM warnings that this setup always triggers and that change nothing, per logger: our CPU choices (VLLMEngine),
+# a second engine in one process (evaluate.py), aliased layers at each weight sync (the sync does load every parameter:
+# tests/test_rollout.py checks it). Hidden so that a warning that matters stands out.
 HARMLESS_VLLM_WARNINGS = {
     "vllm.triton_utils.dispatcher": ("is already registered. Overwriting",),
     "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT",),
@@ -258,9 +254,9 @@ def make_engine(model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataC
 
 # ---- The engine process: rank 0's common.EngineClient forwards the engine's methods to it over a pipe
 def _receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
-    """The engine's side of common.EngineClient.update_weights: (name, tensor) views of one received bucket at a time. Each
-    bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete), read straight from the
-    pipe's socket: Connection.recv_bytes_into would copy it through a BytesIO (5x slower, bench/bench_sync.py)."""
+    """The engine's side of common.EngineClient.update_weights: (name, tensor) views of one received bucket at a time.
+    Each bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete), read straight from
+    the pipe's socket: Connection.recv_bytes_into would copy it through a BytesIO (5x slower, bench/bench_sync.py)."""
     import socket
     with socket.socket(fileno=os.dup(conn.fileno())) as sock:
         while (header := conn.recv()) is not None:
@@ -276,9 +272,9 @@ def _receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
                 yield name, buf[start:start + n].view(dtype).view(shape)
 
 
-def serve_engine(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig, env: dict, make=make_engine) -> None:
-    """The engine process (common.EngineClient starts it): build make(model_dir, cfg, data_cfg), then answer (method,
-    args) calls over `conn` until "close" or EOF; update_weights streams its weights in buckets (`_receive_weights`)."""
+def serve_engine(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig, env: dict) -> None:
+    """The engine process (common.EngineClient starts it): build make_engine's engine, then answer (method, args) calls
+    over `conn` until "close" or EOF; update_weights streams its weights in buckets (`_receive_weights`)."""
     os.environ.update(env)
     die_with_parent()
     try:
