@@ -157,25 +157,21 @@ class VLLMEngine:
                 req["mm_processor_kwargs"] = mm_kwargs(self.data_cfg)
         return req
 
-    def _run(self, requests: list[dict], n: int, temperature: float, top_p: float, max_tokens: list[int],
-             seeds: list[int | None]) -> list[list[Completion]]:
-        from vllm import SamplingParams
-        # stop_token_ids (not `stop` strings) so that the stop token itself is returned
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=m, seed=s, logprobs=0,
-                                 stop_token_ids=self.stops, allowed_token_ids=self.allowed, detokenize=False)
-                  for m, s in zip(max_tokens, seeds)]
-        outs = self.llm.generate(requests, params, use_tqdm=False)
-        return [[_completion(self.tokenizer, list(o.token_ids), [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)],
-                             set(self.stops)) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outs]
-
     def generate(self, samples: list[Sample], n: int, temperature: float, top_p: float = 1.0,
                  max_tokens: int | list[int] = 2048, seed: int | None = None,
                  prefixes: list[list[int]] | None = None) -> list[list[Completion]]:
         """Prompt i is seeded with seed + i * n (vLLM gives its k-th sample seed + k): batching changes nothing."""
+        from vllm import SamplingParams
         seeds = [None if seed is None else seed + i * n for i in range(len(samples))]
         reqs = [self._request(s, None if prefixes is None else list(prefixes[i])) for i, s in enumerate(samples)]
         budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(samples)
-        return self._run(reqs, n, temperature, top_p, budgets, seeds)
+        # stop_token_ids (not `stop` strings) so that the stop token itself is returned
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=m, seed=s, logprobs=0,
+                                 stop_token_ids=self.stops, allowed_token_ids=self.allowed, detokenize=False)
+                  for m, s in zip(budgets, seeds)]
+        outs = self.llm.generate(reqs, params, use_tqdm=False)
+        return [[_completion(self.tokenizer, list(o.token_ids), [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)],
+                             set(self.stops)) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outs]
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights, (HF name, tensor) pairs read one at a time, then reset the prefix, multimodal and encoder
