@@ -1,10 +1,9 @@
 """rollout.py: step 1 of the RL loop -- generation (vLLM or HF) -- and the trainer-side log-probs that must agree.
 
 What this stage does (MAYE, arXiv 2504.02587, Figure 2, step 1):
-1. `VLLMEngine` / `HFEngine` sample `n` responses per prompt (data.prompt_text's chat prompt): token ids, the
-   sampled tokens' log-probs under the masked `logits / temperature`, the finish reason; `update_weights` takes the
-   trainer's new weights, (name, tensor) pairs. `common.EngineClient` runs either in its own process (the last GPU)
-   and forwards the same calls (the weights streamed in buckets).
+1. `VLLMEngine` / `HFEngine` sample `n` responses per prompt (data.prompt_text's chat prompt) as `Completion`s and
+   take the trainer's new weights (`update_weights`); `serve_engine` runs either in its own process (the last GPU),
+   where common.EngineClient forwards the same calls.
 2. `rollout`: the step's completions, each prompt's n responses adjacent, with VL-Rethinker's Forced Rethinking.
 3. `compute_logprobs`: the trainer's log-probs of (prompt, response) (data.collate's batch, with the correct 3-D
    M-RoPE positions). Tests check that they equal both engines' log-probs to 1e-4 (fp32).
@@ -293,8 +292,7 @@ def serve_engine(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig,
 # ---- The rollout of one step, with Forced Rethinking (VL-Rethinker, optional)
 def rollout(engine, prompts: list[Sample], cfg: RolloutConfig, seed: int,
             reward_cfg: RewardConfig = RewardConfig()) -> tuple[list[Completion], dict]:
-    """(P*n,) completions, each prompt's n adjacent, and Forced Rethinking's counts (its judge: reward.py's
-    accuracy)."""
+    """(P*n,) completions and Forced Rethinking's counts (its judge: reward.py's accuracy)."""
     comps = [c for group in engine.generate(prompts, cfg.n, cfg.temperature, cfg.top_p, cfg.max_tokens, seed)
              for c in group]
     if cfg.rethink_fraction <= 0:
@@ -310,8 +308,7 @@ def forced_rethinking(engine, samples: list[Sample], comps: list[Completion], cf
     at random if right) and are continued. The result first[:-1] + trigger + continuation is kept only if the
     continuation finished (a stop token within min(rethink_max_new_tokens, what max_tokens leaves): a cut-off one
     would be scored as truncated), has at least rethink_min_new_tokens tokens, and its answer is correct. The trigger
-    (`trigger_span`, NaN log-probs: forced, not sampled) is trained on. Continuations are seeded from seed + B on, so
-    that they share no seed with the first round. Returns (completions, {"rethink/tried", "rethink/kept"})."""
+    is trained on. Continuations are seeded from seed + B on, so that they share no seed with the first round."""
     rng, out = random.Random(f"rethink:{seed}"), list(comps)
     picked = [i for i, c in enumerate(comps) if c.finish_reason == "stop" and rng.random() < cfg.rethink_fraction]
     right = is_correct([comps[i].text for i in picked], [samples[i] for i in picked]) if picked else []
@@ -341,13 +338,11 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_value
 
 
 def _head_chunk(hidden, weight, bias, targets, blocked, temperature: float, entropy: bool):
-    """(C, 1 + entropy): log-probs of one tile of positions (and their entropies): hidden (C, H) -> logits (C, V) ->
-    masked log softmax at `targets`."""
+    """(C, 1 + entropy): one tile's masked log-probs at `targets` (and entropies), from hidden states (C, H)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)                                        # (C, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 up, float64 kept
-    # finfo.min, not -inf: exp underflows to exactly 0. In the entropy, blocked entries' log p is replaced by 0, so
-    # that neither 0 * finfo.min nor its gradient (a weight > 1 times finfo.min overflows to inf, times p = 0: NaN)
-    # occur.
+    # finfo.min, not -inf: exp underflows to exactly 0. The entropy replaces blocked entries' log p by 0, so that
+    # neither 0 * finfo.min nor its gradient (a weight > 1 times finfo.min overflows to inf, times p = 0: NaN) occurs.
     logp_all = logits.index_fill(-1, blocked, torch.finfo(logits.dtype).min).log_softmax(-1)        # (C, V)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                                   # (C,)
     if not entropy:
@@ -410,7 +405,7 @@ class Args:
     """Judge for Forced Rethinking (--rollout.rethink-fraction)."""
 
 
-def main(args: Args) -> list[dict]:
+def main(args: Args) -> None:
     r = args.rollout
     fits = fits_model(args.model, args.data, r.max_tokens, r.max_model_len, r.max_images)   # every row, before vLLM
     samples = load_dataset(args.data_file or args.data.validation, args.data, fits)[:args.limit or None]
@@ -427,7 +422,6 @@ def main(args: Args) -> list[dict]:
     if args.out:
         Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {len(rows)} lines to {args.out}")
-    return rows
 
 
 if __name__ == "__main__":
