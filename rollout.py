@@ -1,12 +1,10 @@
 """rollout.py: step 1 of the RL loop -- generation (vLLM or HF) -- and the trainer-side log-probs that must agree.
 
-What this stage does (MAYE, arXiv 2504.02587, Figure 2, step 1):
-1. `VLLMEngine` / `HFEngine` sample `n` responses per prompt (data.prompt_text's chat prompt) as `Completion`s and
-   take the trainer's new weights (`update_weights`); `serve_engine` runs either in its own process (the last GPU),
-   where common.EngineClient forwards the same calls.
-2. `rollout`: the step's completions, each prompt's n responses adjacent, with VL-Rethinker's Forced Rethinking.
-3. `compute_logprobs`: the trainer's log-probs of (prompt, response) (data.collate's batch, with the correct 3-D
-   M-RoPE positions). Tests check that they equal both engines' log-probs to 1e-4 (fp32).
+MAYE (arXiv 2504.02587, Figure 2) step 1, in this file's order:
+1. `VLLMEngine`, `HFEngine`: data's chat prompts in, `Completion`s out, new weights in; `serve_engine` runs either in
+   its own process for common.EngineClient.
+2. `rollout`: one step's n responses per prompt, each prompt's adjacent, with VL-Rethinker's Forced Rethinking.
+3. `compute_logprobs`: the trainer's log-probs of data.collate's batch; tests check they equal both engines' (1e-4).
 
 Conventions and simplifications: vision special tokens and the vocabulary rows beyond the tokenizer are never sampled
 (a sampled <|image_pad|> breaks the next forward), so the policy is the *masked* softmax, in the engines and in
@@ -123,8 +121,7 @@ def _completion(tokenizer, token_ids: list[int], logprobs: list[float], stops: s
 
 # ---- Engines: generate -> [prompt][sample] completions (of prompt_i + prefixes[i] if given); update_weights(weights)
 class VLLMEngine:
-    """vLLM in-process. Log-probs are vLLM's "processed_logprobs": after the blocked-token mask and temperature (and
-    top-p), i.e. log softmax(masked logits / T) of the sampled token."""
+    """vLLM in-process; its "processed_logprobs" come after the blocked-token mask, the temperature and top-p."""
 
     def __init__(self, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataConfig()):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")    # read by vLLM at import
@@ -353,14 +350,12 @@ def _head_chunk(hidden, weight, bias, targets, blocked, temperature: float, entr
 def compute_logprobs(model, batch: dict, temperature: float = 1.0, return_entropy: bool = False,
                      chunk_tokens: int = 512):
     """log pi(y_t | x, y_<t) = log softmax(masked logits_{t-1} / temperature)[y_t] at response positions, 0 elsewhere,
-    as (B, T) (T = batch["input_ids"].shape[1]); with return_entropy also H_t = -sum_v p_v log p_v, (B, T).
+    as (B, T); with return_entropy also H_t = -sum_v p_v log p_v. Old, ref and new log-probs alike (MAYE, verl).
 
-    The mask blocks the tokens the engines never sample, so this is the sampling distribution (MAYE/verl compute old,
-    ref and new log-probs on logits / temperature alike). Only the response block [P-1, T-1) goes through lm_head
-    (`logits_to_keep`), and in tiles of `chunk_tokens` positions: lm_head's forward is swapped for `_head_chunk` per
-    tile, under activation checkpointing when autograd is on, so no more than one tile's (chunk, V) logits exist at
-    a time, forward or backward (at V = 151,936 the whole (B, R, V) block is ~5 GB per copy; bench/bench_logprobs.py).
-    Works with and without autograd; the model's root module is called, so FSDP2's root hook gathers lm_head."""
+    Only the response block [P-1, T-1) goes through lm_head (`logits_to_keep`), in tiles of `chunk_tokens` positions
+    (`_head_chunk`, checkpointed under autograd), so one tile's (chunk, V) logits exist at a time, forward or backward
+    (at V = 151,936 the whole (B, R, V) block is ~5 GB per copy; bench/bench_logprobs.py). The model's root module is
+    called, so FSDP2's root hook gathers lm_head."""
     from torch.utils.checkpoint import checkpoint
     P, T = batch["response_start"], batch["input_ids"].shape[1]
     device = next(model.parameters()).device
