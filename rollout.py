@@ -77,8 +77,7 @@ class RolloutConfig:
     max_tokens: int = 2048
     """Maximum new tokens per response."""
     seed: int = 0
-    """rollout.py's seed (vLLM's global one; prompt i's requests get seed + i * n). train.py and sft.py seed every
-    request from their --seed instead, and refuse this flag."""
+    """rollout.py's seed (vLLM's global one); train.py and sft.py refuse it and seed every request from --seed."""
     max_model_len: int = 4096
     """vLLM context length (prompt + response)."""
     dtype: str = "auto"
@@ -301,11 +300,10 @@ def rollout(engine, prompts: list[Sample], cfg: RolloutConfig, seed: int,
 def forced_rethinking(engine, samples: list[Sample], comps: list[Completion], cfg: RolloutConfig,
                       is_correct: Callable[[list[str], list[Sample]], list[bool]], seed: int = 0):
     """VL-Rethinker's Forced Rethinking on flat (samples[i], comps[i]): a seeded `cfg.rethink_fraction` of the responses
-    that ended with a stop token get a trigger in place of it (the last trigger if the first answer is wrong, another
-    at random if right) and are continued. The result first[:-1] + trigger + continuation is kept only if the
-    continuation finished (a stop token within min(rethink_max_new_tokens, what max_tokens leaves): a cut-off one
-    would be scored as truncated), has at least rethink_min_new_tokens tokens, and its answer is correct. The trigger
-    is trained on. Continuations are seeded from seed + B on, so that they share no seed with the first round."""
+    that ended with a stop token get a trigger in place of it (`cfg.rethink_triggers`) and are continued. The result
+    first[:-1] + trigger + continuation is kept only if its answer is correct and the continuation is long enough and
+    finished within what max_tokens leaves (a cut-off one would be scored as truncated). The trigger is trained on.
+    Continuations are seeded from seed + B on, so that they share no seed with the first round."""
     rng, out = random.Random(f"rethink:{seed}"), list(comps)
     picked = [i for i, c in enumerate(comps) if c.finish_reason == "stop" and rng.random() < cfg.rethink_fraction]
     right = is_correct([comps[i].text for i in picked], [samples[i] for i in picked]) if picked else []
