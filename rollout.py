@@ -101,8 +101,7 @@ class RolloutConfig:
 
 @dataclass
 class Completion:
-    """One response: token_ids (the stop token included when finish_reason == "stop") and their log-probs under the
-    masked log softmax(logits / temperature); NaN on forced (not sampled) tokens."""
+    """One response; its log-probs are under the masked log softmax(logits / temperature), NaN on forced tokens."""
     text: str
     token_ids: list[int]
     logprobs: list[float]
@@ -243,7 +242,6 @@ def make_engine(model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataC
     return HFEngine(model, AutoProcessor.from_pretrained(model_dir), cfg, data_cfg)
 
 
-# ---- The engine process: rank 0's common.EngineClient forwards the engine's methods to it over a pipe
 def _receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
     """The engine's side of common.EngineClient.update_weights: (name, tensor) views of one received bucket at a time.
     Each bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete), read straight from
@@ -285,7 +283,6 @@ def serve_engine(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig,
         raise
 
 
-# ---- The rollout of one step, with Forced Rethinking (VL-Rethinker, optional)
 def rollout(engine, prompts: list[Sample], cfg: RolloutConfig, seed: int,
             reward_cfg: RewardConfig = RewardConfig()) -> tuple[list[Completion], dict]:
     """(P*n,) completions and Forced Rethinking's counts (its judge: reward.py's accuracy)."""
