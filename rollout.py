@@ -261,13 +261,13 @@ def _receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
                 yield name, buf[start:start + n].view(dtype).view(shape)
 
 
-def serve_engine(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig, env: dict) -> None:
-    """The engine process (common.EngineClient starts it): build make_engine's engine, then answer (method, args) calls
-    over `conn` until "close" or EOF; update_weights streams its weights in buckets (`_receive_weights`)."""
+def serve_engine(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig, env: dict, make=make_engine) -> None:
+    """The engine process (common.EngineClient starts it): build make(model_dir, cfg, data_cfg), then answer (method,
+    args) calls over `conn` until "close" or EOF; update_weights streams its weights in buckets (`_receive_weights`)."""
     os.environ.update(env)
     die_with_parent()
     try:
-        engine = make_engine(model_dir, cfg, data_cfg)
+        engine = make(model_dir, cfg, data_cfg)
         while (msg := conn.recv()) != "close":      # EOFError (rank 0 died) ends the process too
             if msg[0] == "update_weights":
                 engine.update_weights(weights := _receive_weights(conn))
