@@ -1,13 +1,10 @@
 """rollout.py: step 1 of the RL loop -- generation (vLLM or HF) -- and the trainer-side log-probs that must agree.
 
-What this stage does (MAYE, arXiv 2504.02587, Figure 2, step 1):
-1. `VLLMEngine` / `HFEngine` sample `n` responses per prompt (data.prompt_text's chat prompt): token ids, the
-   sampled tokens' log-probs under the masked `logits / temperature`, the finish reason; `update_weights` takes the
-   trainer's new weights, (name, tensor) pairs. `common.EngineClient` runs either in its own process (the last GPU)
-   and forwards the same calls (the weights streamed in buckets).
-2. `rollout`: the step's completions, each prompt's n responses adjacent, with VL-Rethinker's Forced Rethinking.
-3. `compute_logprobs`: the trainer's log-probs of (prompt, response) (data.collate's batch, with the correct 3-D
-   M-RoPE positions). Tests check that they equal both engines' log-probs to 1e-4 (fp32).
+MAYE (arXiv 2504.02587, Figure 2) step 1, in this file's order:
+1. `VLLMEngine`, `HFEngine`: data's chat prompts in, `Completion`s out, new weights in; `serve_engine` runs either in
+   its own process for common.EngineClient.
+2. `rollout`: one step's n responses per prompt, each prompt's adjacent, with VL-Rethinker's Forced Rethinking.
+3. `compute_logprobs`: the trainer's log-probs of data.collate's batch; tests check they equal both engines' (1e-4).
 
 Conventions and simplifications: vision special tokens and the vocabulary rows beyond the tokenizer are never sampled
 (a sampled <|image_pad|> breaks the next forward), so the policy is the *masked* softmax, in the engines and in
@@ -41,13 +38,9 @@ from data import (DataConfig, Sample, blocked_token_ids, fits_model, load_datase
 from reward import RewardConfig, score_batch
 
 
-# vLLM warnings that this setup always triggers and that change nothing, per logger. The CPU ones: eager mode, no
-# Triton, no chunked prefill (our choices, see rollout.VLLMEngine), the seed note of an in-process engine, the torch
-# thread count, and the advice to preload tcmalloc / Intel OpenMP (a possible speed-up; ../shared/notes/cpu-stack.md).
-# "Failed to load weights" comes at each weight sync for layers whose weights are aliases or buffers: the sync does
-# load every parameter (training/rollout_mismatch stays ~1e-7; tests/test_rollout.py's update test checks it).
-# Two come when a second engine starts in one process (evaluate.py: one per run): vLLM registers the same kernel
-# overrides again, and finds the VLLM_DIST_IDENT that its first CPU worker put in os.environ.
+# vLLM warnings that this setup always triggers and that change nothing, per logger: our CPU choices (VLLMEngine),
+# a second engine in one process (evaluate.py), aliased layers at each weight sync (the sync does load every parameter:
+# tests/test_rollout.py checks it). Hidden so that a warning that matters stands out.
 HARMLESS_VLLM_WARNINGS = {
     "vllm.triton_utils.dispatcher": ("is already registered. Overwriting",),
     "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT",),
@@ -84,8 +77,7 @@ class RolloutConfig:
     max_tokens: int = 2048
     """Maximum new tokens per response."""
     seed: int = 0
-    """rollout.py's seed (vLLM's global one; prompt i's requests get seed + i * n). train.py and sft.py seed every
-    request from their --seed instead, and refuse this flag."""
+    """rollout.py's seed (vLLM's global one); train.py and sft.py refuse it and seed every request from --seed."""
     max_model_len: int = 4096
     """vLLM context length (prompt + response)."""
     dtype: str = "auto"
@@ -109,8 +101,7 @@ class RolloutConfig:
 
 @dataclass
 class Completion:
-    """One response: token_ids (the stop token included when finish_reason == "stop") and their log-probs under the
-    masked log softmax(logits / temperature); NaN on forced (not sampled) tokens."""
+    """One response; its log-probs are under the masked log softmax(logits / temperature), NaN on forced tokens."""
     text: str
     token_ids: list[int]
     logprobs: list[float]
@@ -128,8 +119,7 @@ def _completion(tokenizer, token_ids: list[int], logprobs: list[float], stops: s
 
 # ---- Engines: generate -> [prompt][sample] completions (of prompt_i + prefixes[i] if given); update_weights(weights)
 class VLLMEngine:
-    """vLLM in-process. Log-probs are vLLM's "processed_logprobs": after the blocked-token mask and temperature (and
-    top-p), i.e. log softmax(masked logits / T) of the sampled token."""
+    """vLLM in-process; its "processed_logprobs" come after the blocked-token mask, the temperature and top-p."""
 
     def __init__(self, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataConfig()):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")    # read by vLLM at import
@@ -161,25 +151,21 @@ class VLLMEngine:
                 req["mm_processor_kwargs"] = mm_kwargs(self.data_cfg)
         return req
 
-    def _run(self, requests: list[dict], n: int, temperature: float, top_p: float, max_tokens: list[int],
-             seeds: list[int | None]) -> list[list[Completion]]:
-        from vllm import SamplingParams
-        # stop_token_ids (not `stop` strings) so that the stop token itself is returned
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=m, seed=s, logprobs=0,
-                                 stop_token_ids=self.stops, allowed_token_ids=self.allowed, detokenize=False)
-                  for m, s in zip(max_tokens, seeds)]
-        outs = self.llm.generate(requests, params, use_tqdm=False)
-        return [[_completion(self.tokenizer, list(o.token_ids), [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)],
-                             set(self.stops)) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outs]
-
     def generate(self, samples: list[Sample], n: int, temperature: float, top_p: float = 1.0,
                  max_tokens: int | list[int] = 2048, seed: int | None = None,
                  prefixes: list[list[int]] | None = None) -> list[list[Completion]]:
         """Prompt i is seeded with seed + i * n (vLLM gives its k-th sample seed + k): batching changes nothing."""
+        from vllm import SamplingParams
         seeds = [None if seed is None else seed + i * n for i in range(len(samples))]
         reqs = [self._request(s, None if prefixes is None else list(prefixes[i])) for i, s in enumerate(samples)]
         budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(samples)
-        return self._run(reqs, n, temperature, top_p, budgets, seeds)
+        # stop_token_ids (not `stop` strings) so that the stop token itself is returned
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=m, seed=s, logprobs=0,
+                                 stop_token_ids=self.stops, allowed_token_ids=self.allowed, detokenize=False)
+                  for m, s in zip(budgets, seeds)]
+        outs = self.llm.generate(reqs, params, use_tqdm=False)
+        return [[_completion(self.tokenizer, list(o.token_ids), [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)],
+                             set(self.stops)) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outs]
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights, (HF name, tensor) pairs read one at a time, then reset the prefix, multimodal and encoder
@@ -256,11 +242,10 @@ def make_engine(model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataC
     return HFEngine(model, AutoProcessor.from_pretrained(model_dir), cfg, data_cfg)
 
 
-# ---- The engine process: rank 0's common.EngineClient forwards the engine's methods to it over a pipe
 def _receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
-    """The engine's side of common.EngineClient.update_weights: (name, tensor) views of one received bucket at a time. Each
-    bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete), read straight from the
-    pipe's socket: Connection.recv_bytes_into would copy it through a BytesIO (5x slower, bench/bench_sync.py)."""
+    """The engine's side of common.EngineClient.update_weights: (name, tensor) views of one received bucket at a time.
+    Each bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete), read straight from
+    the pipe's socket: Connection.recv_bytes_into would copy it through a BytesIO (5x slower, bench/bench_sync.py)."""
     import socket
     with socket.socket(fileno=os.dup(conn.fileno())) as sock:
         while (header := conn.recv()) is not None:
@@ -282,7 +267,7 @@ def serve_engine(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig,
     os.environ.update(env)
     die_with_parent()
     try:
-        engine = make_engine(model_dir, cfg, data_cfg)
+        engine = make(model_dir, cfg, data_cfg)
         while (msg := conn.recv()) != "close":      # EOFError (rank 0 died) ends the process too
             if msg[0] == "update_weights":
                 engine.update_weights(weights := _receive_weights(conn))
@@ -298,11 +283,9 @@ def serve_engine(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig,
         raise
 
 
-# ---- The rollout of one step, with Forced Rethinking (VL-Rethinker, optional)
 def rollout(engine, prompts: list[Sample], cfg: RolloutConfig, seed: int,
             reward_cfg: RewardConfig = RewardConfig()) -> tuple[list[Completion], dict]:
-    """(P*n,) completions, each prompt's n adjacent, and Forced Rethinking's counts (its judge: reward.py's
-    accuracy)."""
+    """(P*n,) completions and Forced Rethinking's counts (its judge: reward.py's accuracy)."""
     comps = [c for group in engine.generate(prompts, cfg.n, cfg.temperature, cfg.top_p, cfg.max_tokens, seed)
              for c in group]
     if cfg.rethink_fraction <= 0:
@@ -314,12 +297,10 @@ def rollout(engine, prompts: list[Sample], cfg: RolloutConfig, seed: int,
 def forced_rethinking(engine, samples: list[Sample], comps: list[Completion], cfg: RolloutConfig,
                       is_correct: Callable[[list[str], list[Sample]], list[bool]], seed: int = 0):
     """VL-Rethinker's Forced Rethinking on flat (samples[i], comps[i]): a seeded `cfg.rethink_fraction` of the responses
-    that ended with a stop token get a trigger in place of it (the last trigger if the first answer is wrong, another
-    at random if right) and are continued. The result first[:-1] + trigger + continuation is kept only if the
-    continuation finished (a stop token within min(rethink_max_new_tokens, what max_tokens leaves): a cut-off one
-    would be scored as truncated), has at least rethink_min_new_tokens tokens, and its answer is correct. The trigger
-    (`trigger_span`, NaN log-probs: forced, not sampled) is trained on. Continuations are seeded from seed + B on, so
-    that they share no seed with the first round. Returns (completions, {"rethink/tried", "rethink/kept"})."""
+    that ended with a stop token get a trigger in place of it (`cfg.rethink_triggers`) and are continued. The result
+    first[:-1] + trigger + continuation is kept only if its answer is correct and the continuation is long enough and
+    finished within what max_tokens leaves (a cut-off one would be scored as truncated). The trigger is trained on.
+    Continuations are seeded from seed + B on, so that they share no seed with the first round."""
     rng, out = random.Random(f"rethink:{seed}"), list(comps)
     picked = [i for i, c in enumerate(comps) if c.finish_reason == "stop" and rng.random() < cfg.rethink_fraction]
     right = is_correct([comps[i].text for i in picked], [samples[i] for i in picked]) if picked else []
@@ -349,13 +330,11 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_value
 
 
 def _head_chunk(hidden, weight, bias, targets, blocked, temperature: float, entropy: bool):
-    """(C, 1 + entropy): log-probs of one tile of positions (and their entropies): hidden (C, H) -> logits (C, V) ->
-    masked log softmax at `targets`."""
+    """(C, 1 + entropy): one tile's masked log-probs at `targets` (and entropies), from hidden states (C, H)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)                                        # (C, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 up, float64 kept
-    # finfo.min, not -inf: exp underflows to exactly 0. In the entropy, blocked entries' log p is replaced by 0, so
-    # that neither 0 * finfo.min nor its gradient (a weight > 1 times finfo.min overflows to inf, times p = 0: NaN)
-    # occur.
+    # finfo.min, not -inf: exp underflows to exactly 0. The entropy replaces blocked entries' log p by 0, so that
+    # neither 0 * finfo.min nor its gradient (a weight > 1 times finfo.min overflows to inf, times p = 0: NaN) occurs.
     logp_all = logits.index_fill(-1, blocked, torch.finfo(logits.dtype).min).log_softmax(-1)        # (C, V)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                                   # (C,)
     if not entropy:
@@ -366,14 +345,12 @@ def _head_chunk(hidden, weight, bias, targets, blocked, temperature: float, entr
 def compute_logprobs(model, batch: dict, temperature: float = 1.0, return_entropy: bool = False,
                      chunk_tokens: int = 512):
     """log pi(y_t | x, y_<t) = log softmax(masked logits_{t-1} / temperature)[y_t] at response positions, 0 elsewhere,
-    as (B, T) (T = batch["input_ids"].shape[1]); with return_entropy also H_t = -sum_v p_v log p_v, (B, T).
+    as (B, T); with return_entropy also H_t = -sum_v p_v log p_v. Old, ref and new log-probs alike (MAYE, verl).
 
-    The mask blocks the tokens the engines never sample, so this is the sampling distribution (MAYE/verl compute old,
-    ref and new log-probs on logits / temperature alike). Only the response block [P-1, T-1) goes through lm_head
-    (`logits_to_keep`), and in tiles of `chunk_tokens` positions: lm_head's forward is swapped for `_head_chunk` per
-    tile, under activation checkpointing when autograd is on, so no more than one tile's (chunk, V) logits exist at
-    a time, forward or backward (at V = 151,936 the whole (B, R, V) block is ~5 GB per copy; bench/bench_logprobs.py).
-    Works with and without autograd; the model's root module is called, so FSDP2's root hook gathers lm_head."""
+    Only the response block [P-1, T-1) goes through lm_head (`logits_to_keep`), in tiles of `chunk_tokens` positions
+    (`_head_chunk`, checkpointed under autograd), so one tile's (chunk, V) logits exist at a time, forward or backward
+    (at V = 151,936 the whole (B, R, V) block is ~5 GB per copy; bench/bench_logprobs.py). The model's root module is
+    called, so FSDP2's root hook gathers lm_head."""
     from torch.utils.checkpoint import checkpoint
     P, T = batch["response_start"], batch["input_ids"].shape[1]
     device = next(model.parameters()).device
@@ -418,7 +395,7 @@ class Args:
     """Judge for Forced Rethinking (--rollout.rethink-fraction)."""
 
 
-def main(args: Args) -> list[dict]:
+def main(args: Args) -> None:
     r = args.rollout
     fits = fits_model(args.model, args.data, r.max_tokens, r.max_model_len, r.max_images)   # every row, before vLLM
     samples = load_dataset(args.data_file or args.data.validation, args.data, fits)[:args.limit or None]
@@ -435,7 +412,6 @@ def main(args: Args) -> list[dict]:
     if args.out:
         Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {len(rows)} lines to {args.out}")
-    return rows
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def main():
     startup = time.perf_counter() - t0
     # the bare requests: exactly what VLLMEngine sends, built once outside the timed region
     requests = [engine._request(s) for s in samples]
-    from vllm import SamplingParams   # as VLLMEngine._run builds them
+    from vllm import SamplingParams   # as VLLMEngine.generate builds them
     params = [SamplingParams(n=a.n, temperature=1.0, top_p=1.0, max_tokens=a.max_tokens, seed=100 + i * a.n, logprobs=0,
                              stop_token_ids=engine.stops, allowed_token_ids=engine.allowed, detokenize=False)
               for i in range(len(samples))]
