@@ -58,6 +58,26 @@ def engine_gpu(local_world: int, share: float = 0.0) -> str:
     return ids[-1]
 
 
+def receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
+    """The engine's side of EngineClient.update_weights (rollout.serve_engine calls it): (name, tensor) views of one
+    received bucket at a time. Each bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is
+    complete), read straight from the pipe's socket: Connection.recv_bytes_into would copy it through a BytesIO (5x
+    slower, bench/bench_sync.py)."""
+    import socket
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        while (header := conn.recv()) is not None:
+            nbytes, entries = header
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            view, got = memoryview(buf.numpy()), 0
+            while got < nbytes:
+                if not (n := sock.recv_into(view[got:])):
+                    raise EOFError
+                got += n
+            for name, dtype, shape, start in entries:
+                n = math.prod(shape) * dtype.itemsize
+                yield name, buf[start:start + n].view(dtype).view(shape)
+
+
 class EngineClient:
     """Rank 0's handle on the engine process (the last GPU, or the CPU): the engines' methods, forwarded over a pipe,
     so `rollout` and evaluate.py take either. A dead engine process raises RuntimeError at the next call."""

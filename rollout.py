@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Literal
 import torch
 import tyro
 
-from common import die_with_parent, engine_dtype
+from common import die_with_parent, engine_dtype, receive_weights
 from data import (DataConfig, Sample, blocked_token_ids, fits_model, load_dataset, mm_kwargs, prompt_text,
                   stop_token_ids)
 from reward import RewardConfig, score_batch
@@ -242,35 +242,16 @@ def make_engine(model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig = DataC
     return HFEngine(model, AutoProcessor.from_pretrained(model_dir), cfg, data_cfg)
 
 
-def _receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
-    """The engine's side of common.EngineClient.update_weights: (name, tensor) views of one received bucket at a time.
-    Each bucket gets a fresh buffer (vLLM may hold a layer's tensors until the layer is complete), read straight from
-    the pipe's socket: Connection.recv_bytes_into would copy it through a BytesIO (5x slower, bench/bench_sync.py)."""
-    import socket
-    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-        while (header := conn.recv()) is not None:
-            nbytes, entries = header
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            view, got = memoryview(buf.numpy()), 0
-            while got < nbytes:
-                if not (n := sock.recv_into(view[got:])):
-                    raise EOFError
-                got += n
-            for name, dtype, shape, start in entries:
-                n = math.prod(shape) * dtype.itemsize
-                yield name, buf[start:start + n].view(dtype).view(shape)
-
-
 def serve_engine(conn, model_dir: str, cfg: RolloutConfig, data_cfg: DataConfig, env: dict, make=make_engine) -> None:
     """The engine process (common.EngineClient starts it): build make(model_dir, cfg, data_cfg), then answer (method,
-    args) calls over `conn` until "close" or EOF; update_weights streams its weights in buckets (`_receive_weights`)."""
+    args) calls over `conn` until "close" or EOF; update_weights reads its weights with common.receive_weights."""
     os.environ.update(env)
     die_with_parent()
     try:
         engine = make(model_dir, cfg, data_cfg)
         while (msg := conn.recv()) != "close":      # EOFError (rank 0 died) ends the process too
             if msg[0] == "update_weights":
-                engine.update_weights(weights := _receive_weights(conn))
+                engine.update_weights(weights := receive_weights(conn))
                 if next(weights, None) is not None:         # the rest of the stream would be read as calls
                     raise RuntimeError("the engine's update_weights stopped before the last weight")
                 conn.send(("ok", None))

@@ -60,7 +60,8 @@ def one(model_dir: str, dtype: str, bucket_mb: int) -> dict:
         for k, shape in [("up", (11008, 2048)), ("gate", (11008, 2048)), ("down", (2048, 11008)),
                          *[(p, (2048, 2048)) for p in "qkvo"]]:
             weights[f"layers.{layer}.{k}"] = torch.randn(shape, generator=g)
-    client = EngineClient(functools.partial(serve_engine, make=make_sink), model_dir, RolloutConfig(dtype=dtype), DataConfig(), bucket_mb=bucket_mb or 64)
+    serve = functools.partial(serve_engine, make=make_sink)
+    client = EngineClient(serve, model_dir, RolloutConfig(dtype=dtype), DataConfig(), bucket_mb=bucket_mb or 64)
     client._call("stats")                                                   # started
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.time()

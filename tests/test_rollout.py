@@ -293,7 +293,7 @@ def streamed(pairs, bucket_bytes: int, dtype=torch.float32):
     client.conn, child = mp.Pipe()
     client.dtype, client.bucket_bytes = dtype, bucket_bytes
     threading.Thread(target=client._send_buckets, args=(list(pairs),), daemon=True).start()
-    return R._receive_weights(child)
+    return C.receive_weights(child)
 
 
 def test_weight_buckets_carry_every_tensor_in_the_engine_dtype():
