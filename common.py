@@ -282,8 +282,15 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: boo
     """An HF Qwen-VL model in fp32 (master weights), with the configured parts frozen and, for a trainable model with
     cfg.lora_rank > 0, LoRA adapters (B = 0: the model is unchanged) on the language model's linear layers. A resumed
     run loads the checkpoint's weights; a resumed LoRA run loads its base and gets its adapters (and whatever else
-    trains) back with the optimizer (load_trainer_state), since the checkpoint's HF weights have them merged in."""
-    from transformers import AutoModelForImageTextToText
+    trains) back with the optimizer (load_trainer_state), since the checkpoint's HF weights have them merged in.
+
+    With several ranks only rank 0 reads the weights (a node holds one full copy at start-up, not one per rank): it
+    keeps them, non-persistent buffers such as rotary inv_freq included, for shard_model to broadcast; every rank's
+    model is left on the meta device. Rank 0's model is from_pretrained's, whose save_pretrained writes the folder's
+    key layout (a model built from its config writes Qwen2.5-VL's model.embed_tokens as model.language_model.*).
+    Tied embeddings (Qwen2.5-VL-3B) keep the full load on every rank: to_empty would untie them."""
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForImageTextToText
     attn = "sdpa"
     if device.type == "cuda":
         try:
@@ -293,11 +300,22 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: boo
             pass
     lora = trainable and cfg.lora_rank > 0
     source = resume if resume and not lora else path
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, attn_implementation=attn)
+    meta = (dist.is_initialized() and dist.get_world_size() > 1
+            and not AutoConfig.from_pretrained(source).get_text_config().tie_word_embeddings)
+    if meta and dist.get_rank() > 0:
+        with torch.device("meta"):                         # no weights read, no memory
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32,
+                                                            attn_implementation=attn)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, attn_implementation=attn)
     if lora:
         from peft import LoraConfig, inject_adapter_in_model   # in place: module names and paths stay the model's
         targets = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
         inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets), model)
+    if meta:
+        model.__dict__["full_weights"] = {**model.state_dict(), **dict(model.named_buffers())} \
+            if dist.get_rank() == 0 else {}
+        model.to("meta")                                   # rank 0's weights live on in full_weights only
     for name, p in model.named_parameters():
         frozen = (not trainable or (cfg.freeze_vision and name.startswith("model.visual.") and "merger" not in name)
                   or (cfg.freeze_connector and "merger" in name)
@@ -309,16 +327,32 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: boo
 
 
 def shard_model(model, cfg: ModelConfig, device: torch.device):
-    """FSDP2: shard each vision block and decoder layer, then the root; move to `device`."""
+    """FSDP2: shard each vision block and decoder layer, then the root; move to `device`. A model left on the meta
+    device (load_model) gets its shards from rank 0's full weights, which set_model_state_dict broadcasts tensor by
+    tensor, and then the buffers outside the state dict (rotary inv_freq: non-persistent)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (int(os.environ["WORLD_SIZE"]),))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if device.type == "cuda" and cfg.mixed_precision else MixedPrecisionPolicy())
-    model.to(device)
+    full = model.__dict__.pop("full_weights", None)
+    if full is None:
+        model.to(device)
     for block in [*model.model.visual.blocks, *model.model.language_model.layers]:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if full is not None:
+        model.to_empty(device=device)
+        keys = set(model.state_dict())
+        set_model_state_dict(model, {k: v for k, v in full.items() if k in keys},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for name, buf in model.named_buffers():
+            if name not in keys:
+                if full:
+                    buf.copy_(full[name])
+                dist.broadcast(buf, src=0)
     return model
 
 
@@ -419,7 +453,7 @@ def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, opt
     dist.barrier()
     dcp.save(trainer_state(model, optimizer), checkpoint_id=tmp / "optimizer")
     if dist.get_rank() == 0:
-        model.save_pretrained(tmp, state_dict=weights)
+        model.save_pretrained(tmp, state_dict=dict(weights))   # it pops what it writes: the caller's dict stays whole
         if lora:
             model.peft_config["default"].save_pretrained(tmp / "adapter")
             save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter/adapter_model.safetensors")

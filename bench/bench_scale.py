@@ -28,8 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(out: Path, text_layers: int, vision_blocks: int, tied: bool = True) -> tuple[Path, Path, int]:
-    """The 3B-width model folder and a training file of 448 x 448 images; returns (model dir, data file, params)."""
+def build(out: Path, text_layers: int, vision_blocks: int, tied: bool = True,
+          fp32_folder: bool = False) -> tuple[Path, Path, int]:
+    """The 3B-width model folder and a training file of 448 x 448 images; returns (model dir, data file, params).
+    The folder holds bf16 weights, as Qwen's released checkpoints do: load_model's fp32 copy is then made in memory
+    by every rank that reads them. An fp32 folder (`fp32_folder`) is mapped from disk instead, its pages shared
+    between the ranks through the page cache, so each rank's RSS understates what a real checkpoint costs."""
     sys.path.insert(0, str(ROOT))
     import toy
     import torch
@@ -50,7 +54,7 @@ def build(out: Path, text_layers: int, vision_blocks: int, tied: bool = True) ->
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(dst)
+    model.to(torch.float32 if fp32_folder else torch.bfloat16).save_pretrained(dst)
     for f in src.iterdir():                                  # tokenizer, chat template, processor config
         if not (dst / f.name).exists():
             shutil.copy(f, dst / f.name)
@@ -144,12 +148,14 @@ def main() -> None:
     ap.add_argument("--startup-only", action="store_true", help="measure the ranks' start-up memory only")
     ap.add_argument("--untied", action="store_true", help="untied embeddings and lm_head (as 7B; 3B ties them)")
     ap.add_argument("--nproc", type=int, default=2, help="ranks (--startup-only)")
+    ap.add_argument("--fp32-folder", action="store_true", help="save the model folder in fp32 (default bf16)")
     a = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="vlrl-scale-"))
     t0 = time.time()
-    model_dir, data, params = build(out, a.text_layers, a.vision_blocks, tied=not a.untied)
+    model_dir, data, params = build(out, a.text_layers, a.vision_blocks, not a.untied, a.fp32_folder)
     print(f"model: {params / 1e6:.0f}M params ({a.text_layers} decoder layers, {a.vision_blocks} vision blocks, "
-          f"{'untied' if a.untied else 'tied'}), built in {time.time() - t0:.0f} s")
+          f"{'untied' if a.untied else 'tied'}, {'fp32' if a.fp32_folder else 'bf16'} folder), "
+          f"built in {time.time() - t0:.0f} s")
     if a.startup_only:
         return startup(model_dir, out, a.nproc)
     run = out / "run"
