@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import torch
 
@@ -176,8 +176,9 @@ class ModelConfig:
     the whole change only with --model.freeze-connector, as the connector trains otherwise)."""
     lora_alpha: float = 16.0
     """LoRA's scale numerator: an adapted layer computes W x + (alpha / rank) B A x."""
-    mixed_precision: bool = True
-    """bf16 compute with fp32 master weights on GPU (CPU always runs fp32)."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Trainer compute: bf16 = forward and backward in bf16 with fp32 master weights, gradients reduced in fp32
+    (FSDP2's MixedPrecisionPolicy); fp32 = all fp32; auto = bf16 on GPU, fp32 on CPU (bf16 on CPU is opt-in)."""
     activation_checkpointing: bool = False
     """Recompute decoder-layer activations in the backward pass (saves memory, costs ~30% time)."""
 
@@ -209,6 +210,8 @@ def check_model(cfg: ModelConfig) -> None:
     if "vision_config" not in (config := json.loads((p / "config.json").read_text())):
         raise SystemExit(f"--model.path {p}: a {config.get('model_type', '?')!r} model has no vision tower; vlrl "
                          f"trains vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
+    if cfg.mixed_precision not in ("auto", "bf16", "fp32"):     # Python callers; tyro refuses other values itself
+        raise SystemExit(f"--model.mixed-precision {cfg.mixed_precision!r} must be auto, bf16 or fp32")
     if cfg.lora_rank < 0 or cfg.lora_alpha <= 0:
         raise SystemExit(f"--model.lora-rank {cfg.lora_rank} must be >= 0 (0 = no LoRA) and --model.lora-alpha "
                          f"{cfg.lora_alpha} > 0")
@@ -335,8 +338,9 @@ def shard_model(model, cfg: ModelConfig, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (int(os.environ["WORLD_SIZE"]),))
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if device.type == "cuda" and cfg.mixed_precision else MixedPrecisionPolicy())
+          if bf16 else MixedPrecisionPolicy())
     full = model.__dict__.pop("full_weights", None)
     if full is None:
         model.to(device)

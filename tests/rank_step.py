@@ -107,3 +107,29 @@ def update_worker(model_dir: str, samples: list, cases: list[dict], out_file: st
         torch.save({"backend": backend, "collectives": sorted(set(log)), "results": results}, out_file)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def precision_worker(model_dir: str, samples: list, comps: list, cases: dict, out_file: str) -> None:
+    """Per case (name -> train.Args): the policy loaded and sharded as train.py does it under args.model, then pi_old's
+    recompute (train.response_logprobs, no grad) and one train.ppo_update's gradient. Rank 0 saves per case the
+    log-probs, the gradients, the dtypes the decoder layers' outputs had and the dtypes of the weights and gradients."""
+    rank, world, device = common.init_distributed(threads=1)
+    processor = __import__("transformers").AutoProcessor.from_pretrained(model_dir)
+    results = {}
+    for name, args in cases.items():
+        policy = common.shard_model(common.load_model(model_dir, args.model, device), args.model, device)
+        seen = set()
+        for layer in policy.model.language_model.layers:
+            layer.register_forward_hook(lambda m, i, o: seen.add((o[0] if isinstance(o, tuple) else o).dtype))
+        with torch.no_grad():
+            lp = train.response_logprobs(policy, list(range(len(comps))), samples, comps, processor, args, device)
+        policy.reshard()
+        adv = torch.ones(len(comps), lp.shape[1])
+        out = run_case(policy, processor, samples, dict(args=args, comps=comps, adv=adv), rank, world, device)
+        results[name] = {"logp": lp.double(), "grads": out["grads"], "compute": sorted(map(str, seen)),
+                         "weights": sorted({str(p.dtype) for p in policy.parameters()}),
+                         "grad_dtypes": sorted({str(g.dtype) for g in out["grads"].values()})}
+    if rank == 0:
+        torch.save(results, out_file)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -375,6 +375,23 @@ def test_an_unknown_rollout_mask_is_refused_naming_the_flag(capsys):
     assert "--rollout-mask" in capsys.readouterr().err
 
 
+def test_mixed_precision_is_refused_naming_the_flag(toy_world, capsys):
+    """--model.mixed-precision is auto, bf16 or fp32: tyro refuses another value and the old bool flag on the command
+    line; check_model (before any start-up) refuses what a Python caller may still pass, the old bool."""
+    import tyro
+
+    import train
+    for flags in (["--model.mixed-precision", "bfloat16"], ["--model.no-mixed-precision"]):
+        with pytest.raises(SystemExit):
+            tyro.cli(train.Args, args=flags)
+        assert "--model.mixed-precision" in capsys.readouterr().err, flags
+    model = str(toy_world / "models" / "qwen2_5_vl-tiny")
+    for ok in ("auto", "bf16", "fp32"):
+        common.check_model(common.ModelConfig(path=model, mixed_precision=ok))
+    with pytest.raises(SystemExit, match="--model.mixed-precision True must be auto, bf16 or fp32"):
+        common.check_model(common.ModelConfig(path=model, mixed_precision=True))
+
+
 def test_a_model_folder_without_a_chat_template_is_named(toy_world, tmp_path):
     import shutil
     model = shutil.copytree(toy_world / "models" / "qwen2_5_vl-tiny", tmp_path / "m")

@@ -524,6 +524,44 @@ def test_logged_losses_are_means_over_optimizer_steps(direct_runs):
             assert m["loss/kl_loss"] == pytest.approx(0.3, abs=1e-6), (world, case)
 
 
+def test_bf16_trainer_is_an_opt_in_on_cpu(toy_world, tmp_path):
+    """--model.mixed-precision bf16 on the CPU (gloo, 1 rank) computes as FSDP2's MixedPrecisionPolicy does on a GPU:
+    the decoder layers' outputs are bf16 while the weights and the gradients stay fp32, and pi_old's recompute and the
+    update's gradient are off a plain float64 forward by a bf16-sized amount (8 significant bits: ~1e-3), 10^3 times
+    fp32's. auto, the default, is fp32 on the CPU, bit for bit."""
+    from unittest import mock
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import rank_step
+    model_dir = toy_world / "models" / "qwen2_5_vl-tiny"
+    processor = AutoProcessor.from_pretrained(model_dir)
+    samples = [s for s in data.load_dataset(str(toy_world / "data" / "train.jsonl"))[:4] for _ in range(2)]
+    comps = make_comps(processor.tokenizer)
+    cases = {m: replace(step_args(model_dir, 4), model=common.ModelConfig(path=str(model_dir), mixed_precision=m))
+             for m in ("auto", "fp32", "bf16")}
+    with mock.patch.dict(os.environ):              # launch sets the rendezvous variables in this process
+        common.launch(rank_step.precision_worker, 1, str(model_dir), samples, comps, cases, str(tmp_path / "out.pt"))
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float64)
+    for name, p in model.named_parameters():     # as common.load_model: the vision tower frozen, its merger not
+        p.requires_grad_(not (name.startswith("model.visual.") and "merger" not in name))
+    logp = reference_logp(model, processor, samples, comps)                                           # (B, T)
+    mask = (torch.arange(logp.shape[1])[None, :] < torch.tensor(LENGTHS)[:, None]).double()         # (B, T)
+    want = expected_grads(model, logp, agg_coef("token-mean", torch.ones_like(mask), mask, L=12))
+    err = {}
+    for m, r in got.items():
+        grad_err = max(((r["grads"][n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want)
+        err[m] = (((r["logp"][:, :logp.shape[1]] - logp) * mask).abs().max().item(), grad_err)
+        assert r["weights"] == r["grad_dtypes"] == ["torch.float32"], (m, r["weights"], r["grad_dtypes"])
+    assert got["auto"]["compute"] == got["fp32"]["compute"] == ["torch.float32"] and got["bf16"]["compute"] == [
+        "torch.bfloat16"], {m: r["compute"] for m, r in got.items()}
+    assert torch.equal(got["auto"]["logp"], got["fp32"]["logp"]), "auto on the CPU must be today's fp32"
+    assert all(got["auto"]["grads"][n].equal(got["fp32"]["grads"][n]) for n in want)
+    assert err["fp32"][0] < 1e-5 and err["fp32"][1] < 1e-5, err
+    assert 1e-4 < err["bf16"][0] < 3e-2 and 1e-3 < err["bf16"][1] < 1e-1, err
+
+
 def test_mismatch_kl_metrics_hand_worked():
     """training/mismatch_k1, _k3: means over the tokens the engine sampled of k1 = log pi_engine - log pi_old and
     k3 = rho - 1 - log rho, rho = pi_old / pi_engine. Row 0: rho 0.5/0.25 = 2, 0.2/0.4 = 0.5, 1 (padding after);
