@@ -4,8 +4,7 @@ Score of one response (MAYE, arXiv 2504.02587: accuracy + format + language pena
     score = accuracy + format_weight * format + language_penalty * [response mixes in CJK script]
     score = penalty                       if the response has no stop token (finished=False)
 accuracy is 1/0 from `judge`: the last \\boxed{...} vs the gold answer, part by part after MAYE-style normalisation,
-numbers within rel_tol, the rest by math-verify; in a judge process (pebble's), killed and replaced past timeout_s
-(from any thread; a Python loop or one C call alike) or if it dies: the item gets accuracy 0 and the reason.
+numbers within rel_tol, the rest by math-verify, in a judge process killed past timeout_s (accuracy 0, a reason).
 
 Run alone:  python reward.py --responses R.jsonl [--out scored.jsonl] [--reward.num-workers 2]
 """
@@ -13,7 +12,7 @@ import functools
 import json
 import logging
 import math
-import multiprocessing
+import multiprocessing.util
 import numbers
 import os
 import re
@@ -330,15 +329,18 @@ _JUDGES: dict[tuple[int, int], pebble.ProcessPool] = {}  # (pid, workers) -> the
 
 
 def judges(workers: int) -> pebble.ProcessPool:
-    """This process's pool of `workers` judge processes, made on first use and reused. Forked, not spawned: spawn
-    would re-import the caller's __main__ (a trainer); each judge dies with this process (common.die_with_parent)."""
+    """This process's pool of `workers` judges, made on first use and reused: forked (spawn would re-import a trainer's
+    __main__), each dying with this process, and stopped before a spawned process (a rank) joins its children at exit,
+    which precedes every atexit handler, pebble's own included (multiprocessing.Pool does the same)."""
     pool = _JUDGES.get((os.getpid(), workers))
     if pool is None or not pool.active:   # new, or stopped
         for p, g in _WARM_UP:  # one per math-verify path: its lazy imports (~1 s) are paid once, before the fork
             judge(p, g)
-        _JUDGES[os.getpid(), workers] = pebble.ProcessPool(workers, initializer=die_with_parent,
-                                                           context=multiprocessing.get_context("fork"))
-    return _JUDGES[os.getpid(), workers]
+        pool = pebble.ProcessPool(workers, initializer=die_with_parent, context=multiprocessing.get_context("fork"))
+        multiprocessing.util.Finalize(pool, pool.stop, exitpriority=11)
+        multiprocessing.util.Finalize(pool, pool.join, exitpriority=10)
+        _JUDGES[os.getpid(), workers] = pool
+    return pool
 
 
 def score_batch(responses: list[str], answers: list[str], finished: list[bool] | None = None,
@@ -372,14 +374,12 @@ def score_batch(responses: list[str], answers: list[str], finished: list[bool] |
 
 @dataclass(frozen=True)
 class Args:
-    responses: str = ""  # jsonl with `response` and `answer` fields (optional bool `finished`, default true).
+    responses: str  # jsonl with `response` and `answer` fields (optional bool `finished`, default true).
     out: str = ""  # Where to write the scored jsonl (input fields + score/accuracy/format/reason/pred); empty = stdout.
     reward: RewardConfig = RewardConfig()
 
 
 def main(args: Args) -> None:
-    if not args.responses:
-        raise SystemExit("--responses is required (a jsonl with `response` and `answer` fields)")
     rows, t0 = read_jsonl(args.responses, ("response", "answer"), lambda r: "" if isinstance(
         r.get("finished", True), bool) else "field 'finished' must be true or false"), time.perf_counter()
     rows = [{**r, "answer": str(r["answer"]) if type(r["answer"]) in (int, float) else r["answer"]} for r in rows]

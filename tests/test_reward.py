@@ -435,6 +435,19 @@ def test_workers_are_killed_at_exit(tmp_path):
             os.kill(pid, 0)
 
 
+def test_a_spawned_process_that_scored_exits(tmp_path):
+    """A training rank is a spawned process: when it ends, multiprocessing joins its children before any atexit
+    handler runs, so judges still running then would keep it waiting for ever."""
+    script = tmp_path / "rank.py"
+    script.write_text("import multiprocessing as mp\nimport reward\n\n\ndef rank():\n"
+                      "    reward.score_batch(['\\\\boxed{1}'] * 4, ['1'] * 4)\n\n\n"
+                      "if __name__ == '__main__':\n    p = mp.get_context('spawn').Process(target=rank)\n"
+                      "    p.start()\n    p.join(90)\n    print(p.exitcode)\n    p.kill()\n")
+    p = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.stdout.split() == ["0"], p.stdout + p.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------------------- CLI
 def test_cli(tmp_path):
     rows = [{"response": B % "11", "answer": 11, "id": 0}, {"response": "Wait. \\boxed{3}", "answer": "4"},
