@@ -315,10 +315,10 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: boo
         from peft import LoraConfig, inject_adapter_in_model   # in place: module names and paths stay the model's
         targets = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
         inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets), model)
-    if meta:
-        model.__dict__["full_weights"] = {**model.state_dict(), **dict(model.named_buffers())} \
-            if dist.get_rank() == 0 else {}
-        model.to("meta")                                   # rank 0's weights live on in full_weights only
+    if meta:                                               # rank 0's weights live on in full_weights only
+        full = {**model.state_dict(), **dict(model.named_buffers())} if dist.get_rank() == 0 else {}
+        model.__dict__["full_weights"] = full              # a plain attribute, for shard_model to pop
+        model.to("meta")
     for name, p in model.named_parameters():
         frozen = (not trainable or (cfg.freeze_vision and name.startswith("model.visual.") and "merger" not in name)
                   or (cfg.freeze_connector and "merger" in name)
