@@ -3,7 +3,8 @@ metrics.jsonl (evaluate.py's --runs calls `write_report`; --report-only redraws 
 
 Table 3 (`table_markdown`): per run the mean and the max of an accuracy over its epochs, then mean ± std over an
 arm's runs. Figure 4: training accuracy, response length and reflection ratios over steps; Figure 5: accuracy per
-epoch for each split and decoding. `findings` writes "what this shows" from the numbers, with the spread across runs as the bar.
+epoch for each split and decoding. `findings` writes "what this shows" from the numbers, with the spread across
+runs as the bar.
 """
 from __future__ import annotations
 
