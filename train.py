@@ -9,6 +9,8 @@ One step, the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figu
   3. advantage: pi_old and pi_ref log-probs of each rank's rows; advantages and sample selection on the full batch.
   4. update: PPO over shuffled mini-batches (the loss normalised globally: 1 or N ranks take the same step); sync.
   Then log, validate and checkpoint. Every random choice is a function of (seed, step): `--resume` is exact.
+With --async-steps 1 the engine samples step k+1's responses (with step k's weights) during steps 3-4 of step k, and
+the update corrects for pi_old / pi_engine as in fp32/bf16 (--tis, --rollout-mask); a checkpoint keeps that batch.
 
 Simplifications: the learning-rate schedule advances once per generation step (MAYE: per optimizer step); dynamic
 sampling drops constant-score groups without resampling more prompts; weights reach the engine streamed through a pipe
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
@@ -38,7 +41,7 @@ from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, batch
 from data import DataConfig, collate, fits_model, load_dataset
 from evaluate import reflection_stats, validate
 from reward import RewardConfig, score_batch
-from rollout import RolloutConfig, compute_logprobs, rollout, serve_engine
+from rollout import Completion, RolloutConfig, compute_logprobs, rollout, serve_engine
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class Args:
     """Responses per forward/backward on one rank (gradient accumulation up to the mini-batch)."""
     ppo_epochs: int = 1
     """Passes over each generation batch."""
+    async_steps: Literal[0, 1] = 0
+    """1 = the engine samples step k+1's responses while the ranks score and update on step k, with the weights of
+    before step k's update (one update stale; --tis and --rollout-mask correct pi_old / pi_engine); 0 = on-policy."""
     tis: Literal["off", "token", "sequence"] = "off"
     """Truncated IS (advantage.rollout_correction): weight the policy-gradient loss by min(pi_old / pi_engine,
     tis_cap) per token or per response; needless in fp32, where engine and trainer agree."""
@@ -116,6 +122,20 @@ def response_logprobs(model, rows: list[int], samples, comps, processor, args: A
     out = compute_logprobs(model, batch, args.rollout.temperature, return_entropy=entropy)
     P = batch["response_start"]
     return (out[0][:, P:], out[1][:, P:]) if entropy else out[:, P:]
+
+
+def step_prompts(train_set: list, args: Args, step: int) -> list:
+    """The (P,) prompts of a step: a function of (seed, step) alone (common.batch_indices)."""
+    _, idx = batch_indices(len(train_set), args.prompts_per_step, args.seed, step)
+    return [train_set[i] for i in idx]
+
+
+def saved_batch(batch):
+    """A batch sampled ahead (--async-steps 1), (completions, rethink counts), as a checkpoint's JSON keeps it, and
+    back: resuming trains on the batch an uninterrupted run would have."""
+    if isinstance(batch, dict):
+        return [Completion(**c) for c in batch["completions"]], batch["rethink"]
+    return {"completions": [asdict(c) for c in batch[0]], "rethink": batch[1]}
 
 
 def step_seed(seed: int, step: int, B: int) -> int:
@@ -302,25 +322,37 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     run = start_run(args, rank, world, device, total_steps)
     processor, engine, policy, ref, optimizer, scheduler, state, logger = run
+    pool = ThreadPoolExecutor(1) if rank == 0 and args.async_steps else None    # rank 0's thread for the engine
+    ahead = None                             # rank 0: a future (completions, rethink counts) of the next step's batch
+    if pool and state.get("ahead"):          # resumed: the batch the checkpointed run had sampled ahead
+        ahead = pool.submit(saved_batch, state["ahead"])
     try:
         for step in range(state["step"], total_steps):
             times = [("start", time.time())]
-            _, idx = batch_indices(len(train_set), args.prompts_per_step, args.seed, step)
-            prompts = [train_set[i] for i in idx]                                                 # (P,)
+            prompts = step_prompts(train_set, args, step)                                        # (P,)
             samples = [s for s in prompts for _ in range(args.rollout.n)]                         # (B,) = P*n
 
-            # step 1: rollout -- the engine (rank 0) samples n responses per prompt, each prompt's n adjacent
+            # step 1: rollout -- the engine (rank 0) samples n responses per prompt, each prompt's n adjacent; with
+            # --async-steps 1 they were sampled while the last step updated (`ahead`, one update stale)
             seed = step_seed(args.seed, step, len(samples))                                      # [seed, seed + 2B)
-            comps, rethink = rollout(engine, prompts, args.rollout, seed, args.reward) if rank == 0 else (None, None)
+            comps, rethink, stale = None, None, ahead is not None
+            if rank == 0:
+                comps, rethink = ahead.result() if stale else rollout(engine, prompts, args.rollout, seed, args.reward)
             times.append(("generate", time.time()))
 
             # step 2: reward -- rank 0 scores every response in its judge pool; every rank gets both
             scored = score_batch([c.text for c in comps], [s.answer for s in samples],
                                  [c.finish_reason == "stop" for c in comps], args.reward) if rank == 0 else None
-            comps, scored, rethink = broadcast((comps, scored, rethink))
+            comps, scored, rethink, stale = broadcast((comps, scored, rethink, stale))
             scores = torch.tensor([r["score"] for r in scored], dtype=torch.float32)             # (B,)
             mask = response_mask(comps)                                                           # (B, T)
             times.append(("reward", time.time()))
+
+            # async -- the engine samples the next step's responses (this step's weights) while this step updates
+            ahead = None
+            if pool and step + 1 < total_steps:
+                ahead = pool.submit(rollout, engine, step_prompts(train_set, args, step + 1), args.rollout,
+                                    step_seed(args.seed, step + 1, len(samples)), args.reward)
 
             # step 3: advantage -- each rank's rows' pi_old / pi_ref, then advantages and selection on the full batch
             old_lp, ref_lp, ent = old_and_ref_logprobs(policy, ref, samples, comps, mask.shape[1], processor, args,
@@ -335,6 +367,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             sums = all_reduce_sums(ppo_update(policy, optimizer, samples, comps, keep, adv, mask, old_lp, ref_lp, ent,
                                               generator, processor, args, step, rank, world, device), SUM_KEYS)
             times.append(("update", time.time()))
+            next_batch = ahead.result() if ahead else None         # the engine takes weights between generations
             sync_weights(policy, engine)                           # streamed, one tensor at a time
             times.append(("sync", time.time()))
 
@@ -343,11 +376,13 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             lr = optimizer.param_groups[0]["lr"]                   # the lr this step used; then the next one's
             scheduler.step()
             metrics = {"step": done, "epoch": done / steps_per_epoch, "training/lr": lr, **rethink,
+                       "rollout/staleness": int(stale),
                        **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
             metrics |= epoch_accuracy(logger.rows, metrics, steps_per_epoch) if logger else {}   # rank 0 logs
             if (args.save_every and done % args.save_every == 0) or done == total_steps:
                 save_checkpoint(args.out_dir, done, done / steps_per_epoch, "rl", policy, optimizer, scheduler,
-                                processor, keep=args.keep_checkpoints, metrics=metrics)
+                                processor, keep=args.keep_checkpoints,
+                                state={"metrics": metrics, "ahead": saved_batch(next_batch) if next_batch else None})
             if rank == 0:
                 if val_set and ((args.val_every > 0 and done % args.val_every == 0) or done == total_steps):
                     metrics.update(validate(engine, val_set, args.reward, args.rollout.max_tokens))
@@ -355,6 +390,8 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     finally:
         if engine is not None:
             engine.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     torch.distributed.destroy_process_group()
 
 
@@ -376,6 +413,7 @@ def check_args(args: Args, world: int, train_size: int) -> None:
             (args.rollout.seed != RolloutConfig.seed, "--rollout.seed is rollout.py's: --seed seeds every request"),
             (min(args.micro_batch_size, args.ppo_epochs, args.epochs) < 1 or args.max_steps < 0,
              "--micro-batch-size, --ppo-epochs and --epochs must be >= 1, --max-steps >= 0"),
+            (args.async_steps not in (0, 1), "--async-steps must be 0 (on-policy) or 1 (one step ahead)"),
             (args.resume and args.restart, "--resume continues the run in --out-dir, --restart moves it aside")):
         if bad:
             raise SystemExit(f"train.py: {msg}")

@@ -5,6 +5,7 @@ Each run is a real `python train.py` subprocess (its own process group, so a tes
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 import common
 import data
 import rollout
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("time/", "perf/")
@@ -271,6 +273,45 @@ def test_fused_old_logprobs_equal_a_separate_pass(toy_world, tmp_path):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
     for k in ("loss/policy_loss", "training/entropy", "training/rollout_mismatch", "training/clipfrac"):
         assert m1[k] == pytest.approx(m2[k], abs=1e-6), k
+
+
+@pytest.mark.slow
+def test_async_batches_are_one_update_stale_and_resume_exactly(toy_world, tmp_path):
+    """--async-steps 1 on 1 rank: step k+1's batch is sampled while step k updates, so from step 2 on the engine's
+    log-probs are those of the weights one update back (checkpoint k-1), not the trainer's; a checkpoint keeps the
+    batch sampled ahead, and a run cut back to its first checkpoint (a kill then) resumes to the same metrics."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from test_rollout import max_engine_vs_trainer
+    rows = (toy_world / "data" / "train.jsonl").read_text().splitlines(keepends=True)[:12]
+    (toy_world / "data" / EPOCH3).write_text("".join(rows))
+    out, flags = tmp_path / "run", ("--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "0",
+                                    "--rollout.engine", "hf", "--val-every", "-1", "--async-steps", "1")
+    p = run(train_cmd(toy_world, out, *flags, train_file=EPOCH3))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ms = metrics(out)
+    assert [m["rollout/staleness"] for m in ms] == [0, 1, 1]
+    assert ms[0]["training/rollout_mismatch"] < 1e-4 < min(m["training/rollout_mismatch"] for m in ms[1:]), ms
+    # step 3's batch, kept by checkpoint 2, came from checkpoint 1's weights (an independent HF forward says so)
+    ckpt = out / "checkpoints"
+    state = json.loads((ckpt / "step_000002" / "vlrl_state.json").read_text())
+    comps = [rollout.Completion(**c) for c in state["ahead"]["completions"]]
+    prompts = train.step_prompts(data.load_dataset(str(toy_world / "data" / EPOCH3)), train.Args(prompts_per_step=4), 2)
+    groups = [comps[2 * i:2 * i + 2] for i in range(4)]                 # --rollout.n 2: each prompt's 2 adjacent
+    gaps = [max_engine_vs_trainer(AutoModelForImageTextToText.from_pretrained(ckpt / name).eval(),
+                                  AutoProcessor.from_pretrained(ckpt / name), prompts, groups, 1.0)
+            for name in ("step_000001", "step_000002")]
+    assert gaps[0] < 1e-4 < gaps[1], gaps
+    # resume from checkpoint 1 as a kill during step 2 would leave the run: the same metrics as the uninterrupted one
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut, ignore=lambda d, names: [n for n in names if n in ("step_000002", "step_000003")])
+    p = run(train_cmd(toy_world, cut, *flags, "--resume", train_file=EPOCH3))
+    assert p.returncode == 0, p.stderr[-3000:]
+    resumed = metrics(cut)
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for r, u in zip(resumed, ms):
+        r, u = no_timing(r), no_timing(u)
+        assert r.keys() == u.keys() and all(r[k] == pytest.approx(u[k], abs=1e-6) for k in r), (r, u)
 
 
 @pytest.mark.slow
