@@ -10,7 +10,7 @@ One step, the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figu
   4. update: PPO over shuffled mini-batches (the loss normalised globally: 1 or N ranks take the same step); sync.
   Then log, validate and checkpoint. Every random choice is a function of (seed, step): `--resume` is exact.
 With --async-steps 1 the engine samples step k+1's responses (with step k's weights) during steps 3-4 of step k, and
-the update corrects for pi_old / pi_engine as in fp32/bf16 (--tis, --rollout-mask); a checkpoint keeps that batch.
+the update corrects for pi_old / pi_engine (--advantage.tis, --advantage.rollout-mask); a checkpoint keeps that batch.
 
 Simplifications: the learning-rate schedule advances once per generation step (MAYE: per optimizer step); dynamic
 sampling drops constant-score groups without resampling more prompts; weights reach the engine streamed through a pipe
@@ -70,19 +70,7 @@ class Args:
     """Passes over each generation batch."""
     async_steps: Literal[0, 1] = 0
     """1 = the engine samples step k+1's responses while the ranks score and update on step k, with the weights of
-    before step k's update (one update stale; --tis and --rollout-mask correct pi_old / pi_engine); 0 = on-policy."""
-    tis: Literal["off", "token", "sequence"] = "off"
-    """Truncated IS (advantage.rollout_correction): weight the policy-gradient loss by min(pi_old / pi_engine,
-    tis_cap) per token or per response; needless in fp32, where engine and trainer agree."""
-    tis_cap: float = 2.0
-    """The truncation C of --tis (>= 1; 2 is the usual choice)."""
-    rollout_mask: Literal["off", "token", "sequence", "geometric"] = "off"
-    """Weight 0 for the tokens (token: IcePop), responses (sequence: masked IS) or responses by their geometric-mean
-    ratio (geometric) whose pi_old / pi_engine leaves [low, high] (advantage.rollout_correction)."""
-    rollout_mask_low: float = 0.5
-    """Lower bound of --rollout-mask's band (0 < low <= 1; IcePop 0.5, geometric ~0.999)."""
-    rollout_mask_high: float = 2.0
-    """Upper bound of --rollout-mask's band (>= 1; verl 2, IcePop 5, geometric ~1.001)."""
+    before step k's update (one update stale: see --advantage.tis, --advantage.rollout-mask); 0 = on-policy."""
     epochs: int = 1
     """Passes over the training set."""
     max_steps: int = 0
@@ -215,8 +203,7 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
                 R = lp.shape[1]
                 if fused:                    # pi_old = the policy before this step's only update
                     old_lp[mb, :R], ent[mb, :R] = lp.detach().float().cpu(), e.detach().float().cpu()
-                w, corr = rollout_correction(old_lp[mb, :R], engine_lp[mb, :R], mask[mb, :R], args.tis, args.tis_cap,
-                                             args.rollout_mask, args.rollout_mask_low, args.rollout_mask_high)
+                w, corr = rollout_correction(old_lp[mb, :R], engine_lp[mb, :R], mask[mb, :R], cfg)
                 for k, v in corr.items():                                      # tis_weight, tis_capped, rollout_masked
                     sums[k] += v
                 # w >= 0 scales both PPO branches alike: weighting A weights the clipped policy-gradient loss, not KL.
@@ -398,7 +385,6 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
 def check_args(args: Args, world: int, train_size: int) -> None:
     """Every flag combination that cannot work, named with its fix, before any rank or engine starts."""
     P, n, mini = args.prompts_per_step, args.rollout.n, args.mini_batch_size
-    low, high = args.rollout_mask_low, args.rollout_mask_high
     for bad, msg in (
             (n < 1 or P < 1, "--rollout.n and --prompts-per-step must be >= 1"),
             (P > train_size, f"--prompts-per-step {P} > the {train_size} training rows"),
@@ -407,9 +393,6 @@ def check_args(args: Args, world: int, train_size: int) -> None:
             (mini < 1 or mini % world, f"--mini-batch-size {mini} must be a positive multiple of the {world} ranks"),
             (mini >= 1 and (P * n) % mini, f"--mini-batch-size {mini} must divide the {P * n} responses of a step "
                                            f"(--prompts-per-step x --rollout.n), or the last optimizer step is uneven"),
-            (args.tis_cap < 1, f"--tis-cap {args.tis_cap} must be >= 1 (a cap below 1 would down-weight every token)"),
-            (not (0 < low <= 1 <= high and low < high), f"--rollout-mask-low {low} and --rollout-mask-high {high} must "
-             f"satisfy 0 < low <= 1 <= high, low < high (a band without 1 masks the tokens where the two agree)"),
             (args.rollout.seed != RolloutConfig.seed, "--rollout.seed is rollout.py's: --seed seeds every request"),
             (min(args.micro_batch_size, args.ppo_epochs, args.epochs) < 1 or args.max_steps < 0,
              "--micro-batch-size, --ppo-epochs and --epochs must be >= 1, --max-steps >= 0"),

@@ -331,7 +331,8 @@ def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     cmd = train_cmd(toy_world, tmp_path / "run", "--nproc", "1", "--max-steps", "2", "--rollout.engine", "hf",
                     "--val-every", "-1", "--rollout.rethink-fraction", "1", "--rollout.rethink-min-new-tokens", "1",
                     "--rollout.rethink-max-new-tokens", "12", "--rollout.max-tokens", "32", "--prompts-per-step", "8",
-                    "--mini-batch-size", "16", "--rollout.temperature", "1.0", "--tis", "sequence")
+                    "--mini-batch-size", "16", "--rollout.temperature", "1.0", "--advantage.tis",
+                    "sequence")
     cmd[cmd.index("--model.path") + 1] = str(stop_prone)
     p = run(cmd)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -339,7 +340,7 @@ def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     assert sum(m["rethink/tried"] for m in ms) > 0 and sum(m["rethink/kept"] for m in ms) > 0, ms
     assert all(m["rethink/kept"] <= m["rethink/tried"] for m in ms)
     assert all(m["training/rollout_mismatch"] < 1e-4 and m["training/grad_norm"] > 0 for m in ms)
-    # --tis sequence (forced tokens count as ratio 1): in fp32 engine and trainer agree, so every weight is ~1
+    # --advantage.tis sequence (forced tokens count as ratio 1): in fp32 engine and trainer agree, so every weight is ~1
     assert all(abs(m["training/tis_weight"] - 1) < 1e-3 and m["training/tis_capped"] == 0 for m in ms), ms
 
 
@@ -438,15 +439,15 @@ def direct_runs(toy_world, tmp_path_factory):
     engine_lp = [(logp[i, :n] + noise[i, :n]).tolist() for i, n in enumerate(LENGTHS)]
     cases = [dict(args=step_args(model_dir, micro, loss_agg=mode), comps=comps, adv=adv)
              for mode in MODES for micro in (1, 4)]
-    cases.append(dict(args=replace(step_args(model_dir, 2), tis="token", tis_cap=2.0),
+    cases.append(dict(args=step_args(model_dir, 2, tis="token", tis_cap=2.0),
                       comps=make_comps(processor.tokenizer, engine_lp), adv=adv))
     half = torch.full_like(adv, 0.5) * mask
     ref_lp = (logp.detach() - 0.3) * mask                            # log pi - log pi_ref = 0.3 on every token
     cases += [dict(args=step_args(model_dir, 2, mini, kl_coef=0.1, kl_type="k1"), comps=comps, adv=half,
                    ref_lp=ref_lp) for mini in (8, 4)]
     cases.append(dict(args=step_args(model_dir, 2, kl_coef=0.001), comps=comps, adv=adv, ref=True))   # fused pi_old
-    cases.append(dict(args=replace(step_args(model_dir, 2), tis="token", tis_cap=1.2, rollout_mask="token",
-                                   rollout_mask_low=0.5, rollout_mask_high=1.5),
+    cases.append(dict(args=step_args(model_dir, 2, tis="token", tis_cap=1.2, rollout_mask="token",
+                                     rollout_mask_low=0.5, rollout_mask_high=1.5),
                       comps=make_comps(processor.tokenizer, engine_lp), adv=adv))
     runs = {}
     for world in (1, 2):
@@ -517,7 +518,7 @@ def test_update_gradient_is_independent_of_micro_batches_and_ranks(direct_runs):
 @pytest.mark.slow
 @pytest.mark.xdist_group("direct_runs")
 def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
-    """--tis token, cap 2, engine log-probs = the trainer's + noise: the update's gradient is that of
+    """--advantage.tis token, cap 2, engine log-probs = the trainer's + noise: the update's gradient is that of
     -sum w_t A_t log pi_t / N with w_t = min(pi_old / pi_engine, 2), worked out here from the noise alone."""
     runs, ref = direct_runs
     eng = torch.tensor((ref["logp"] + ref["noise"]).float().tolist(), dtype=torch.float64)   # as the engine sent them
@@ -533,10 +534,11 @@ def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
 @pytest.mark.slow
 @pytest.mark.xdist_group("direct_runs")
 def test_rollout_mask_drops_tokens_from_the_update_gradient(direct_runs):
-    """--tis token (cap 1.2) with --rollout-mask token (IcePop), band [0.5, 1.5], engine log-probs = the trainer's +
-    noise, pi_old from the update's own forward (fused): the gradient is that of -sum w_t A_t log pi_t / N with
-    w_t = min(rho_t, 1.2) inside the band, 0 outside, and N = every valid token (masked ones stay in the normaliser);
-    training/rollout_masked is the fraction outside. Worked out here from the noise alone, on 1 and 2 ranks."""
+    """--advantage.tis token (cap 1.2) with --advantage.rollout-mask token (IcePop), band [0.5, 1.5], engine log-probs
+    = the trainer's + noise, pi_old from the update's own forward (fused): the gradient is that of
+    -sum w_t A_t log pi_t / N with w_t = min(rho_t, 1.2) inside the band, 0 outside, and N = every valid token (masked
+    ones stay in the normaliser); training/rollout_masked is the fraction outside. Worked out here from the noise
+    alone, on 1 and 2 ranks."""
     runs, ref = direct_runs
     eng = torch.tensor((ref["logp"] + ref["noise"]).float().tolist(), dtype=torch.float64)   # as the engine sent them
     rho, valid = (ref["logp"].detach() - eng).exp(), ref["mask"].bool()                      # (B, T), no gradient
