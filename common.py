@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
@@ -463,7 +463,8 @@ def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, opt
             save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter/adapter_model.safetensors")
         processor.save_pretrained(tmp)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "vlrl_state.json").write_text(json.dumps({"step": step, "epoch": epoch, "kind": kind, **(state or {})}))
+        vlrl_state = {"step": step, "epoch": epoch, "kind": kind, **(state or {})}
+        (tmp / "vlrl_state.json").write_text(json.dumps(vlrl_state, default=asdict))   # a dataclass as its fields
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         done = sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))

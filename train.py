@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
@@ -69,8 +69,7 @@ class Args:
     ppo_epochs: int = 1
     """Passes over each generation batch."""
     async_steps: Literal[0, 1] = 0
-    """1 = the engine samples step k+1's responses while the ranks score and update on step k, with the weights of
-    before step k's update (one update stale: see --advantage.tis, --advantage.rollout-mask); 0 = on-policy."""
+    """1 = the engine samples step k+1 while the ranks update on step k (one update stale); 0 = on-policy."""
     epochs: int = 1
     """Passes over the training set."""
     max_steps: int = 0
@@ -118,12 +117,14 @@ def step_prompts(train_set: list, args: Args, step: int) -> list:
     return [train_set[i] for i in idx]
 
 
-def saved_batch(batch):
-    """A batch sampled ahead (--async-steps 1), (completions, rethink counts), as a checkpoint's JSON keeps it, and
-    back: resuming trains on the batch an uninterrupted run would have."""
-    if isinstance(batch, dict):
-        return [Completion(**c) for c in batch["completions"]], batch["rethink"]
-    return {"completions": [asdict(c) for c in batch[0]], "rethink": batch[1]}
+def sample(engine, train_set: list, args: Args, step: int):
+    """Step 1 on rank 0 ((None, None) elsewhere): (completions, rethink counts) of n responses to each of the step's
+    prompts, each prompt's n adjacent, sampled with the step's seeds (step_seed)."""
+    if engine is None:
+        return None, None
+    prompts = step_prompts(train_set, args, step)
+    seed = step_seed(args.seed, step, len(prompts) * args.rollout.n)                     # [seed, seed + 2B)
+    return rollout(engine, prompts, args.rollout, seed, args.reward)
 
 
 def step_seed(seed: int, step: int, B: int) -> int:
@@ -287,7 +288,8 @@ def sync_weights(model, engine) -> None:
 
 def start_run(args: Args, rank: int, world: int, device, total_steps: int):
     """What a rank needs, from the latest checkpoint with --resume. Rank 0 alone starts the engine process (while the
-    models load) and the metrics logger; the frozen reference exists only when the KL needs one."""
+    models load), the metrics logger and, with --async-steps 1, the thread that drives the engine while the ranks
+    update; the frozen reference exists only when the KL needs one."""
     from transformers import AutoProcessor
     ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
@@ -300,7 +302,26 @@ def start_run(args: Args, rank: int, world: int, device, total_steps: int):
     logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard,
                            args.wandb) if rank == 0 else None
     print0(f"[train] {world} rank(s) on {device}, steps {state['step']}->{total_steps} from {ckpt or args.model.path}")
-    return processor, engine, policy, ref, optimizer, scheduler, state, logger
+    pool = ThreadPoolExecutor(1) if rank == 0 and args.async_steps else None
+    ahead = None                             # rank 0: a future (completions, rethink counts) of the next step's batch
+    if pool and state.get("ahead"):          # resumed: the batch the checkpointed run had sampled ahead
+        ahead = Future()
+        ahead.set_result(([Completion(**c) for c in state["ahead"][0]], state["ahead"][1]))
+    return processor, engine, policy, ref, optimizer, scheduler, state, logger, pool, ahead
+
+
+def end_step(args: Args, run: tuple, metrics: dict, next_batch, val_set: list, total_steps: int) -> None:
+    """A step's checkpoint (with its metrics line, so a kill before logging loses nothing, and the batch sampled ahead,
+    `next_batch`), then on rank 0 its validation and log line; `run` is start_run's."""
+    processor, engine, policy, _, optimizer, scheduler, _, logger, _, _ = run
+    done = metrics["step"]
+    if (args.save_every and done % args.save_every == 0) or done == total_steps:
+        save_checkpoint(args.out_dir, done, metrics["epoch"], "rl", policy, optimizer, scheduler, processor,
+                        keep=args.keep_checkpoints, state={"metrics": metrics, "ahead": next_batch})
+    if logger is not None:
+        if val_set and ((args.val_every > 0 and done % args.val_every == 0) or done == total_steps):
+            metrics.update(validate(engine, val_set, args.reward, args.rollout.max_tokens))
+        logger.log(metrics, format_line(done, total_steps, metrics, LOG_LINE))
 
 
 def rl_worker(args: Args, train_set: list, val_set: list) -> None:
@@ -308,23 +329,16 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     steps_per_epoch = len(train_set) // args.prompts_per_step
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     run = start_run(args, rank, world, device, total_steps)
-    processor, engine, policy, ref, optimizer, scheduler, state, logger = run
-    pool = ThreadPoolExecutor(1) if rank == 0 and args.async_steps else None    # rank 0's thread for the engine
-    ahead = None                             # rank 0: a future (completions, rethink counts) of the next step's batch
-    if pool and state.get("ahead"):          # resumed: the batch the checkpointed run had sampled ahead
-        ahead = pool.submit(saved_batch, state["ahead"])
+    processor, engine, policy, ref, optimizer, scheduler, state, logger, pool, ahead = run
     try:
         for step in range(state["step"], total_steps):
             times = [("start", time.time())]
             prompts = step_prompts(train_set, args, step)                                        # (P,)
             samples = [s for s in prompts for _ in range(args.rollout.n)]                         # (B,) = P*n
 
-            # step 1: rollout -- the engine (rank 0) samples n responses per prompt, each prompt's n adjacent; with
-            # --async-steps 1 they were sampled while the last step updated (`ahead`, one update stale)
-            seed = step_seed(args.seed, step, len(samples))                                      # [seed, seed + 2B)
-            comps, rethink, stale = None, None, ahead is not None
-            if rank == 0:
-                comps, rethink = ahead.result() if stale else rollout(engine, prompts, args.rollout, seed, args.reward)
+            # step 1: rollout -- the engine (rank 0) samples; with --async-steps 1 it did during the last step's update
+            stale = ahead is not None                                  # rank 0's: the broadcast tells the others
+            comps, rethink = ahead.result() if stale else sample(engine, train_set, args, step)
             times.append(("generate", time.time()))
 
             # step 2: reward -- rank 0 scores every response in its judge pool; every rank gets both
@@ -336,10 +350,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             times.append(("reward", time.time()))
 
             # async -- the engine samples the next step's responses (this step's weights) while this step updates
-            ahead = None
-            if pool and step + 1 < total_steps:
-                ahead = pool.submit(rollout, engine, step_prompts(train_set, args, step + 1), args.rollout,
-                                    step_seed(args.seed, step + 1, len(samples)), args.reward)
+            ahead = pool.submit(sample, engine, train_set, args, step + 1) if pool and step + 1 < total_steps else None
 
             # step 3: advantage -- each rank's rows' pi_old / pi_ref, then advantages and selection on the full batch
             old_lp, ref_lp, ent = old_and_ref_logprobs(policy, ref, samples, comps, mask.shape[1], processor, args,
@@ -366,14 +377,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
                        "rollout/staleness": int(stale),
                        **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
             metrics |= epoch_accuracy(logger.rows, metrics, steps_per_epoch) if logger else {}   # rank 0 logs
-            if (args.save_every and done % args.save_every == 0) or done == total_steps:
-                save_checkpoint(args.out_dir, done, done / steps_per_epoch, "rl", policy, optimizer, scheduler,
-                                processor, keep=args.keep_checkpoints,
-                                state={"metrics": metrics, "ahead": saved_batch(next_batch) if next_batch else None})
-            if rank == 0:
-                if val_set and ((args.val_every > 0 and done % args.val_every == 0) or done == total_steps):
-                    metrics.update(validate(engine, val_set, args.reward, args.rollout.max_tokens))
-                logger.log(metrics, format_line(done, total_steps, metrics, LOG_LINE))
+            end_step(args, run, metrics, next_batch, val_set, total_steps)
     finally:
         if engine is not None:
             engine.close()

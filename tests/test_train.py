@@ -295,7 +295,7 @@ def test_async_batches_are_one_update_stale_and_resume_exactly(toy_world, tmp_pa
     # step 3's batch, kept by checkpoint 2, came from checkpoint 1's weights (an independent HF forward says so)
     ckpt = out / "checkpoints"
     state = json.loads((ckpt / "step_000002" / "vlrl_state.json").read_text())
-    comps = [rollout.Completion(**c) for c in state["ahead"]["completions"]]
+    comps = [rollout.Completion(**c) for c in state["ahead"][0]]         # (completions, rethink counts)
     prompts = train.step_prompts(data.load_dataset(str(toy_world / "data" / EPOCH3)), train.Args(prompts_per_step=4), 2)
     groups = [comps[2 * i:2 * i + 2] for i in range(4)]                 # --rollout.n 2: each prompt's 2 adjacent
     gaps = [max_engine_vs_trainer(AutoModelForImageTextToText.from_pretrained(ckpt / name).eval(),
