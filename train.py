@@ -333,10 +333,9 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     try:
         for step in range(state["step"], total_steps):
             times = [("start", time.time())]
-            prompts = step_prompts(train_set, args, step)                                        # (P,)
-            samples = [s for s in prompts for _ in range(args.rollout.n)]                         # (B,) = P*n
+            samples = [s for s in step_prompts(train_set, args, step) for _ in range(args.rollout.n)]   # (B,) = P*n
 
-            # step 1: rollout -- the engine (rank 0) samples; with --async-steps 1 it did during the last step's update
+            # step 1: rollout -- the engine (rank 0) samples n responses per prompt (async: during the last update)
             stale = ahead is not None                                  # rank 0's: the broadcast tells the others
             comps, rethink = ahead.result() if stale else sample(engine, train_set, args, step)
             times.append(("generate", time.time()))
