@@ -29,10 +29,8 @@ SSR_ZERO_TOL = 1e-8  # a whitened row can average to rounding noise: SSR counts 
 class AdvantageConfig:
     estimator: Estimator = "reinforce_pp"
     """Advantage estimator: reinforce_pp (MAYE), reinforce_pp_baseline, grpo, dr_grpo or rloo."""
-    gamma: float = 1.0
-    """Discount for the REINFORCE++ returns (1.0 = every token gets the sequence score)."""
-    kl_coef: float = 0.001
-    """KL coefficient beta (0 = no KL, no reference model needed)."""
+    gamma: float = 1.0  # Discount for the REINFORCE++ returns (1.0 = every token gets the sequence score).
+    kl_coef: float = 0.001  # KL coefficient beta (0 = no KL, no reference model needed).
     kl_type: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator: k1 = log-ratio, k2 = half squared log-ratio, k3 = low-variance (verl low_var_kl)."""
     kl_in_loss: bool = True
@@ -41,14 +39,10 @@ class AdvantageConfig:
     """Add the batch mean back after whitening, as MAYE's code does (verl calls this shift_mean=False)."""
     std_unbiased: bool = True
     """Unbiased (n-1) std/variance for grpo's group std and for whitening (verl and MAYE use unbiased)."""
-    eps: float = 1e-6
-    """epsilon in grpo's (s - mean) / (std + eps)."""
-    whiten_eps: float = 1e-8
-    """epsilon in whitening (x - mean) * rsqrt(var + eps)."""
-    clip_low: float = 0.2
-    """PPO lower clip: ratio >= 1 - clip_low."""
-    clip_high: float = 0.2
-    """PPO upper clip: ratio <= 1 + clip_high (clip-higher, DAPO / EasyR1 use 0.28 / 0.3)."""
+    eps: float = 1e-6  # epsilon in grpo's (s - mean) / (std + eps).
+    whiten_eps: float = 1e-8  # epsilon in whitening (x - mean) * rsqrt(var + eps).
+    clip_low: float = 0.2  # PPO lower clip: ratio >= 1 - clip_low.
+    clip_high: float = 0.2  # PPO upper clip: ratio <= 1 + clip_high (clip-higher, DAPO / EasyR1 use 0.28 / 0.3).
     dual_clip: float = 0.0
     """Dual-clip constant c > 1 bounding the loss of negative advantages at -c*A (0 = off; 3.0 is usual)."""
     ratio: Literal["token", "sequence"] = "token"
@@ -59,22 +53,18 @@ class AdvantageConfig:
     """Constant L of seq-mean-token-sum-norm (Dr.GRPO; 0 = train.py passes --rollout.max-tokens, as TRL does)."""
     tis: Literal["off", "token", "sequence"] = "off"
     """Truncated IS per token or per response (rollout_correction); needless in fp32, where engine and trainer agree."""
-    tis_cap: float = 2.0
-    """The truncation C of --advantage.tis (>= 1; 2 is the usual choice)."""
+    tis_cap: float = 2.0  # The truncation C of --advantage.tis (>= 1; 2 is the usual choice).
     rollout_mask: Literal["off", "token", "sequence", "geometric"] = "off"
     """Weight 0 where pi_old / pi_engine leaves the band: per token (IcePop), response (masked IS) or geometric mean."""
     rollout_mask_low: float = 0.5
     """Lower bound of --advantage.rollout-mask's band (0 < low <= 1; IcePop 0.5, geometric ~0.999)."""
     rollout_mask_high: float = 2.0
     """Upper bound of --advantage.rollout-mask's band (>= 1; verl 2, IcePop 5, geometric ~1.001)."""
-    dynamic_sampling: bool = False
-    """Drop groups whose scores are all equal (DAPO dynamic sampling)."""
+    dynamic_sampling: bool = False  # Drop groups whose scores are all equal (DAPO dynamic sampling).
     ssr: bool = False
     """Selective Sample Replay (VL-Rethinker): draw the responses to train on from the non-zero-advantage ones."""
-    ssr_alpha: float = 1.0
-    """Exponent alpha of SSR's sampling weights |A|^alpha (VL-Rethinker: 1)."""
-    ssr_size: int = 0
-    """Responses SSR draws per step, with replacement (0 = as many as have a non-zero advantage)."""
+    ssr_alpha: float = 1.0  # Exponent alpha of SSR's sampling weights |A|^alpha (VL-Rethinker: 1).
+    ssr_size: int = 0  # Responses SSR draws per step, with replacement (0 = as many as have a non-zero advantage).
 
     def __post_init__(self):
         def check(ok: bool, field: str, why: str):
@@ -327,6 +317,16 @@ def rollout_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: 
     sums = {"training/tis_weight": float(weight[valid].sum()), "training/rollout_masked": float(rejected.sum()),
             "training/tis_capped": float((valid & (ratio[cfg.tis] > cfg.tis_cap)).sum())}
     return torch.where(valid & ~rejected, weight, 0.0), sums
+
+
+def mismatch_metrics(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the engine's pi_engine is from the trainer's pi_old, as means over the tokens the engine sampled (NaN
+    elsewhere in engine_logp): |log pi_engine - log pi_old| (training/rollout_mismatch) and KL(pi_engine || pi_old)'s
+    k1 = log pi_engine - log pi_old and k3 = rho - 1 - log rho, rho = pi_old / pi_engine (kl_penalty's)."""
+    sampled = mask * engine_logp.isfinite()                                            # (B, T)
+    gaps = {"training/rollout_mismatch": (engine_logp - old_logp).abs(),
+            **{f"training/mismatch_{k}": kl_penalty(engine_logp, old_logp, k) for k in ("k1", "k3")}}
+    return {k: (x.nan_to_num() * sampled).sum().item() / max(1.0, sampled.sum().item()) for k, x in gaps.items()}
 
 
 def select_samples(scores: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, group_size: int,

@@ -25,21 +25,21 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
 import tyro
 
-from advantage import (AdvantageConfig, compute_advantages, kl_penalty, loss_normalizer, policy_loss,
-                       rollout_correction, select_samples)
+from advantage import (AdvantageConfig, compute_advantages, kl_penalty, loss_normalizer, mismatch_metrics,
+                       policy_loss, rollout_correction, select_samples)
 from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, batch_indices, build_optimizer, check_model,
                     clip_grad_norm, engine_gpu, format_line, init_distributed, latest_checkpoint, launch, load_model,
                     load_trainer_state, lora_scales, merge_lora, micro_batches, prepare_out_dir, print0,
                     save_checkpoint, shard_model, to_device)
 from data import DataConfig, collate, fits_model, load_dataset
-from evaluate import reflection_stats, validate
+from evaluate import epoch_accuracy, reflection_stats, validate
 from reward import RewardConfig, score_batch
 from rollout import Completion, RolloutConfig, compute_logprobs, rollout, serve_engine
 
@@ -111,20 +111,17 @@ def response_logprobs(model, rows: list[int], samples, comps, processor, args: A
     return (out[0][:, P:], out[1][:, P:]) if entropy else out[:, P:]
 
 
-def step_prompts(train_set: list, args: Args, step: int) -> list:
-    """The (P,) prompts of a step: a function of (seed, step) alone (common.batch_indices)."""
+def step_samples(train_set: list, args: Args, step: int) -> list:
+    """The (B,) = P*n samples of a step, each of its P prompts n times adjacent: a function of (seed, step) alone."""
     _, idx = batch_indices(len(train_set), args.prompts_per_step, args.seed, step)
-    return [train_set[i] for i in idx]
+    return [train_set[i] for i in idx for _ in range(args.rollout.n)]
 
 
 def sample(engine, train_set: list, args: Args, step: int):
-    """Step 1 on rank 0 ((None, None) elsewhere): (completions, rethink counts) of n responses to each of the step's
-    prompts, each prompt's n adjacent, sampled with the step's seeds (step_seed)."""
-    if engine is None:
-        return None, None
-    prompts = step_prompts(train_set, args, step)
-    seed = step_seed(args.seed, step, len(prompts) * args.rollout.n)                     # [seed, seed + 2B)
-    return rollout(engine, prompts, args.rollout, seed, args.reward)
+    """Rank 0's step 1 ((None, None) elsewhere): (completions, rethink counts) of step_samples, seeds from step_seed."""
+    samples = step_samples(train_set, args, step)
+    seed = step_seed(args.seed, step, len(samples))
+    return rollout(engine, samples[::args.rollout.n], args.rollout, seed, args.reward) if engine else (None, None)
 
 
 def step_seed(seed: int, step: int, B: int) -> int:
@@ -137,15 +134,6 @@ def response_mask(comps) -> torch.Tensor:
     """(B, T) 1 on each response's tokens (right padding), T the longest response's length."""
     lengths = torch.tensor([len(c.token_ids) for c in comps])                                   # (B,)
     return (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).float()
-
-
-def epoch_accuracy(rows: list[dict], metrics: dict, steps_per_epoch: int) -> dict[str, float]:
-    """At an epoch's last step, {"train/epoch_accuracy": the mean of its steps' training accuracies} (every step has
-    B responses), from this step's metrics and the logged rows of its earlier steps (a resumed run's too); else {}."""
-    if metrics["step"] % steps_per_epoch:
-        return {}
-    accs = [r["rews/acc_rewards"] for r in rows if r["step"] > metrics["step"] - steps_per_epoch]
-    return {"train/epoch_accuracy": (sum(accs) + metrics["rews/acc_rewards"]) / (len(accs) + 1)}
 
 
 def engine_logprobs(comps, T: int) -> torch.Tensor:
@@ -227,7 +215,9 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
     if fused:
         for t in (old_lp, ent):
             torch.distributed.all_reduce(t)
-    return sums
+    total = torch.tensor([sums[k] for k in SUM_KEYS], dtype=torch.float64)
+    torch.distributed.all_reduce(total)                    # one all-reduce: this rank's sums -> every rank's
+    return dict(zip(SUM_KEYS, total.tolist()))
 
 
 def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, keep: list[int], times: list,
@@ -236,12 +226,7 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
     seconds from `times`: [(phase, time.time() at its end)], "start" first."""
     B, T = mask.shape
     tokens, n_tok = mask.sum().item(), max(sums["training/n_tokens"], 1.0)
-    engine_lp = engine_logprobs(comps, T)                  # NaN on forced (rethinking trigger) tokens
-    sampled = mask * engine_lp.isfinite()
     acc, step_s = [r["accuracy"] for r in scored], times[-1][1] - times[0][1]
-
-    def per_sampled(x):                                    # mean over the tokens the engine sampled
-        return (x.nan_to_num() * sampled).sum().item() / max(1.0, sampled.sum().item())
     return {**{f"time/{b[0]}": b[1] - a[1] for a, b in zip(times, times[1:])}, "time/step": step_s,
             "perf/tokens_per_s": tokens / step_s, "rews/scores": scores.mean().item(), "rews/acc_rewards": sum(acc) / B,
             "rews/format_rewards": sum(r["format"] for r in scored) / B,
@@ -251,9 +236,7 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             "training/entropy": (ent * mask).sum().item() / tokens,
             "training/grad_norm": sums["training/grad_norm"] / max(sums["optimizer_steps"], 1.0),
             "training/kept": len(keep) / B,
-            "training/rollout_mismatch": per_sampled((engine_lp - old_lp).abs()),
-            # KL(pi_engine || pi_old) from the engine's samples: k1 = log pi_engine - log pi_old, k3 = rho - 1 - log rho
-            **{f"training/mismatch_{k}": per_sampled(kl_penalty(engine_lp, old_lp, k)) for k in ("k1", "k3")},
+            **mismatch_metrics(old_lp, engine_logprobs(comps, T), mask),   # NaN on forced (rethinking trigger) tokens
             "response/lengths": mask.sum(1).mean().item(),
             "response/length_clip_ratio": sum(c.finish_reason == "length" for c in comps) / B,
             **{f"reflection/{k}": v for k, v in reflection_stats([c.text if c.own_text is None else c.own_text
@@ -265,13 +248,6 @@ def broadcast(obj, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def all_reduce_sums(sums: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
-    """Sum the named float `keys` of `sums` over ranks (one all-reduce; every rank passes the same keys)."""
-    t = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
 
 
 def sync_weights(model, engine) -> None:
@@ -305,8 +281,7 @@ def start_run(args: Args, rank: int, world: int, device, total_steps: int):
     pool = ThreadPoolExecutor(1) if rank == 0 and args.async_steps else None
     ahead = None                             # rank 0: a future (completions, rethink counts) of the next step's batch
     if pool and state.get("ahead"):          # resumed: the batch the checkpointed run had sampled ahead
-        ahead = Future()
-        ahead.set_result(([Completion(**c) for c in state["ahead"][0]], state["ahead"][1]))
+        ahead = pool.submit(lambda batch: ([Completion(**c) for c in batch[0]], batch[1]), state["ahead"])
     return processor, engine, policy, ref, optimizer, scheduler, state, logger, pool, ahead
 
 
@@ -333,7 +308,7 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     try:
         for step in range(state["step"], total_steps):
             times = [("start", time.time())]
-            samples = [s for s in step_prompts(train_set, args, step) for _ in range(args.rollout.n)]   # (B,) = P*n
+            samples = step_samples(train_set, args, step)                                         # (B,) = P*n
 
             # step 1: rollout -- the engine (rank 0) samples n responses per prompt (async: during the last update)
             stale = ahead is not None                                  # rank 0's: the broadcast tells the others
@@ -361,8 +336,8 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             times.append(("logprobs", time.time()))
 
             # step 4: policy update -- PPO over shuffled mini-batches, then the new weights go to the engine
-            sums = all_reduce_sums(ppo_update(policy, optimizer, samples, comps, keep, adv, mask, old_lp, ref_lp, ent,
-                                              generator, processor, args, step, rank, world, device), SUM_KEYS)
+            sums = ppo_update(policy, optimizer, samples, comps, keep, adv, mask, old_lp, ref_lp, ent, generator,
+                              processor, args, step, rank, world, device)                   # summed over ranks
             times.append(("update", time.time()))
             next_batch = ahead.result() if ahead else None         # the engine takes weights between generations
             sync_weights(policy, engine)                           # streamed, one tensor at a time

@@ -296,7 +296,8 @@ def test_async_batches_are_one_update_stale_and_resume_exactly(toy_world, tmp_pa
     ckpt = out / "checkpoints"
     state = json.loads((ckpt / "step_000002" / "vlrl_state.json").read_text())
     comps = [rollout.Completion(**c) for c in state["ahead"][0]]         # (completions, rethink counts)
-    prompts = train.step_prompts(data.load_dataset(str(toy_world / "data" / EPOCH3)), train.Args(prompts_per_step=4), 2)
+    args = train.Args(prompts_per_step=4, rollout=train.RolloutConfig(n=2))
+    prompts = train.step_samples(data.load_dataset(str(toy_world / "data" / EPOCH3)), args, 2)[::2]
     groups = [comps[2 * i:2 * i + 2] for i in range(4)]                 # --rollout.n 2: each prompt's 2 adjacent
     gaps = [max_engine_vs_trainer(AutoModelForImageTextToText.from_pretrained(ckpt / name).eval(),
                                   AutoProcessor.from_pretrained(ckpt / name), prompts, groups, 1.0)
