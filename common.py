@@ -97,13 +97,12 @@ class EngineClient:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)     # for Forced Rethinking's triggers
         self.dtype, self.bucket_bytes = engine_dtype(cfg.dtype), bucket_mb << 20
 
-    def _call(self, method: str, *args, send: Callable[[], None] | None = None):
+    def _call(self, method: str, *args, send: Callable[[], None] = lambda: None):
         """Forward one call (`send()` then writes what follows it). The engine starts while the caller goes on (rank 0
         loads its models): an error at its start-up is the first call's answer."""
         try:
             self.conn.send((method, args))
-            if send is not None:
-                send()
+            send()
             status, result = self.conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError):   # the engine process has exited
             status, result = "died", None
@@ -153,11 +152,9 @@ class EngineClient:
             self.conn.send(None)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):    # it is gone already (BrokenPipeError)
             self.conn.send("close")
             self.proc.join(30)
-        except OSError:           # it is gone already (BrokenPipeError)
-            pass
         self.proc.kill()          # a no-op once it has exited
 
 
@@ -282,33 +279,29 @@ def init_distributed(threads: int = 0) -> tuple[int, int, torch.device]:
 
 
 def load_model(path: str, cfg: ModelConfig, device: torch.device, trainable: bool = True, resume: Path | None = None):
-    """An HF Qwen-VL model in fp32 (master weights), with the configured parts frozen and, for a trainable model with
-    cfg.lora_rank > 0, LoRA adapters (B = 0: the model is unchanged) on the language model's linear layers. A resumed
-    run loads the checkpoint's weights; a resumed LoRA run loads its base and gets its adapters (and whatever else
-    trains) back with the optimizer (load_trainer_state), since the checkpoint's HF weights have them merged in.
+    """An HF Qwen-VL model in fp32 (master weights) with the configured parts frozen; a trainable model with
+    cfg.lora_rank > 0 gets LoRA adapters (B = 0: the model is unchanged) on the language model's linear layers. A
+    resumed run loads the checkpoint's weights, a LoRA run its base: its adapters (and whatever else trains) come back
+    with the optimizer (load_trainer_state), as the checkpoint's HF weights have them merged in.
 
-    With several ranks only rank 0 reads the weights (a node holds one full copy at start-up, not one per rank): it
-    keeps them, non-persistent buffers such as rotary inv_freq included, for shard_model to broadcast; every rank's
-    model is left on the meta device. Rank 0's model is from_pretrained's, whose save_pretrained writes the folder's
-    key layout (a model built from its config writes Qwen2.5-VL's model.embed_tokens as model.language_model.*).
-    Tied embeddings (Qwen2.5-VL-3B) keep the full load on every rank: to_empty would untie them."""
+    With several ranks only rank 0 reads the weights (one full copy per node at start-up) and keeps them, buffers such
+    as rotary inv_freq included, for shard_model to broadcast; every model is left on the meta device. Rank 0 uses
+    from_pretrained: its save_pretrained keeps the folder's key layout, a model built from its config would not
+    (Qwen2.5-VL). Tied embeddings (Qwen2.5-VL-3B) load in full on every rank: to_empty would untie them."""
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForImageTextToText
     attn = "sdpa"
-    if device.type == "cuda":
-        try:
+    with contextlib.suppress(ImportError):                 # flash-attn is optional
+        if device.type == "cuda":
             import flash_attn  # noqa: F401
             attn = "flash_attention_2"
-        except ImportError:
-            pass
     lora = trainable and cfg.lora_rank > 0
     source = resume if resume and not lora else path
-    meta = (dist.is_initialized() and dist.get_world_size() > 1
-            and not AutoConfig.from_pretrained(source).get_text_config().tie_word_embeddings)
+    config = AutoConfig.from_pretrained(source)
+    meta = dist.is_initialized() and dist.get_world_size() > 1 and not config.get_text_config().tie_word_embeddings
     if meta and dist.get_rank() > 0:
         with torch.device("meta"):                         # no weights read, no memory
-            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32,
-                                                            attn_implementation=attn)
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32, attn_implementation=attn)
     else:
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, attn_implementation=attn)
     if lora:
@@ -434,19 +427,17 @@ def trainer_state(model, optimizer) -> dict:
 
 def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, optimizer, scheduler, processor,
                     weights: dict | None = None, keep: int = 0, state: dict | None = None) -> Path:
-    """Write out_dir/checkpoints/step_NNNNNN, complete or not at all (written as step_NNNNNN.tmp, then renamed):
-    an HF model folder (`save_pretrained` of the full weights, LoRA merged in, the processor), `trainer_state`
-    (a run resumed on another number of ranks reshards it), the scheduler and vlrl_state.json (with `state`, such
-    as the step's "metrics" line: a run killed before it logged that line gets it back on resume). A LoRA run also
-    writes its adapters alone to adapter/ as peft's save_pretrained would (PeftModel.from_pretrained(base, adapter)
-    loads it; a trained connector is only in the merged weights). Then only the newest `keep` checkpoints stay
-    (0 = all). A collective: call on all ranks."""
+    """Write out_dir/checkpoints/step_NNNNNN, complete or not at all (written as step_NNNNNN.tmp, then renamed): an HF
+    model folder (`save_pretrained` of the full weights, LoRA merged in, the processor), `trainer_state` (resharded when
+    a run resumes on another number of ranks), the scheduler and vlrl_state.json (with `state`, such as the step's
+    "metrics" line, for a run killed before it logged it). A LoRA run also writes its adapters alone to adapter/,
+    peft's format (PeftModel.from_pretrained(base, adapter) loads it; a trained connector is only in the merged
+    weights). Then only the newest `keep` checkpoints stay (0 = all). A collective: call on all ranks."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
     weights = full_state_dict(model) if weights is None else weights
-    lora = bool(lora_scales(model))
     adapter = {f"base_model.model.{k.replace('.default.', '.')}": v.full_tensor() if isinstance(v, DTensor) else v
                for k, v in model.state_dict().items() if ".lora_" in k}   # collective: all ranks walk it
     root = Path(out_dir) / "checkpoints"
@@ -458,7 +449,7 @@ def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, opt
     dcp.save(trainer_state(model, optimizer), checkpoint_id=tmp / "optimizer")
     if dist.get_rank() == 0:
         model.save_pretrained(tmp, state_dict=dict(weights))   # it pops what it writes: the caller's dict stays whole
-        if lora:
+        if adapter:                                            # a LoRA run
             model.peft_config["default"].save_pretrained(tmp / "adapter")
             save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter/adapter_model.safetensors")
         processor.save_pretrained(tmp)
