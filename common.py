@@ -99,8 +99,9 @@ class EngineClient:
         gpu = engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", 0)), cfg.gpu_memory_utilization)   # "" on the CPU
         bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")       # the user's cores for the engine, if any
         cores = None if gpu else omp_cores(bind)
+        threads = len(cores) if cores else os.cpu_count() or 1
         env = {"OMP_WAIT_POLICY": "PASSIVE"} | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu else
-               {"VLLM_CPU_OMP_THREADS_BIND": bind, "OMP_NUM_THREADS": str(len(cores or ()) or os.cpu_count() or 1)})
+               {"VLLM_CPU_OMP_THREADS_BIND": bind, "OMP_NUM_THREADS": str(threads)})
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=serve, args=(child, model_dir, cfg, data_cfg, env), daemon=True)
