@@ -12,7 +12,7 @@ every (B, T) output are exactly 0. No value model (no GAE / critic); whitening s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -29,10 +29,8 @@ SSR_ZERO_TOL = 1e-8  # a whitened row can average to rounding noise: SSR counts 
 class AdvantageConfig:
     estimator: Estimator = "reinforce_pp"
     """Advantage estimator: reinforce_pp (MAYE), reinforce_pp_baseline, grpo, dr_grpo or rloo."""
-    gamma: float = 1.0
-    """Discount for the REINFORCE++ returns (1.0 = every token gets the sequence score)."""
-    kl_coef: float = 0.001
-    """KL coefficient beta (0 = no KL, no reference model needed)."""
+    gamma: float = 1.0  # Discount for the REINFORCE++ returns (1.0 = every token gets the sequence score).
+    kl_coef: float = 0.001  # KL coefficient beta (0 = no KL, no reference model needed).
     kl_type: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator: k1 = log-ratio, k2 = half squared log-ratio, k3 = low-variance (verl low_var_kl)."""
     kl_in_loss: bool = True
@@ -41,14 +39,10 @@ class AdvantageConfig:
     """Add the batch mean back after whitening, as MAYE's code does (verl calls this shift_mean=False)."""
     std_unbiased: bool = True
     """Unbiased (n-1) std/variance for grpo's group std and for whitening (verl and MAYE use unbiased)."""
-    eps: float = 1e-6
-    """epsilon in grpo's (s - mean) / (std + eps)."""
-    whiten_eps: float = 1e-8
-    """epsilon in whitening (x - mean) * rsqrt(var + eps)."""
-    clip_low: float = 0.2
-    """PPO lower clip: ratio >= 1 - clip_low."""
-    clip_high: float = 0.2
-    """PPO upper clip: ratio <= 1 + clip_high (clip-higher, DAPO / EasyR1 use 0.28 / 0.3)."""
+    eps: float = 1e-6  # epsilon in grpo's (s - mean) / (std + eps).
+    whiten_eps: float = 1e-8  # epsilon in whitening (x - mean) * rsqrt(var + eps).
+    clip_low: float = 0.2  # PPO lower clip: ratio >= 1 - clip_low.
+    clip_high: float = 0.2  # PPO upper clip: ratio <= 1 + clip_high (clip-higher, DAPO / EasyR1 use 0.28 / 0.3).
     dual_clip: float = 0.0
     """Dual-clip constant c > 1 bounding the loss of negative advantages at -c*A (0 = off; 3.0 is usual)."""
     ratio: Literal["token", "sequence"] = "token"
@@ -57,23 +51,29 @@ class AdvantageConfig:
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr.GRPO)."""
     norm_len: int = 0
     """Constant L of seq-mean-token-sum-norm (Dr.GRPO; 0 = train.py passes --rollout.max-tokens, as TRL does)."""
-    dynamic_sampling: bool = False
-    """Drop groups whose scores are all equal (DAPO dynamic sampling)."""
+    tis: Literal["off", "token", "sequence"] = "off"
+    """Truncated IS per token or per response (rollout_correction); needless in fp32, where engine and trainer agree."""
+    tis_cap: float = 2.0  # The truncation C of --advantage.tis (>= 1; 2 is the usual choice).
+    rollout_mask: Literal["off", "token", "sequence", "geometric"] = "off"
+    """Weight 0 where pi_old / pi_engine leaves the band: per token (IcePop), response (masked IS) or geometric mean."""
+    rollout_mask_low: float = 0.5
+    """Lower bound of --advantage.rollout-mask's band (0 < low <= 1; IcePop 0.5, geometric ~0.999)."""
+    rollout_mask_high: float = 2.0
+    """Upper bound of --advantage.rollout-mask's band (>= 1; verl 2, IcePop 5, geometric ~1.001)."""
+    dynamic_sampling: bool = False  # Drop groups whose scores are all equal (DAPO dynamic sampling).
     ssr: bool = False
     """Selective Sample Replay (VL-Rethinker): draw the responses to train on from the non-zero-advantage ones."""
-    ssr_alpha: float = 1.0
-    """Exponent alpha of SSR's sampling weights |A|^alpha (VL-Rethinker: 1)."""
-    ssr_size: int = 0
-    """Responses SSR draws per step, with replacement (0 = as many as have a non-zero advantage)."""
+    ssr_alpha: float = 1.0  # Exponent alpha of SSR's sampling weights |A|^alpha (VL-Rethinker: 1).
+    ssr_size: int = 0  # Responses SSR draws per step, with replacement (0 = as many as have a non-zero advantage).
 
     def __post_init__(self):
         def check(ok: bool, field: str, why: str):
             if not ok:
-                raise ValueError(f"AdvantageConfig.{field}={getattr(self, field)!r}: {why}")
+                raise ValueError(f"--advantage.{field.replace('_', '-')} {getattr(self, field)!r}: {why}")
 
-        for field, allowed in (("estimator", Estimator.__args__), ("kl_type", ("k1", "k2", "k3")),
-                               ("loss_agg", LossAgg.__args__), ("ratio", ("token", "sequence"))):
-            check(getattr(self, field) in allowed, field, f"must be one of {allowed}")
+        for field, hint in get_type_hints(AdvantageConfig).items():   # tyro checks a Literal only on a command line
+            if get_origin(hint) is Literal:
+                check(getattr(self, field) in get_args(hint), field, f"must be one of {get_args(hint)}")
         check(0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]")
         # eps = 0 is safe: constant groups are zeroed before dividing.
         for field in ("kl_coef", "eps", "whiten_eps", "clip_high", "norm_len", "ssr_alpha", "ssr_size"):
@@ -82,13 +82,16 @@ class AdvantageConfig:
         check(self.ratio == "token" or self.loss_agg == "seq-mean-token-mean", "ratio", "the sequence ratio (GSPO) is "
               "defined with --advantage.loss-agg seq-mean-token-mean (verl forces it too)")
         check(self.dual_clip == 0.0 or self.dual_clip > 1.0, "dual_clip", "must be 0 (off) or > 1")
+        check(self.tis_cap >= 1, "tis_cap", "must be >= 1 (a cap below 1 would down-weight every token)")
+        low, high = self.rollout_mask_low, self.rollout_mask_high   # a band without 1 masks where the two agree
+        check(0 < low <= 1 <= high and low < high, "rollout_mask_low",
+              f"with --advantage.rollout-mask-high {high}: need 0 < low <= 1 <= high, low < high")
         # Group estimators give one number per response: a per-token reward KL has nowhere to go.
         check(self.kl_in_loss or self.kl_coef == 0.0 or self.estimator in ("reinforce_pp", "reinforce_pp_baseline"),
               "kl_in_loss", f"KL in the reward (kl_in_loss=False, kl_coef>0) needs a REINFORCE++ estimator, "
               f"not {self.estimator!r}; use --advantage.kl-in-loss or --advantage.kl-coef 0")
 
 
-# ----------------------------------------------------------------------------- validation helpers
 def _check_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
     """Return mask as bool (B, T); raise naming `mask` if its shape or values are wrong."""
     if mask.dim() != 2 or mask.shape[0] != batch:
@@ -109,7 +112,6 @@ def _check_groups(scores: torch.Tensor, group_size: int, need_group: bool) -> No
         raise ValueError(f"group_size={group_size}: must be >= {least} and divide B={scores.numel()}")
 
 
-# ----------------------------------------------------------------------------- estimators
 def group_centred(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(s_i - mean_G(s), constant_i), both (B,). A group of equal scores gets exactly 0: a float mean of n
     equal values can differ from them by one ulp, which std-normalisation would amplify."""
@@ -144,11 +146,9 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = Tru
 
 
 def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int,
-                       cfg: AdvantageConfig = AdvantageConfig(), kl: torch.Tensor | None = None,
-                       **overrides) -> torch.Tensor:
-    """Per-token advantages (B, T) from per-response scores (B,); masked positions are exactly 0. Keyword
-    overrides replace cfg fields (compute_advantages(s, m, 3, estimator="grpo")). With s_i the score and G
-    the group of n adjacent responses of response i:
+                       cfg: AdvantageConfig = AdvantageConfig(), kl: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token advantages (B, T) from per-response scores (B,); masked positions are exactly 0. With s_i the score
+    and G the group of n adjacent responses of response i:
       reinforce_pp (REINFORCE++, Hu 2025; MAYE): r_t = -beta*KL_t (only if kl_in_loss=False and beta > 0)
           + s_i on the last valid token; A = whiten(G_t = r_t + gamma G_{t+1}) over all valid batch tokens.
       reinforce_pp_baseline (OpenRLHF reinforce_baseline): reinforce_pp with s_i - mean_G(s) for s_i; after
@@ -157,9 +157,7 @@ def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int
       dr_grpo (Liu 2025): s_i - mean_G.     rloo (Ahmadian 2024): s_i - sum_{j!=i} s_j / (n-1).
     grpo / dr_grpo / rloo give exactly 0 to a group of equal scores. `kl` (B, T) (kl_penalty) is needed only
     for reward KL. A response with no valid token gets no advantage but counts in its group's mean.
-    Computed in float64; returned as float32 (float64 if scores are float64).
-    """
-    cfg = replace(cfg, **overrides) if overrides else cfg
+    Computed in float64; returned as float32 (float64 if scores are float64)."""
     est, n = cfg.estimator, group_size
     out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     _check_groups(scores, group_size, need_group=est in GROUP_ESTIMATORS or cfg.dynamic_sampling)
@@ -194,7 +192,6 @@ def compute_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int
     return masked_whiten(returns, mask, cfg.std_unbiased, cfg.whiten_eps, cfg.shift_mean).to(out_dtype)
 
 
-# ----------------------------------------------------------------------------- KL
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs, delta = logp - ref_logp:
     k1 = delta;  k2 = delta^2 / 2;  k3 = exp(-delta) + delta - 1 (Schulman 2020, "Approximating KL
@@ -211,7 +208,6 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
     raise ValueError(f"kind={kind!r}: must be k1, k2 or k3")
 
 
-# ----------------------------------------------------------------------------- policy loss
 def loss_normalizer(mask: torch.Tensor, loss_agg: str = "token-mean") -> float:
     """This batch's share of policy_loss's `normalizer`: valid tokens (token-mean) or sequences with >= 1 valid
     token (seq-mean-*). Sum it over a mini-batch's micro-batches and all-reduce it over ranks."""
@@ -227,8 +223,7 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str, normalize
     seq-mean-token-sum:      sum_i (sum_t l m) / S
     seq-mean-token-sum-norm: sum_i (sum_t l m / L) / S       L = norm_len, a constant (Dr.GRPO's oat code and TRL:
                              the generation budget; a batch's own padded T would make it depend on the split)
-    normalizer = N or S of the *global* mini-batch (None = this batch's own, loss_normalizer).
-    """
+    normalizer = N or S of the *global* mini-batch (None = this batch's own, loss_normalizer)."""
     if loss_agg not in LossAgg.__args__:
         raise ValueError(f"loss_agg={loss_agg!r}: must be one of {LossAgg.__args__}")
     if loss_agg == "seq-mean-token-sum-norm" and norm_len <= 0:
@@ -258,8 +253,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     calls accumulate exactly its gradient. FSDP2 / DDP AVERAGE gradients over W ranks: scale each loss by W.
     normalizer=None = the local count (one un-split batch). Metrics: loss/* sum like the loss (kl without beta);
     training/{clipfrac, dual_clipfrac, approx_kl = mean (logp - old_logp)^2 / 2, ratio_mean} are means over
-    valid tokens, to be averaged weighted by training/n_tokens.
-    """
+    valid tokens, to be averaged weighted by training/n_tokens."""
     for name, x in {"old_logp": old_logp, "advantages": advantages, "mask": mask, "ref_logp": ref_logp}.items():
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"{name}: shape {tuple(x.shape)} != logp shape {tuple(logp.shape)}")
@@ -300,36 +294,41 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                       "training/n_tokens": float(mask.sum())}
 
 
-def rollout_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, tis: str = "off",
-                       tis_cap: float = 2.0, reject: str = "off", low: float = 0.5,
-                       high: float = 2.0) -> tuple[torch.Tensor, dict[str, float]]:
+def rollout_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor,
+                       cfg: AdvantageConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """(B, T) weights w of the policy-gradient loss (pass A * w to policy_loss), as the engine samples from pi_engine,
     not the trainer's pi_old: rho_t = pi_old(y_t) / pi_engine(y_t), 1 where the engine did not sample y_t (NaN).
     w = 0 on a rejected token, else the truncated IS weight (1 if tis="off"); with sums over valid tokens of the
     weights (training/tis_weight), those capped (training/tis_capped) and those rejected (training/rollout_masked).
       tis token: min(rho_t, C);  sequence: min(prod_t rho_t, C) on each token of the response;  C = tis_cap
           (Yao et al. 2025, fengyao.notion.site/off-policy-rl; verl docs/algo/rollout_corr.md).
-      reject token: rho_t outside [low, high] (IcePop, Ling Team 2025, Ring-1T: M(k) = k on [0.5, 5], else 0, so
+      rollout_mask token: rho_t outside [low, high] (IcePop, Ring-1T, Ling Team 2025: M(k) = k on [0.5, 5], else 0, so
           with tis token and C >= high); sequence: a response whose prod_t rho_t is outside (masked IS, Liu, Li et al.
           2025, "When Speed Kills Stability"); geometric: whose exp(mean_t log rho_t) over sampled tokens is (verl)."""
-    if tis not in ("off", "token", "sequence") or reject not in ("off", "token", "sequence", "geometric"):
-        raise ValueError(f"tis={tis!r} must be off, token or sequence; reject={reject!r} also geometric")
-    if tis_cap < 1 or not 0 < low <= 1 <= high or low == high:  # a band without 1 rejects agreeing tokens
-        raise ValueError(f"tis_cap {tis_cap}, band [{low}, {high}]: need tis_cap >= 1, 0 < low <= 1 <= high, low<high")
+    reject, low, high = cfg.rollout_mask, cfg.rollout_mask_low, cfg.rollout_mask_high
     valid = _check_mask(mask, old_logp.shape[0])
     sampled = valid & engine_logp.isfinite()
     log_rho = torch.where(sampled, old_logp - engine_logp, 0.0)                        # (B, T)
     log_seq = log_rho.sum(1, keepdim=True).expand_as(log_rho)                          # (B, T) log prod_t rho_t
     ratio = {"off": torch.ones_like(log_rho), "token": log_rho.exp(), "sequence": log_seq.exp(),  # inf caps, rejects
              "geometric": (log_seq / sampled.sum(1, keepdim=True).clamp(min=1)).exp()}  # exp(mean_t log rho_t)
-    weight = ratio[tis].clamp(max=tis_cap)
+    weight = ratio[cfg.tis].clamp(max=cfg.tis_cap)
     rejected = valid & ((ratio[reject] < low) | (ratio[reject] > high))
     sums = {"training/tis_weight": float(weight[valid].sum()), "training/rollout_masked": float(rejected.sum()),
-            "training/tis_capped": float((valid & (ratio[tis] > tis_cap)).sum())}
+            "training/tis_capped": float((valid & (ratio[cfg.tis] > cfg.tis_cap)).sum())}
     return torch.where(valid & ~rejected, weight, 0.0), sums
 
 
-# ----------------------------------------------------------------------------- sample selection
+def mismatch_metrics(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the engine's pi_engine is from the trainer's pi_old, as means over the tokens the engine sampled (NaN
+    elsewhere in engine_logp): |log pi_engine - log pi_old| (training/rollout_mismatch) and KL(pi_engine || pi_old)'s
+    k1 = log pi_engine - log pi_old and k3 = rho - 1 - log rho, rho = pi_old / pi_engine (kl_penalty's)."""
+    sampled = mask * engine_logp.isfinite()                                            # (B, T)
+    gaps = {"training/rollout_mismatch": (engine_logp - old_logp).abs(),
+            **{f"training/mismatch_{k}": kl_penalty(engine_logp, old_logp, k) for k in ("k1", "k3")}}
+    return {k: (x.nan_to_num() * sampled).sum().item() / max(1.0, sampled.sum().item()) for k, x in gaps.items()}
+
+
 def select_samples(scores: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, group_size: int,
                    cfg: AdvantageConfig, generator: torch.Generator, multiple_of: int = 1) -> list[int]:
     """Ascending indices (repeats possible) of the responses to train on, from scores (B,), advantages, mask (B, T):
@@ -361,7 +360,6 @@ def select_samples(scores: torch.Tensor, advantages: torch.Tensor, mask: torch.T
     return keep[: len(keep) // multiple_of * multiple_of]
 
 
-# ----------------------------------------------------------------------------- CLI
 @dataclass(frozen=True)
 class Args:
     scores: tuple[float, ...] = (1, 0, 0, 1, 1, 1)

@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
@@ -449,14 +449,14 @@ def trainer_state(model, optimizer) -> dict:
 
 
 def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, optimizer, scheduler, processor,
-                    weights: dict | None = None, keep: int = 0, metrics: dict | None = None) -> Path:
+                    weights: dict | None = None, keep: int = 0, state: dict | None = None) -> Path:
     """Write out_dir/checkpoints/step_NNNNNN, complete or not at all (written as step_NNNNNN.tmp, then renamed):
     an HF model folder (`save_pretrained` of the full weights, LoRA merged in, the processor), `trainer_state`
-    (a run resumed on another number of ranks reshards it), the scheduler and vlrl_state.json (with the step's
-    `metrics` line: a run killed before it logged that line gets it back on resume). A LoRA run also writes its
-    adapters alone to adapter/ as peft's save_pretrained would (PeftModel.from_pretrained(base, adapter) loads it; a
-    trained connector is only in the merged weights). Then only the newest `keep` checkpoints stay (0 = all). A
-    collective: call on all ranks."""
+    (a run resumed on another number of ranks reshards it), the scheduler and vlrl_state.json (with `state`, such
+    as the step's "metrics" line: a run killed before it logged that line gets it back on resume). A LoRA run also
+    writes its adapters alone to adapter/ as peft's save_pretrained would (PeftModel.from_pretrained(base, adapter)
+    loads it; a trained connector is only in the merged weights). Then only the newest `keep` checkpoints stay
+    (0 = all). A collective: call on all ranks."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
@@ -479,8 +479,8 @@ def save_checkpoint(out_dir: str, step: int, epoch: float, kind: str, model, opt
             save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter/adapter_model.safetensors")
         processor.save_pretrained(tmp)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "vlrl_state.json").write_text(json.dumps({"step": step, "epoch": epoch, "kind": kind,
-                                                                   "metrics": metrics}))
+        vlrl_state = {"step": step, "epoch": epoch, "kind": kind, **(state or {})}
+        (tmp / "vlrl_state.json").write_text(json.dumps(vlrl_state, default=asdict))   # a dataclass as its fields
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         done = sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))

@@ -1,9 +1,10 @@
 """evaluate.py: MAYE's evaluation scheme (stage 6): accuracy under three decodings, length, reflection; reports.
 
 MAYE (arXiv 2504.02587, sec. 4): `evaluate_model`: reward.py's accuracy at pass@1 T=0.01 (top_p 0.001), pass@1 T=0.6,
-pass@8 T=1.0, length, truncation, reflection (`validate`: the trainers' pass@1 T=0.01). `evaluate_run`: a resumable
-RUN/eval.jsonl (a line per checkpoint x split x setting; one engine per run). With --runs, `report.write_report` then
-draws Table 3, Figures 4 and 5 and report.md from those files. Run alone (--report-only redraws the report):
+pass@8 T=1.0, length, truncation, reflection (`validate`: the trainers' pass@1 T=0.01; `epoch_accuracy`: train.py's
+training accuracy per epoch). `evaluate_run`: a resumable RUN/eval.jsonl (a line per checkpoint x split x setting;
+one engine per run). With --runs, `report.write_report` then draws Table 3, Figures 4 and 5 and report.md from those
+files. Run alone (--report-only redraws the report):
     python evaluate.py --model toy/models/qwen2_5_vl-tiny --data-file toy/data/validation.jsonl --eval.max-tokens 64
     python evaluate.py --runs runs/rl runs/sft toy/models/qwen2_5_vl-tiny --out report --eval.max-tokens 64
 """
@@ -79,6 +80,16 @@ def reflection_stats(responses: list[str], correct: list[bool], words=REFLECTION
               "correct_ratio_in_no_reflection_texts": (c - rc, n - r)}
     return {**{k: a / b if b else 0.0 for k, (a, b) in ratios.items()},
             **{f"words/{w}": sum(h[w] for h in hits) for w in words}}
+
+
+def epoch_accuracy(rows: list[dict], metrics: dict, steps_per_epoch: int) -> dict[str, float]:
+    """MAYE's training accuracy per epoch (Figure 4 in report.py), logged by train.py at an epoch's last step:
+    {"train/epoch_accuracy": the mean of its steps' training accuracies} (every step has B responses), from this step's
+    metrics and the logged rows of its earlier steps (a resumed run's too); else {}."""
+    if metrics["step"] % steps_per_epoch:
+        return {}
+    accs = [r["rews/acc_rewards"] for r in rows if r["step"] > metrics["step"] - steps_per_epoch]
+    return {"train/epoch_accuracy": (sum(accs) + metrics["rews/acc_rewards"]) / (len(accs) + 1)}
 
 
 def evaluate_model(engine, samples, cfg: EvalConfig = EvalConfig(), reward_cfg: RewardConfig = RewardConfig(),

@@ -260,7 +260,7 @@ def sft_worker(args: Args, train_set: list[Sample], train_resp: list[list[int]],
                 weights = full_state_dict(model) if (do_val or do_save) else None   # collective; {} off rank 0
                 if do_save:                  # before validating: a failed validation loses no training
                     save_checkpoint(args.out_dir, done, done / steps_per_epoch, "sft", model, optimizer, scheduler,
-                                    processor, weights, args.keep_checkpoints, metrics)
+                                    processor, weights, args.keep_checkpoints, {"metrics": metrics})
                 if do_val:
                     metrics["val/loss"] = validation_loss(model, batch_processor, val_set, val_resp, args.data,
                                                           args.micro_batch_size, rank, world, device)

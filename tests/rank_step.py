@@ -80,9 +80,8 @@ def run_case(policy, processor, samples, case: dict, rank: int, world: int, devi
     if "ref_lp" in case:                                              # a given pi_ref (B, T)
         ref_lp = case["ref_lp"]
     optimizer, B = RecordingOptimizer(policy), len(comps)
-    sums = train.all_reduce_sums(train.ppo_update(
-        policy, optimizer, samples, comps, list(range(B)), adv, mask, old_lp, ref_lp, ent,
-        torch.Generator().manual_seed(0), processor, args, 0, rank, world, device), train.SUM_KEYS)
+    sums = train.ppo_update(policy, optimizer, samples, comps, list(range(B)), adv, mask, old_lp, ref_lp, ent,
+                            torch.Generator().manual_seed(0), processor, args, 0, rank, world, device)
     scored = [{"accuracy": 0.0, "format": 0.0}] * B
     metrics = train.step_metrics(comps, scored, torch.zeros(B), mask, old_lp, ref_lp, ent, sums, list(range(B)),
                                  [("start", 0.0), ("update", 1.0)], args)

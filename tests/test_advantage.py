@@ -13,11 +13,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from advantage import (AdvantageConfig, Args, aggregate, compute_advantages, kl_penalty, loss_normalizer, main,
-                       policy_loss, rollout_correction, select_samples)
+import advantage
+from advantage import (AdvantageConfig, Args, aggregate, kl_penalty, loss_normalizer, main, policy_loss,
+                       rollout_correction, select_samples)
 
 ESTIMATORS = ["reinforce_pp", "reinforce_pp_baseline", "grpo", "dr_grpo", "rloo"]
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def compute_advantages(scores, mask, group_size, cfg=AdvantageConfig(), kl=None, **fields):
+    """advantage.compute_advantages with keyword `fields` replacing cfg's (as in estimator="grpo")."""
+    return advantage.compute_advantages(scores, mask, group_size, replace(cfg, **fields), kl=kl)
+
+
+def correction(old, eng, mask, tis="off", tis_cap=2.0, rollout_mask="off", low=0.5, high=2.0):
+    """advantage.rollout_correction with these AdvantageConfig options (--advantage.tis, --advantage.rollout-mask)."""
+    cfg = AdvantageConfig(tis=tis, tis_cap=tis_cap, rollout_mask=rollout_mask, rollout_mask_low=low,
+                          rollout_mask_high=high)
+    return rollout_correction(old, eng, mask, cfg)
 
 
 def length_mask(lengths, T=None):
@@ -224,7 +237,7 @@ def test_bad_inputs_raise_naming_the_field():
         compute_advantages(torch.ones(2), length_mask([1, 0], 2), 1)
     with pytest.raises(ValueError, match="kl_in_loss"):
         AdvantageConfig(estimator="grpo", kl_in_loss=False)
-    with pytest.raises(ValueError, match="dual_clip"):
+    with pytest.raises(ValueError, match="dual-clip"):
         AdvantageConfig(dual_clip=0.5)
     with pytest.raises(ValueError, match="estimator"):
         AdvantageConfig(estimator="ppo")
@@ -474,66 +487,73 @@ def test_rollout_correction_hand_worked():
     old = torch.log(torch.tensor([[0.5, 0.2, 0.3, 0.9], [0.5, 0.4, 0.3, 0.9]]))
     eng = torch.log(torch.tensor([[0.25, 0.4, float("nan"), 0.1], [0.25, 0.4, 0.3, 0.1]]))
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])      # the 4th token is padding
-    w = lambda kind, cap=1.5: rollout_correction(old, eng, mask, tis=kind, tis_cap=cap)[0]
+    w = lambda kind, cap=1.5: correction(old, eng, mask, tis=kind, tis_cap=cap)[0]
     assert torch.allclose(w("token"), torch.tensor([[1.5, 0.5, 1.0, 0.0], [1.5, 1.0, 1.0, 0.0]]))  # 2 capped at 1.5
     # sequence: row 0: 2 * 0.5 * 1 = 1; row 1: 2 * 1 * 1 = 2 -> capped at 1.5
     assert torch.allclose(w("sequence"), torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.5, 1.5, 1.5, 0.0]]))
     assert torch.allclose(w("sequence", cap=4.0)[1, :3], torch.tensor([2.0, 2.0, 2.0]))
     assert torch.equal(w("off"), mask)
     # sums over the 6 valid tokens: token, cap 1.5: 1.5 + 0.5 + 1 + 1.5 + 1 + 1 = 6.5, 2 tokens above the cap
-    assert rollout_correction(old, eng, mask, "token", 1.5)[1] == pytest.approx(
+    assert correction(old, eng, mask, "token", 1.5)[1] == pytest.approx(
         {"training/tis_weight": 6.5, "training/tis_capped": 2, "training/rollout_masked": 0})
 
 
 def test_rollout_mask_token_is_icepop():
-    """--rollout-mask token (IcePop), band [0.6, 1.5], on mismatch_batch. Row 0: rho 2 and 0.5 leave the band (w = 0),
+    """rollout_mask token (IcePop), band [0.6, 1.5], on mismatch_batch. Row 0: rho 2 and 0.5 leave the band (w = 0),
     the unsampled token counts as rho 1 (kept); row 1: 1.44 and the unsampled token are kept; row 2: 1.1 x 4 kept.
-    With --tis token and C = 5 >= high, w is IcePop's M(rho) = rho inside the band, 0 outside:
+    With tis token and C = 5 >= high, w is IcePop's M(rho) = rho inside the band, 0 outside:
     [[0, 0, 1, 0], [1.44, 1, 0, 0], [1.1, 1.1, 1.1, 1.1]]. Sums over the 9 valid tokens: truncated weights
-    2 + 0.5 + 1 + 1.44 + 1 + 4 x 1.1 = 10.34, none above 5, 2 masked. Without --tis, w is the 0/1 mask."""
+    2 + 0.5 + 1 + 1.44 + 1 + 4 x 1.1 = 10.34, none above 5, 2 masked. Without tis, w is the 0/1 mask."""
     old, eng, mask = mismatch_batch()
-    w, sums = rollout_correction(old, eng, mask, "token", 5.0, "token", 0.6, 1.5)
+    w, sums = correction(old, eng, mask, "token", 5.0, "token", 0.6, 1.5)
     assert torch.allclose(w, torch.tensor([[0, 0, 1, 0], [1.44, 1, 0, 0], [1.1] * 4], dtype=torch.float64))
     assert sums == pytest.approx({"training/tis_weight": 10.34, "training/tis_capped": 0, "training/rollout_masked": 2})
-    w, _ = rollout_correction(old, eng, mask, "off", 2.0, "token", 0.6, 1.5)
+    w, _ = correction(old, eng, mask, "off", 2.0, "token", 0.6, 1.5)
     assert torch.equal(w, torch.tensor([[0, 0, 1, 0], [1, 1, 0, 0], [1] * 4], dtype=torch.float64))
 
 
 def test_rollout_mask_sequence_is_masked_is():
-    """--rollout-mask sequence (masked IS), band [0.7, 1.45], --tis sequence, C = 1.2, on mismatch_batch. Row 0:
+    """rollout_mask sequence (masked IS), band [0.7, 1.45], tis sequence, C = 1.2, on mismatch_batch. Row 0:
     prod 2 x 0.5 x 1 = 1 is inside (though 2 and 0.5 would leave a token band; with its padding's 3 it would be 3):
     w = 1; row 1: 1.44 x 1 = 1.44 inside: w = min(1.44, 1.2) = 1.2, capped; row 2: 1.1^4 = 1.4641 > 1.45, so all
     4 tokens are masked although each 1.1 is inside. w = [[1, 1, 1, 0], [1.2, 1.2, 0, 0], [0, 0, 0, 0]]; sums:
     weights 3 x 1 + 2 x 1.2 + 4 x 1.2 = 10.2, capped 2 + 4 = 6, masked 4."""
     old, eng, mask = mismatch_batch()
-    w, sums = rollout_correction(old, eng, mask, "sequence", 1.2, "sequence", 0.7, 1.45)
+    w, sums = correction(old, eng, mask, "sequence", 1.2, "sequence", 0.7, 1.45)
     assert torch.allclose(w, torch.tensor([[1, 1, 1, 0], [1.2, 1.2, 0, 0], [0] * 4], dtype=torch.float64))
     assert sums == pytest.approx({"training/tis_weight": 10.2, "training/tis_capped": 6, "training/rollout_masked": 4})
 
 
 def test_rollout_mask_geometric_means_over_sampled_tokens():
-    """--rollout-mask geometric, band [0.8, 1.25], no --tis, on mismatch_batch. Row 0: over its two sampled tokens
+    """rollout_mask geometric, band [0.8, 1.25], no tis, on mismatch_batch. Row 0: over its two sampled tokens
     exp((log 2 + log 0.5) / 2) = 1: kept (with its padding's 3: (2 x 0.5 x 3)^(1/3) = 1.44, masked); row 1: one
     sampled token, 1.44 > 1.25: masked (counting the unsampled token as rho 1 would give sqrt(1.44) = 1.2, kept);
     row 2: 1.1: kept. w = [[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], 2 tokens masked."""
     old, eng, mask = mismatch_batch()
-    w, sums = rollout_correction(old, eng, mask, "off", 2.0, "geometric", 0.8, 1.25)
+    w, sums = correction(old, eng, mask, "off", 2.0, "geometric", 0.8, 1.25)
     assert torch.equal(w, torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float64))
     assert sums["training/rollout_masked"] == 2
 
 
-def test_rollout_correction_refuses_bad_arguments():
-    old, eng, mask = mismatch_batch()
-    for bad, words in (({"tis": "geometric"}, "tis='geometric'"), ({"reject": "icepop"}, "reject='icepop'"),
-                       ({"tis_cap": 0.5}, "tis_cap 0.5"), ({"low": 0.0}, r"band \[0.0, 2.0\]"),
-                       ({"low": 1.2, "high": 1.5}, r"band \[1.2, 1.5\]"), ({"high": 0.9}, r"band \[0.5, 0.9\]"),
-                       ({"low": 1.0, "high": 1.0}, r"band \[1.0, 1.0\]")):
-        with pytest.raises(ValueError, match=words):
-            rollout_correction(old, eng, mask, **bad)
+def test_rollout_correction_options_are_refused_naming_the_flag():
+    """AdvantageConfig refuses them, so a Python caller and a command line (tyro reports it) see the same words."""
+    high = "--advantage.rollout-mask-high"
+    for bad, words in (({"tis": "geometric"}, "--advantage.tis 'geometric': must be one of ('off', 'token', 'seq"),
+                       ({"rollout_mask": "icepop"}, "--advantage.rollout-mask 'icepop': must be one of"),
+                       ({"tis_cap": 0.5}, "--advantage.tis-cap 0.5: must be >= 1"),
+                       ({"rollout_mask_low": 0.0}, f"--advantage.rollout-mask-low 0.0: with {high} 2.0"),
+                       ({"rollout_mask_low": 1.2, "rollout_mask_high": 1.5}, f"-low 1.2: with {high} 1.5"),
+                       ({"rollout_mask_high": 0.9}, f"-low 0.5: with {high} 0.9"),
+                       ({"rollout_mask_low": 1.0, "rollout_mask_high": 1.0}, f"-low 1.0: with {high} 1.0")):
+        with pytest.raises(ValueError) as e:
+            AdvantageConfig(**bad)
+        assert words in str(e.value), (bad, str(e.value))
+    AdvantageConfig(tis="sequence", tis_cap=1.0, rollout_mask="geometric", rollout_mask_low=0.999,
+                    rollout_mask_high=1.001)                             # the edges of what is allowed
 
 
 def test_masked_weighted_loss_by_hand_in_float64():
-    """policy_loss(A * w), w from rollout_correction (--tis token, C = 1.5, --rollout-mask token, band [0.5, 2]),
+    """policy_loss(A * w), w from rollout_correction (tis token, C = 1.5, rollout_mask token, band [0.5, 2]),
     equals the masked, weighted clipped loss summed by hand in float64: sum over kept tokens of
     min(rho, 1.5) * max(-A r, -A clip(r, 0.8, 1.28)) / N, N = every valid token (masked ones stay in the normaliser)."""
     g = torch.Generator().manual_seed(5)
@@ -544,7 +564,7 @@ def test_masked_weighted_loss_by_hand_in_float64():
     eng[1, 2] = NAN                                                       # a token the engine did not sample
     adv = torch.randn(4, T, generator=g, dtype=torch.float64)
     mask = length_mask(lengths, T)
-    w, _ = rollout_correction(old, eng, mask, "token", 1.5, "token", 0.5, 2.0)
+    w, _ = correction(old, eng, mask, "token", 1.5, "token", 0.5, 2.0)
     loss, _ = policy_loss(logp, old, adv * w, mask, AdvantageConfig(kl_coef=0.0, clip_high=0.28))
     total, masked, capped = 0.0, 0, 0
     for i, n in enumerate(lengths):

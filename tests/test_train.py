@@ -5,6 +5,7 @@ Each run is a real `python train.py` subprocess (its own process group, so a tes
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 import common
 import data
 import rollout
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("time/", "perf/")
@@ -274,6 +276,46 @@ def test_fused_old_logprobs_equal_a_separate_pass(toy_world, tmp_path):
 
 
 @pytest.mark.slow
+def test_async_batches_are_one_update_stale_and_resume_exactly(toy_world, tmp_path):
+    """--async-steps 1 on 1 rank: step k+1's batch is sampled while step k updates, so from step 2 on the engine's
+    log-probs are those of the weights one update back (checkpoint k-1), not the trainer's; a checkpoint keeps the
+    batch sampled ahead, and a run cut back to its first checkpoint (a kill then) resumes to the same metrics."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from test_rollout import max_engine_vs_trainer
+    rows = (toy_world / "data" / "train.jsonl").read_text().splitlines(keepends=True)[:12]
+    (toy_world / "data" / EPOCH3).write_text("".join(rows))
+    out, flags = tmp_path / "run", ("--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "0",
+                                    "--rollout.engine", "hf", "--val-every", "-1", "--async-steps", "1")
+    p = run(train_cmd(toy_world, out, *flags, train_file=EPOCH3))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ms = metrics(out)
+    assert [m["rollout/staleness"] for m in ms] == [0, 1, 1]
+    assert ms[0]["training/rollout_mismatch"] < 1e-4 < min(m["training/rollout_mismatch"] for m in ms[1:]), ms
+    # step 3's batch, kept by checkpoint 2, came from checkpoint 1's weights (an independent HF forward says so)
+    ckpt = out / "checkpoints"
+    state = json.loads((ckpt / "step_000002" / "vlrl_state.json").read_text())
+    comps = [rollout.Completion(**c) for c in state["ahead"][0]]         # (completions, rethink counts)
+    args = train.Args(prompts_per_step=4, rollout=train.RolloutConfig(n=2))
+    prompts = train.step_samples(data.load_dataset(str(toy_world / "data" / EPOCH3)), args, 2)[::2]
+    groups = [comps[2 * i:2 * i + 2] for i in range(4)]                 # --rollout.n 2: each prompt's 2 adjacent
+    gaps = [max_engine_vs_trainer(AutoModelForImageTextToText.from_pretrained(ckpt / name).eval(),
+                                  AutoProcessor.from_pretrained(ckpt / name), prompts, groups, 1.0)
+            for name in ("step_000001", "step_000002")]
+    assert gaps[0] < 1e-4 < gaps[1], gaps
+    # resume from checkpoint 1 as a kill during step 2 would leave the run: the same metrics as the uninterrupted one
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut, ignore=lambda d, names: [n for n in names if n in ("step_000002", "step_000003")])
+    p = run(train_cmd(toy_world, cut, *flags, "--resume", train_file=EPOCH3))
+    assert p.returncode == 0, p.stderr[-3000:]
+    resumed = metrics(cut)
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for r, u in zip(resumed, ms):
+        r, u = no_timing(r), no_timing(u)
+        assert r.keys() == u.keys() and all(r[k] == pytest.approx(u[k], abs=1e-6) for k in r), (r, u)
+
+
+@pytest.mark.slow
 def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     """--rollout.rethink-fraction 1 in train.py: responses that stopped are continued after a trigger, kept when the
     judge accepts the new text (here: any digit), scored and trained on; the engine's log-probs of the sampled tokens
@@ -290,7 +332,8 @@ def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     cmd = train_cmd(toy_world, tmp_path / "run", "--nproc", "1", "--max-steps", "2", "--rollout.engine", "hf",
                     "--val-every", "-1", "--rollout.rethink-fraction", "1", "--rollout.rethink-min-new-tokens", "1",
                     "--rollout.rethink-max-new-tokens", "12", "--rollout.max-tokens", "32", "--prompts-per-step", "8",
-                    "--mini-batch-size", "16", "--rollout.temperature", "1.0", "--tis", "sequence")
+                    "--mini-batch-size", "16", "--rollout.temperature", "1.0", "--advantage.tis",
+                    "sequence")
     cmd[cmd.index("--model.path") + 1] = str(stop_prone)
     p = run(cmd)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -298,7 +341,7 @@ def test_forced_rethinking_in_an_rl_batch(toy_world, tmp_path):
     assert sum(m["rethink/tried"] for m in ms) > 0 and sum(m["rethink/kept"] for m in ms) > 0, ms
     assert all(m["rethink/kept"] <= m["rethink/tried"] for m in ms)
     assert all(m["training/rollout_mismatch"] < 1e-4 and m["training/grad_norm"] > 0 for m in ms)
-    # --tis sequence (forced tokens count as ratio 1): in fp32 engine and trainer agree, so every weight is ~1
+    # --advantage.tis sequence (forced tokens count as ratio 1): in fp32 engine and trainer agree, so every weight is ~1
     assert all(abs(m["training/tis_weight"] - 1) < 1e-3 and m["training/tis_capped"] == 0 for m in ms), ms
 
 
@@ -397,15 +440,15 @@ def direct_runs(toy_world, tmp_path_factory):
     engine_lp = [(logp[i, :n] + noise[i, :n]).tolist() for i, n in enumerate(LENGTHS)]
     cases = [dict(args=step_args(model_dir, micro, loss_agg=mode), comps=comps, adv=adv)
              for mode in MODES for micro in (1, 4)]
-    cases.append(dict(args=replace(step_args(model_dir, 2), tis="token", tis_cap=2.0),
+    cases.append(dict(args=step_args(model_dir, 2, tis="token", tis_cap=2.0),
                       comps=make_comps(processor.tokenizer, engine_lp), adv=adv))
     half = torch.full_like(adv, 0.5) * mask
     ref_lp = (logp.detach() - 0.3) * mask                            # log pi - log pi_ref = 0.3 on every token
     cases += [dict(args=step_args(model_dir, 2, mini, kl_coef=0.1, kl_type="k1"), comps=comps, adv=half,
                    ref_lp=ref_lp) for mini in (8, 4)]
     cases.append(dict(args=step_args(model_dir, 2, kl_coef=0.001), comps=comps, adv=adv, ref=True))   # fused pi_old
-    cases.append(dict(args=replace(step_args(model_dir, 2), tis="token", tis_cap=1.2, rollout_mask="token",
-                                   rollout_mask_low=0.5, rollout_mask_high=1.5),
+    cases.append(dict(args=step_args(model_dir, 2, tis="token", tis_cap=1.2, rollout_mask="token",
+                                     rollout_mask_low=0.5, rollout_mask_high=1.5),
                       comps=make_comps(processor.tokenizer, engine_lp), adv=adv))
     runs = {}
     for world in (1, 2):
@@ -476,7 +519,7 @@ def test_update_gradient_is_independent_of_micro_batches_and_ranks(direct_runs):
 @pytest.mark.slow
 @pytest.mark.xdist_group("direct_runs")
 def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
-    """--tis token, cap 2, engine log-probs = the trainer's + noise: the update's gradient is that of
+    """--advantage.tis token, cap 2, engine log-probs = the trainer's + noise: the update's gradient is that of
     -sum w_t A_t log pi_t / N with w_t = min(pi_old / pi_engine, 2), worked out here from the noise alone."""
     runs, ref = direct_runs
     eng = torch.tensor((ref["logp"] + ref["noise"]).float().tolist(), dtype=torch.float64)   # as the engine sent them
@@ -492,10 +535,11 @@ def test_truncated_importance_weights_scale_the_update_gradient(direct_runs):
 @pytest.mark.slow
 @pytest.mark.xdist_group("direct_runs")
 def test_rollout_mask_drops_tokens_from_the_update_gradient(direct_runs):
-    """--tis token (cap 1.2) with --rollout-mask token (IcePop), band [0.5, 1.5], engine log-probs = the trainer's +
-    noise, pi_old from the update's own forward (fused): the gradient is that of -sum w_t A_t log pi_t / N with
-    w_t = min(rho_t, 1.2) inside the band, 0 outside, and N = every valid token (masked ones stay in the normaliser);
-    training/rollout_masked is the fraction outside. Worked out here from the noise alone, on 1 and 2 ranks."""
+    """--advantage.tis token (cap 1.2) with --advantage.rollout-mask token (IcePop), band [0.5, 1.5], engine log-probs
+    = the trainer's + noise, pi_old from the update's own forward (fused): the gradient is that of
+    -sum w_t A_t log pi_t / N with w_t = min(rho_t, 1.2) inside the band, 0 outside, and N = every valid token (masked
+    ones stay in the normaliser); training/rollout_masked is the fraction outside. Worked out here from the noise
+    alone, on 1 and 2 ranks."""
     runs, ref = direct_runs
     eng = torch.tensor((ref["logp"] + ref["noise"]).float().tolist(), dtype=torch.float64)   # as the engine sent them
     rho, valid = (ref["logp"].detach() - eng).exp(), ref["mask"].bool()                      # (B, T), no gradient
