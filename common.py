@@ -83,9 +83,12 @@ def omp_cores(bind: str) -> set[int] | None:
     if bind in ("auto", "nobind"):
         return None
     try:
-        return {c for part in bind.split(",") for c in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)}
+        cores = {c for part in bind.split(",") for c in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)}
     except ValueError:
-        raise ValueError(f"VLLM_CPU_OMP_THREADS_BIND={bind!r}: expected core ids such as 1 or 0-2,5") from None
+        cores = set()
+    if not cores or not cores <= set(range(os.cpu_count() or 1)):
+        raise ValueError(f"VLLM_CPU_OMP_THREADS_BIND={bind!r}: expected this machine's core ids, such as 1 or 0-2,5")
+    return cores
 
 
 class EngineClient:

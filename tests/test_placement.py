@@ -150,6 +150,7 @@ def test_the_users_cpu_binding_places_the_engine(monkeypatch, toy_world):
         finally:
             client.close()
         assert os.sched_getaffinity(0) == start                 # the caller's own cores are back
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    with pytest.raises(ValueError, match=re.escape("VLLM_CPU_OMP_THREADS_BIND='0|1'")):
-        common.EngineClient(report_engine_env, model, RolloutConfig(), None)
+    for bad in ("0|1", str(os.cpu_count()), "1-"):     # one engine rank; a core this machine lacks; a typo
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bad)
+        with pytest.raises(ValueError, match=re.escape(f"VLLM_CPU_OMP_THREADS_BIND='{bad}'")):
+            common.EngineClient(report_engine_env, model, RolloutConfig(), None)
