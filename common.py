@@ -78,6 +78,19 @@ def receive_weights(conn) -> Iterable[tuple[str, torch.Tensor]]:
                 yield name, buf[start:start + n].view(dtype).view(shape)
 
 
+def omp_cores(bind: str) -> set[int] | None:
+    """The cores of a VLLM_CPU_OMP_THREADS_BIND list ("1", "0-2,5"); None for vLLM's "auto" and "nobind"."""
+    if bind in ("auto", "nobind"):
+        return None
+    try:
+        cores = {c for part in bind.split(",") for c in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)}
+    except ValueError:
+        cores = set()
+    if not cores or not cores <= set(range(os.cpu_count() or 1)):
+        raise ValueError(f"VLLM_CPU_OMP_THREADS_BIND={bind!r}: expected this machine's core ids, such as 1 or 0-2,5")
+    return cores
+
+
 class EngineClient:
     """Rank 0's handle on the engine process (the last GPU, or the CPU): the engines' methods, forwarded over a pipe,
     so `rollout` and evaluate.py take either. A dead engine process raises RuntimeError at the next call."""
@@ -87,12 +100,18 @@ class EngineClient:
         import multiprocessing as mp
         from transformers import AutoTokenizer
         gpu = engine_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", 0)), cfg.gpu_memory_utilization)   # "" on the CPU
+        bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")       # the user's cores for the engine, if any
+        cores = None if gpu else omp_cores(bind)
+        threads = len(cores) if cores else os.cpu_count() or 1
         env = {"OMP_WAIT_POLICY": "PASSIVE"} | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu else
-               {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+               {"VLLM_CPU_OMP_THREADS_BIND": bind, "OMP_NUM_THREADS": str(threads)})
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=serve, args=(child, model_dir, cfg, data_cfg, env), daemon=True)
+        own = os.sched_getaffinity(0)   # vLLM binds its threads only under its own multiprocessing executor (off here):
+        os.sched_setaffinity(0, cores or own)         # the engine inherits this thread's cores at its start
         self.proc.start()
+        os.sched_setaffinity(0, own)
         child.close()              # only the engine holds that end now: its death is EOF here
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)     # for Forced Rethinking's triggers
         self.dtype, self.bucket_bytes = engine_dtype(cfg.dtype), bucket_mb << 20

@@ -10,16 +10,23 @@ Printed per setting: the median step time over steps 2..S (step 1 pays warm-up),
 split (generate, log-probs, update, other), the time from the command to the end of step 1, and the peak of the
 summed RSS over each side's whole process tree (sampled every 0.2 s).
 
+With --split, vlrl runs as MAYE's 7 + 1 GPUs would on this 2-core CPU: the training rank on core 0 (`taskset -c 0`,
+--threads 1), the engine on core 1 (VLLM_CPU_OMP_THREADS_BIND=1); TRL keeps both cores for its one process, as it
+would run (it generates and trains in turn, so a split would only idle a core). --vlrl-args adds train.py flags.
+
 TRL is a benchmark-only dependency: bench/requirements-trl.txt goes into bench/.venv-trl, a venv that sees .venv's
 packages through a .pth file, so it adds only TRL and its few extras and never changes .venv (made here on first use).
 
     python bench/bench_vs_trl.py                                              # tiny and small toys, KL off and on
     python bench/bench_vs_trl.py --sizes mid --image-size 224 --max-tokens 256 --steps 4 --kls 0   # representative
+    python bench/bench_vs_trl.py --sizes tiny --kls 0.04 --engines vllm --split --vlrl-args="--async-steps 1"  # async
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -53,8 +60,14 @@ class Args:
     """Max new tokens per sample M."""
     steps: int = 6
     """Steps per run; the median is over steps 2..steps."""
+    repeats: int = 1
+    """Runs of each side per setting, alternating TRL and vlrl."""
     image_size: int = 56
     """Image side in pixels (the toy draws 56; larger sizes are upscaled copies: 224 gives 64 image tokens)."""
+    split: bool = False
+    """vlrl's training rank on core 0 with one thread, its engine on core 1 (TRL keeps both cores)."""
+    vlrl_args: str = ""
+    """Extra train.py flags for vlrl's runs, one string (e.g. "--async-steps 1")."""
     out: str = "/tmp/bench_vs_trl"
     """Scratch folder (toy world, runs)."""
     trl_worker: str = ""
@@ -78,12 +91,13 @@ def trl_python() -> Path:
     return venv / "bin" / "python"
 
 
-def run_measured(cmd: list) -> dict:
+def run_measured(cmd: list, env: dict | None = None) -> dict:
     """Run cmd from the repo root: {rc, stderr, peak_GB (the summed RSS of it and all its descendants, sampled every
     0.2 s), first_step_s (command start to its first stdout line starting with 'step ', vlrl's step line)}."""
     import psutil
     t0, err = time.time(), tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                            env=None if env is None else os.environ | env)
     peak, done, first = [0], threading.Event(), None
 
     def sample():
@@ -118,25 +132,39 @@ def build_world(args: Args) -> Path:
     return toy
 
 
-def vlrl_run(args: Args, toy: Path, size: str, beta: float, engine: str) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "train.py", "--model.path", str(toy / "models" / f"qwen2_5_vl-{size}"),
+def vlrl_cmd(args: Args, toy: Path, size: str, beta: float, engine: str, out: str) -> list[str]:
+    """train.py at the bench's work (args.steps steps, no validation, no checkpoint but the last), args.vlrl_args added;
+    with args.split under `taskset -c 0` with one thread (run it with SPLIT_ENV: the engine on core 1)."""
+    cmd = [sys.executable, "train.py", "--model.path", str(toy / "models" / f"qwen2_5_vl-{size}"),
                "--data.train", str(toy / "data" / "train.jsonl"), "--data.instruction", INSTRUCTION,
                "--out-dir", out, "--max-steps", str(args.steps), "--prompts-per-step", str(args.prompts),
                "--rollout.n", str(args.n), "--rollout.max-tokens", str(args.max_tokens), "--rollout.temperature", "1.0",
                "--rollout.engine", engine, "--mini-batch-size", str(args.prompts * args.n),
                "--micro-batch-size", str(args.prompts * args.n), "--advantage.estimator", "grpo",
                "--advantage.kl-coef", str(beta), "--advantage.kl-type", "k3", "--optim.lr", "1e-5",
-               "--val-every", "-1", "--save-every", str(10**9), "--reward.no-truncation-penalty"]
-        run = run_measured(cmd)
+               "--val-every", "-1", "--save-every", str(10**9), "--reward.no-truncation-penalty",
+               *shlex.split(args.vlrl_args)]
+    return ["taskset", "-c", "0", *cmd, "--threads", "1"] if args.split else cmd
+
+
+SPLIT_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "1"}     # common.EngineClient starts the engine on these cores
+
+
+def phase_split(rows: list[dict]) -> dict:
+    """Medians over steps 2..S of train.py's time/* metrics, with "other" = step - generate - log-probs - update."""
+    for r in rows:
+        r["time/other"] = r["time/step"] - r["time/generate"] - r["time/logprobs"] - r["time/update"]
+    return {k[5:]: statistics.median(r[k] for r in rows[1:]) for k in rows[0] if k.startswith("time/")}
+
+
+def vlrl_run(args: Args, toy: Path, size: str, beta: float, engine: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        run = run_measured(vlrl_cmd(args, toy, size, beta, engine, out), SPLIT_ENV if args.split else None)
         if run["rc"]:
             raise SystemExit(f"train.py failed:\n{run['stderr'][-4000:]}")
         rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r["time/other"] = r["time/step"] - r["time/generate"] - r["time/logprobs"] - r["time/update"]
-    split = {k: statistics.median(r[f"time/{k}"] for r in rows[1:]) for k in ("generate", "logprobs", "update", "other",
-                                                                               "step")}
-    return {**split, "peak_GB": run["peak_GB"], "first_step_s": run["first_step_s"]}
+    return {**phase_split(rows), "peak_GB": run["peak_GB"], "first_step_s": run["first_step_s"],
+            "staleness": statistics.mean(r.get("rollout/staleness", 0) for r in rows[1:])}
 
 
 def trl_run(args: Args, toy: Path, size: str, beta: float) -> dict:
@@ -192,11 +220,12 @@ def main(args: Args) -> None:
     trl_python()
     toy, result = build_world(args), []
     for size in args.sizes:
-        for beta in args.kls:
+        for beta in [beta for beta in args.kls for _ in range(args.repeats)]:   # each setting args.repeats times
             trl = trl_run(args, toy, size, beta)
             for engine in args.engines:
                 v = vlrl_run(args, toy, size, beta, engine)
-                result.append({"size": size, "beta": beta, "engine": engine, "trl": trl, "vlrl": v})
+                result.append({"size": size, "beta": beta, "engine": engine, "split": args.split,
+                               "vlrl_args": args.vlrl_args, "trl": trl, "vlrl": v})
                 print(f"{size:5s} beta {beta:<4g} {engine:4s} | TRL {trl['step']:.2f}s vlrl {v['step']:.2f}s "
                       f"({v['step'] / trl['step']:.2f}x) | vlrl generate {v['generate']:.2f} "
                       f"logprobs {v['logprobs']:.2f} update {v['update']:.2f} other {v['other']:.2f} | "

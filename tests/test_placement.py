@@ -6,6 +6,8 @@ before anything starts, naming the fix. One GPU is shared with one rank only whe
 (--rollout.gpu-memory-utilization <= 0.5; its default 0.9 is for a GPU of its own). The GPUs are faked
 (torch.cuda.is_available / device_count); `launch` is replaced, so an accepted layout starts nothing.
 """
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,37 @@ def test_run_sh_layouts_pass(gpus):
     for ngpus, ranks, share in ((8, 7, 0.9), (2, 1, 0.9), (1, 1, 0.4)):
         gpus(ngpus)
         assert common.engine_gpu(ranks, share) == str(ngpus - 1)
+
+
+def report_engine_env(conn, model_dir, cfg, data_cfg, env):
+    """A stand-in for rollout.serve_engine: answers one call with what the engine process would run under."""
+    os.environ.update(env)
+    conn.recv()
+    conn.send(("ok", {"bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"], "threads": os.environ["OMP_NUM_THREADS"],
+                      "cores": sorted(os.sched_getaffinity(0))}))
+    conn.recv()   # "close"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to place the engine on the second")
+def test_the_users_cpu_binding_places_the_engine(monkeypatch, toy_world):
+    """VLLM_CPU_OMP_THREADS_BIND=1 (the trainer on core 0, the engine on core 1): the engine process runs on core 1
+    with one OpenMP thread, whatever cores its parent has; unset, it gets all cores as before."""
+    from rollout import RolloutConfig
+    model, start = str(toy_world / "models" / "qwen2_5_vl-tiny"), os.sched_getaffinity(0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for bind, want in (("1", {"bind": "1", "threads": "1", "cores": [1]}),
+                       (None, {"bind": "nobind", "threads": str(os.cpu_count()), "cores": sorted(start)})):
+        if bind:
+            monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+        else:
+            monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        client = common.EngineClient(report_engine_env, model, RolloutConfig(), None)
+        try:
+            assert client.generate([], 1, 1.0) == want
+        finally:
+            client.close()
+        assert os.sched_getaffinity(0) == start                 # the caller's own cores are back
+    for bad in ("0|1", str(os.cpu_count()), "1-"):     # one engine rank; a core this machine lacks; a typo
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bad)
+        with pytest.raises(ValueError, match=re.escape(f"VLLM_CPU_OMP_THREADS_BIND='{bad}'")):
+            common.EngineClient(report_engine_env, model, RolloutConfig(), None)
