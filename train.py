@@ -178,7 +178,7 @@ def ppo_update(policy, optimizer, samples, comps, keep: list[int], adv, mask, ol
                processor, args: Args, step: int, rank: int, world: int, device) -> dict[str, float]:
     """PPO epochs over shuffled mini-batches of `keep`, each rank taking every world-th response. The loss is normalised
     by the GLOBAL mini-batch count and multiplied by the world size (FSDP2 averages gradients over ranks): 1 rank and N
-    ranks take the same step. When fused, this forward writes pi_old and the entropies. Returns this rank's sums."""
+    ranks take the same step. When fused, this forward writes pi_old and the entropies. Returns the sums over ranks."""
     sums, fused = dict.fromkeys(SUM_KEYS, 0.0), fuse_old_logprobs(args, len(samples), world)
     cfg = replace(args.advantage, norm_len=args.advantage.norm_len or args.rollout.max_tokens)   # Dr.GRPO's constant L
     engine_lp = engine_logprobs(comps, mask.shape[1])                                       # (B, T)
